@@ -1,0 +1,220 @@
+//! Build script.
+//!
+//! 1. `$OUT_DIR/launch_params.rs`: Rust mirrors of `cuda/launch_params.h` (bindgen; needs libclang).
+//! 2. `$OUT_DIR/kernels.rs`: every `cuda/*.cu` compiled by nvcc to an sm_90a cubin and embedded
+//!    (`CUBINS`), or `KERNELS_BUILT = false` when no nvcc is found. nvcc is looked up as
+//!    `$NVCC`, `$CUDA_HOME/bin/nvcc`, the project-local `tools/install-cuda-toolchain` install,
+//!    then `nvcc` on `PATH`. `R1_REQUIRE_CUDA=1` turns a missing nvcc into an error (CI).
+//!    A kernel that fails to compile is always an error.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where `tools/install-cuda-toolchain` puts nvcc, relative to the crate root.
+const LOCAL_NVCC: &str = ".toolchain/cuda/nvidia/cu13/bin/nvcc";
+const NVCC_FLAGS: &[&str] = &[
+    "-cubin",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-O3",
+    "-lineinfo",
+    "-std=c++17",
+    "-Xptxas=--warn-on-spills,--warn-on-local-memory-usage",
+];
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() {
+    if let Err(msg) = run() {
+        eprintln!("\nerror: {msg}\n");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let root = PathBuf::from(
+        env::var("CARGO_MANIFEST_DIR").map_err(|e| format!("CARGO_MANIFEST_DIR: {e}"))?,
+    );
+    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
+    let cuda = root.join("cuda");
+
+    println!("cargo::rustc-check-cfg=cfg(r1_cuda_kernels)");
+    for var in ["NVCC", "CUDA_HOME", "R1_REQUIRE_CUDA"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    println!("cargo::rerun-if-changed={}", cuda.display());
+    let mut sources = Vec::new();
+    for entry in fs::read_dir(&cuda).map_err(|e| format!("cannot read {}: {e}", cuda.display()))? {
+        let path = entry
+            .map_err(|e| format!("cannot read {}: {e}", cuda.display()))?
+            .path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("cu") => sources.push(path.clone()),
+            Some("cuh" | "h") => {}
+            _ => continue,
+        }
+        println!("cargo::rerun-if-changed={}", path.display());
+    }
+    sources.sort();
+
+    generate_launch_params(&cuda.join("launch_params.h"), &out.join("launch_params.rs"))?;
+
+    let require = env::var("R1_REQUIRE_CUDA").is_ok_and(|v| !v.is_empty() && v != "0");
+    let (built, cubins) = match find_nvcc(&root)? {
+        Some(nvcc) => {
+            println!("cargo::rerun-if-changed={}", nvcc.display());
+            println!("cargo::rustc-cfg=r1_cuda_kernels");
+            (true, compile_kernels(&nvcc, &cuda, &sources, &out)?)
+        }
+        None if require => {
+            return Err(
+                "R1_REQUIRE_CUDA is set but nvcc was not found (looked at $NVCC, $CUDA_HOME/bin, \
+                        .toolchain/cuda, PATH); run tools/install-cuda-toolchain"
+                    .into(),
+            )
+        }
+        None => {
+            println!("cargo::warning=nvcc not found: built without CUDA kernels (run tools/install-cuda-toolchain)");
+            (false, Vec::new())
+        }
+    };
+    write_kernels_rs(&out.join("kernels.rs"), built, &cubins)
+}
+
+/// `$NVCC` (must exist when set), `$CUDA_HOME/bin/nvcc`, the project-local install, `PATH`.
+fn find_nvcc(root: &Path) -> Result<Option<PathBuf>> {
+    if let Some(nvcc) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
+        let nvcc = PathBuf::from(nvcc);
+        return if nvcc.is_file() {
+            Ok(Some(nvcc))
+        } else {
+            Err(format!(
+                "NVCC={} does not exist; unset it or run tools/install-cuda-toolchain",
+                nvcc.display()
+            ))
+        };
+    }
+    let mut candidates: Vec<PathBuf> = env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("bin/nvcc"))
+        .into_iter()
+        .collect();
+    candidates.push(root.join(LOCAL_NVCC));
+    if let Some(path) = env::var_os("PATH") {
+        candidates.extend(env::split_paths(&path).map(|dir| dir.join("nvcc")));
+    }
+    Ok(candidates.into_iter().find(|p| p.is_file()))
+}
+
+/// Compiles every source to `$OUT_DIR/<stem>.cubin` (in parallel); returns (stem, cubin path).
+fn compile_kernels(
+    nvcc: &Path,
+    cuda: &Path,
+    sources: &[PathBuf],
+    out: &Path,
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut jobs = Vec::new();
+    for src in sources {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("bad file name {}", src.display()))?;
+        let cubin = out.join(format!("{stem}.cubin"));
+        let child = Command::new(nvcc)
+            .args(NVCC_FLAGS)
+            .arg("-I")
+            .arg(cuda)
+            .arg("-o")
+            .arg(&cubin)
+            .arg(src)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot run {}: {e} (set NVCC or run tools/install-cuda-toolchain)",
+                    nvcc.display()
+                )
+            })?;
+        jobs.push((stem.to_string(), cubin, src, child));
+    }
+    let mut cubins = Vec::new();
+    let mut failures = String::new();
+    for (stem, cubin, src, child) in jobs {
+        let output = child
+            .wait_with_output()
+            .map_err(|e| format!("nvcc on {}: {e}", src.display()))?;
+        let log = String::from_utf8_lossy(&output.stderr).to_string()
+            + &String::from_utf8_lossy(&output.stdout);
+        if output.status.success() {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                println!("cargo::warning=nvcc {stem}.cu: {line}");
+            }
+            cubins.push((stem, cubin));
+        } else {
+            let _ = write!(
+                failures,
+                "\n--- nvcc failed on {} ({}) ---\n{log}",
+                src.display(),
+                output.status
+            );
+        }
+    }
+    if !failures.is_empty() {
+        return Err(format!(
+            "CUDA kernels failed to compile with {}:{failures}",
+            nvcc.display()
+        ));
+    }
+    Ok(cubins)
+}
+
+fn write_kernels_rs(path: &Path, built: bool, cubins: &[(String, PathBuf)]) -> Result<()> {
+    let mut rs = String::from("// @generated by build.rs: cuda/*.cu compiled to sm_90a cubins.\n");
+    let _ = writeln!(
+        rs,
+        "/// False when the crate was built without nvcc (no CUDA kernels embedded)."
+    );
+    let _ = writeln!(rs, "pub const KERNELS_BUILT: bool = {built};");
+    let _ = writeln!(
+        rs,
+        "/// (cuda/ file stem, cubin for sm_90a) for every cuda/*.cu."
+    );
+    let _ = writeln!(rs, "pub static CUBINS: &[(&str, &[u8])] = &[");
+    for (stem, cubin) in cubins {
+        let _ = writeln!(
+            rs,
+            "    ({stem:?}, include_bytes!({:?})),",
+            cubin.display().to_string()
+        );
+    }
+    rs.push_str("];\n");
+    fs::write(path, rs).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn generate_launch_params(header: &Path, out: &Path) -> Result<()> {
+    let builder = bindgen::Builder::default()
+        .header(header.display().to_string())
+        .allowlist_type("R1.*")
+        .allowlist_var("R1_.*")
+        .derive_default(true)
+        .layout_tests(true);
+    // bindgen panics (rather than erroring) when it cannot load libclang.
+    let generated =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || builder.generate()));
+    let bindings = match generated {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(format!("bindgen failed on {}: {e}", header.display())),
+        Err(_) => {
+            return Err(format!(
+                "bindgen could not run on {} (see the panic above): it needs libclang; install it \
+                 (Debian/Ubuntu: apt-get install libclang-dev) or point LIBCLANG_PATH at libclang.so",
+                header.display()
+            ))
+        }
+    };
+    bindings
+        .write_to_file(out)
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))
+}

@@ -1,0 +1,255 @@
+//! `r1-run`: the command-line front end. Parsing and printing only; the work is in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use r1_runtime::checkpoint::{dtype_summary, write_f32_tensors, Checkpoint};
+use r1_runtime::config::ModelConfig;
+use r1_runtime::engine::sampling::SamplingParams;
+use r1_runtime::engine::{BackendKind, Engine, EngineOptions, FinishReason};
+use r1_runtime::{Precision, Result};
+
+#[derive(Parser)]
+#[command(name = "r1-run", version, about = "DeepSeek-R1 / V3 inference from the official FP8 checkpoint")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the config summary, parameter counts by dtype and whether an MTP layer is present.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Write the logits of a token sequence (and the MTP layer's) to a safetensors file.
+    Logits {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_parser = parse_tokens)]
+        tokens: Tokens,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate a continuation of a token sequence through the KV cache.
+    Generate {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Comma-separated prompt token ids.
+        #[arg(long, value_parser = parse_tokens)]
+        tokens: Tokens,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object (last stdout line) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Checkpoint directory (config.json + safetensors shards).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    backend: BackendKind,
+    /// exact (f32 reference) or w8a8 (the GPU recipe).
+    #[arg(long, default_value = "exact")]
+    precision: Precision,
+}
+
+#[derive(Clone)]
+struct Tokens(Vec<u32>);
+
+fn parse_tokens(s: &str) -> std::result::Result<Tokens, String> {
+    let ids = s
+        .split(',')
+        .map(|t| {
+            let t = t.trim();
+            t.parse::<u32>()
+                .map_err(|_| format!("`{t}` is not a token id (expected comma-separated integers)"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if ids.is_empty() {
+        return Err("no token ids given".into());
+    }
+    Ok(Tokens(ids))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &RunArgs, with_mtp: bool) -> Result<Engine> {
+    let options = EngineOptions {
+        backend: args.backend,
+        precision: args.precision,
+        with_mtp,
+        ..EngineOptions::default()
+    };
+    Engine::load(&args.model, &options)
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Info { model } => info(&model),
+        Command::Logits { run, tokens, out } => {
+            let mut engine = load(&run, true)?;
+            let vocab = engine.config().vocab_size;
+            let (logits, mtp) = engine.score(&tokens.0)?;
+            let t = tokens.0.len();
+            let mut tensors = vec![("logits", vec![t, vocab], logits.as_slice())];
+            if let Some(mtp) = &mtp {
+                tensors.push(("mtp_logits", vec![t - 1, vocab], mtp.as_slice()));
+            }
+            write_f32_tensors(&out, &tensors)?;
+            eprintln!(
+                "wrote {} ({}logits [{t}, {vocab}])",
+                out.display(),
+                if mtp.is_some() { "mtp_logits and " } else { "" }
+            );
+            Ok(())
+        }
+        Command::Generate {
+            run,
+            tokens,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+        } => {
+            let mut engine = load(&run, false)?;
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            let g = engine.generate(&tokens.0, max_new_tokens, &sampling)?;
+            let prefill_s = g.prefill.as_secs_f64();
+            let decode_s = g.decode.as_secs_f64();
+            let prefill_tps = tokens.0.len() as f64 / prefill_s.max(1e-9);
+            let decode_tps = g.decode_steps as f64 / decode_s.max(1e-9);
+            let finish = match g.finish_reason {
+                FinishReason::Eos => "eos",
+                FinishReason::Length => "length",
+            };
+            if json {
+                let value = serde_json::json!({
+                    "tokens": g.tokens,
+                    "finish_reason": finish,
+                    "prompt_tokens": tokens.0.len(),
+                    "prefill_ms": prefill_s * 1e3,
+                    "prefill_tokens_per_s": prefill_tps,
+                    "decode_steps": g.decode_steps,
+                    "decode_ms": decode_s * 1e3,
+                    "decode_tokens_per_s": decode_tps,
+                    "backend": engine.backend().name(),
+                    "precision": format!("{:?}", engine.backend().precision()).to_lowercase(),
+                });
+                println!("{value}");
+            } else {
+                let ids: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
+                println!("{}", ids.join(","));
+                eprintln!(
+                    "finish: {finish}; prefill {} tokens at {prefill_tps:.1} tok/s; decode {} steps at {decode_tps:.1} tok/s",
+                    tokens.0.len(),
+                    g.decode_steps
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn info(model: &Path) -> Result<()> {
+    let cfg = ModelConfig::from_dir(model)?;
+    let ckpt = Checkpoint::open(model)?;
+    println!("model: {}", model.display());
+    println!(
+        "layers: {} ({} dense, {} MoE) | hidden {} | vocab {} | context {}",
+        cfg.num_hidden_layers,
+        (0..cfg.num_hidden_layers).filter(|&l| !cfg.is_moe_layer(l)).count(),
+        (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count(),
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.max_position_embeddings
+    );
+    println!(
+        "attention: MLA, {} heads, q_lora {:?}, kv_lora {}, qk nope {} + rope {}, v {}, softmax scale {:.6}",
+        cfg.num_attention_heads,
+        cfg.q_lora_rank,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.softmax_scale()
+    );
+    println!(
+        "moe: {} routed + {} shared experts (width {}), top-{} of {} groups keeping {}, scaling {}",
+        cfg.n_routed_experts,
+        cfg.n_shared_experts,
+        cfg.moe_intermediate_size,
+        cfg.num_experts_per_tok,
+        cfg.n_group,
+        cfg.topk_group,
+        cfg.routed_scaling_factor
+    );
+    if let Some(y) = &cfg.rope_scaling {
+        println!(
+            "rope: theta {}, YaRN factor {} over {} (beta {}/{}, mscale {}/{})",
+            cfg.rope_theta, y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+        );
+    }
+    let mtp_present = cfg.has_mtp()
+        && ckpt
+            .tensors()
+            .any(|(n, _)| n.starts_with(&format!("model.layers.{}.", cfg.num_hidden_layers)));
+    println!(
+        "mtp: {}",
+        match (cfg.has_mtp(), mtp_present) {
+            (true, true) => format!("present (layer {})", cfg.num_hidden_layers),
+            (true, false) => "declared in config.json but its tensors are missing".into(),
+            _ => "absent".into(),
+        }
+    );
+    let mut total = (0usize, 0usize);
+    for (dtype, (params, bytes)) in dtype_summary(&ckpt) {
+        println!("  {dtype:>8}: {params:>16} values {:>12}", human_bytes(bytes));
+        total = (total.0 + params, total.1 + bytes);
+    }
+    println!("  {:>8}: {:>16} values {:>12}", "total", total.0, human_bytes(total.1));
+    Ok(())
+}
+
+fn human_bytes(b: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}

@@ -1,0 +1,305 @@
+//! The CPU reference backend (rayon): executes the model graph exactly in f32, or with the
+//! GPU's w8a8 recipe so GPU results can be compared op by op.
+
+mod attention;
+pub mod linear;
+pub mod moe;
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, Outputs, Precision};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
+use crate::kv_cache::{Batch, PAGE_TOKENS};
+use crate::model::weights::{ModelWeights, Weight, WeightId};
+use crate::numerics::{e4m3_to_f32, round_bf16, silu, QUANT_BLOCK};
+
+use attention::{Absorbed, LayerCache, MlaShape, Rope};
+use moe::{MoeCall, Router};
+
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    weights: Arc<ModelWeights>,
+    precision: Precision,
+    rope: Rope,
+    mla: MlaShape,
+    router: Router,
+    /// Latent cache per layer (the MTP layer last).
+    cache: Vec<LayerCache>,
+    /// kv_b_proj of each layer, dequantized once for absorption.
+    absorbed: Vec<(WeightId, Absorbed)>,
+    slots: Vec<Vec<f32>>,
+}
+
+impl CpuBackend {
+    pub fn new(cfg: &ModelConfig, weights: Arc<ModelWeights>, precision: Precision) -> Self {
+        let kv_bs = weights
+            .blocks
+            .iter()
+            .chain(weights.mtp.as_ref().map(|m| &m.block))
+            .map(|b| b.attn.kv_b);
+        let absorbed = kv_bs
+            .map(|id| (id, dequantize(weights.get(id), precision)))
+            .collect::<Vec<_>>();
+        CpuBackend {
+            cfg: cfg.clone(),
+            precision,
+            rope: Rope::new(cfg),
+            mla: MlaShape::new(cfg),
+            router: Router::new(cfg),
+            cache: (0..absorbed.len()).map(|_| LayerCache::default()).collect(),
+            absorbed,
+            weights,
+            slots: Vec::new(),
+        }
+    }
+
+    fn round(&self, storage: Storage, v: &mut [f32]) {
+        if self.precision == Precision::W8a8 && storage == Storage::Activation {
+            v.iter_mut().for_each(|x| *x = round_bf16(*x));
+        }
+    }
+
+    /// Grows every layer's page storage to cover the block ids the batch uses.
+    fn ensure_pages(&mut self, batch: &Batch) {
+        let pages = batch
+            .segments
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .map(|&b| b as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let len = pages * PAGE_TOKENS * self.cfg.kv_cache_width();
+        for layer in &mut self.cache {
+            if layer.data.len() < len {
+                layer.data.resize(len, 0.0);
+            }
+        }
+    }
+
+    fn execute(&mut self, op: &Op, graph: &Graph, plan: &Plan, batch: &Batch) -> Result<()> {
+        let eps = self.cfg.rms_norm_eps;
+        let positions = || batch.token_positions();
+        let width = |b: Buf| graph.desc(b).width;
+        let out_of = |b: Buf| plan.slot(b);
+        let result: Vec<f32> = match op {
+            Op::Embed { table, out } => {
+                let table = dense(&self.weights, *table)?;
+                let h = width(*out);
+                let mut v = Vec::with_capacity(batch.tokens.len() * h);
+                for &t in &batch.tokens {
+                    let row = table.get(t as usize * h..(t as usize + 1) * h).ok_or_else(|| {
+                        Error::Input(format!(
+                            "token id {t} is outside the vocabulary (vocab_size {})",
+                            self.cfg.vocab_size
+                        ))
+                    })?;
+                    v.extend_from_slice(row);
+                }
+                v
+            }
+            Op::ZeroPositionZero { x } => {
+                let mut v = std::mem::take(&mut self.slots[out_of(*x)]);
+                let h = width(*x);
+                for (t, (_, pos)) in positions().into_iter().enumerate() {
+                    if pos == 0 {
+                        v[t * h..(t + 1) * h].fill(0.0);
+                    }
+                }
+                v
+            }
+            Op::RmsNorm { x, weight, .. } => {
+                let w = dense(&self.weights, *weight)?;
+                let xs = &self.slots[plan.slot(*x)];
+                let mut v = vec![0f32; xs.len()];
+                for (src, dst) in xs.chunks(w.len()).zip(v.chunks_mut(w.len())) {
+                    rms_norm_row(src, w, eps, dst);
+                }
+                v
+            }
+            Op::Linear { x, weight, .. } => {
+                linear::linear(&self.slots[plan.slot(*x)], self.weights.get(*weight), self.precision)
+            }
+            Op::Add { a, b, .. } => {
+                let (a, b) = (&self.slots[plan.slot(*a)], &self.slots[plan.slot(*b)]);
+                a.iter().zip(b).map(|(x, y)| x + y).collect()
+            }
+            Op::Concat { a, b, .. } => {
+                let (wa, wb) = (width_of(graph, a), width_of(graph, b));
+                let (a, b) = (&self.slots[plan.slot(*a)], &self.slots[plan.slot(*b)]);
+                a.chunks(wa)
+                    .zip(b.chunks(wb))
+                    .flat_map(|(x, y)| x.iter().chain(y).copied())
+                    .collect()
+            }
+            Op::SiluMul { gate, up, .. } => {
+                let (g, u) = (&self.slots[plan.slot(*gate)], &self.slots[plan.slot(*up)]);
+                g.iter().zip(u).map(|(&g, &u)| silu(g) * u).collect()
+            }
+            Op::MlaCacheWrite { layer, kv, norm } => {
+                attention::cache_write(
+                    &mut self.cache[*layer],
+                    &self.mla,
+                    &self.rope,
+                    batch,
+                    &self.slots[plan.slot(*kv)],
+                    dense(&self.weights, *norm)?,
+                    eps,
+                    self.precision,
+                );
+                return Ok(());
+            }
+            Op::MlaAttention { layer, q, kv_b, .. } => {
+                let absorbed = &self.absorbed[*layer];
+                debug_assert_eq!(absorbed.0, *kv_b);
+                attention::attention(
+                    &self.cache[*layer],
+                    &self.mla,
+                    &self.rope,
+                    &absorbed.1,
+                    batch,
+                    &self.slots[plan.slot(*q)],
+                    self.precision,
+                )
+            }
+            Op::MoeRouted {
+                x,
+                router,
+                bias,
+                experts,
+                ..
+            } => MoeCall {
+                weights: &self.weights,
+                router: &self.router,
+                router_weight: self.weights.get(*router),
+                bias: dense(&self.weights, *bias)?,
+                experts,
+                hidden: self.cfg.hidden_size,
+                precision: self.precision,
+            }
+            .run(&self.slots[plan.slot(*x)])?,
+            Op::LastTokenRows { x, .. } => {
+                let h = width(*x);
+                let xs = &self.slots[plan.slot(*x)];
+                batch
+                    .last_token_rows()
+                    .into_iter()
+                    .flat_map(|r| xs[r * h..(r + 1) * h].iter().copied())
+                    .collect()
+            }
+        };
+        let (_, writes) = op.io();
+        let out = writes[0];
+        let mut result = result;
+        self.round(graph.desc(out).storage, &mut result);
+        self.slots[out_of(out)] = result;
+        Ok(())
+    }
+}
+
+fn width_of(graph: &Graph, b: &Buf) -> usize {
+    graph.desc(*b).width
+}
+
+fn dense(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {
+    match weights.get(id) {
+        Weight::Dense { data, .. } => Ok(data),
+        Weight::Fp8(_) => Err(Error::Unsupported(format!(
+            "`{}` is FP8 where a BF16/F32 tensor is expected",
+            weights.name(id)
+        ))),
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn run(
+        &mut self,
+        graph: &Graph,
+        plan: &Plan,
+        batch: &Batch,
+        inputs: &[(&str, &[f32])],
+    ) -> Result<Outputs> {
+        let tokens = batch.tokens.len();
+        let counted: usize = batch.segments.iter().map(|s| s.len).sum();
+        if counted != tokens || tokens == 0 {
+            return Err(Error::Input(format!(
+                "a step needs at least one token and segments covering them all ({tokens} tokens, segments cover {counted})"
+            )));
+        }
+        self.ensure_pages(batch);
+        self.slots.resize_with(plan.slots, Vec::new);
+        for (name, buf) in &graph.inputs {
+            let (_, data) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                Error::Input(format!("graph input `{name}` was not provided"))
+            })?;
+            let expected = tokens * graph.desc(*buf).width;
+            if data.len() != expected {
+                return Err(Error::Input(format!(
+                    "graph input `{name}` has {} values, expected {expected}",
+                    data.len()
+                )));
+            }
+            let mut v = data.to_vec();
+            self.round(graph.desc(*buf).storage, &mut v);
+            self.slots[plan.slot(*buf)] = v;
+        }
+        for op in &graph.nodes {
+            self.execute(op, graph, plan, batch)?;
+        }
+        Ok(graph
+            .outputs
+            .iter()
+            .map(|(name, b)| {
+                let rows = match graph.desc(*b).rows {
+                    Rows::Tokens => tokens,
+                    Rows::Sequences => batch.segments.len(),
+                };
+                let data = self.slots[plan.slot(*b)].clone();
+                debug_assert_eq!(data.len(), rows * graph.desc(*b).width);
+                (name.clone(), data)
+            })
+            .collect())
+    }
+}
+
+/// y = x / sqrt(mean(x^2) + eps) * w.
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+/// kv_b_proj as f32 rows for absorption (rounded to bf16 in w8a8, as the GPU stores it).
+fn dequantize(w: &Weight, precision: Precision) -> Absorbed {
+    let kv_b = match w {
+        Weight::Dense { data, .. } => data.clone(),
+        Weight::Fp8(w) => {
+            let kb = w.k.div_ceil(QUANT_BLOCK);
+            w.codes
+                .as_slice()
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| {
+                    let (n, k) = (i / w.k, i % w.k);
+                    e4m3_to_f32(c) * w.scales[(n / QUANT_BLOCK) * kb + k / QUANT_BLOCK]
+                })
+                .collect()
+        }
+    };
+    let kv_b = match precision {
+        Precision::Exact => kv_b,
+        Precision::W8a8 => kv_b.into_iter().map(round_bf16).collect(),
+    };
+    Absorbed { kv_b }
+}

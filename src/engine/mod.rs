@@ -1,0 +1,352 @@
+//! Drives a backend: loads a checkpoint, keeps the graphs and the KV cache block tables, runs
+//! forward passes for sequences, and generates.
+
+pub mod sampling;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, Precision};
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Plan};
+use crate::kv_cache::{Batch, BlockAllocator, Segment, SeqBlocks, PAGE_TOKENS};
+use crate::model::weights::ModelWeights;
+use crate::model::{self, LogitRows, HIDDEN_IN, HIDDEN_OUT, LOGITS};
+use sampling::{sample, Rng, SamplingParams};
+
+/// Which backend executes the graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            other => Err(format!("unknown backend `{other}` (available: cpu)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub backend: BackendKind,
+    pub precision: Precision,
+    /// Load the MTP layer when the checkpoint has one.
+    pub with_mtp: bool,
+    /// KV cache capacity in tokens, over all sequences.
+    pub cache_tokens: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            backend: BackendKind::Cpu,
+            precision: Precision::Exact,
+            with_mtp: true,
+            cache_tokens: 1 << 20,
+        }
+    }
+}
+
+struct Compiled {
+    graph: Graph,
+    plan: Plan,
+}
+
+impl Compiled {
+    fn new(graph: Graph) -> Self {
+        let plan = Plan::new(&graph);
+        Compiled { graph, plan }
+    }
+}
+
+/// A sequence's cache state: positions `0..blocks.len` of the main model are cached, and
+/// `mtp_len` positions of the MTP layer (which shares the block table).
+#[derive(Debug, Default)]
+pub struct Sequence {
+    blocks: SeqBlocks,
+    mtp_len: usize,
+}
+
+impl Sequence {
+    pub fn len(&self) -> usize {
+        self.blocks.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.len == 0
+    }
+}
+
+/// Logits (rows as requested) and final-normed hidden states of every token of one forward.
+pub struct Forward {
+    pub logits: Vec<f32>,
+    pub hidden: Vec<f32>,
+}
+
+pub struct Engine {
+    cfg: ModelConfig,
+    weights: Arc<ModelWeights>,
+    backend: Box<dyn Backend>,
+    alloc: BlockAllocator,
+    main_all: Compiled,
+    main_last: Compiled,
+    mtp_all: Option<Compiled>,
+    mtp_last: Option<Compiled>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prefill: Duration,
+    pub decode: Duration,
+    /// Forward passes after the prefill (one token each).
+    pub decode_steps: usize,
+}
+
+impl Engine {
+    /// Opens `dir` (config.json + safetensors) and builds the backend.
+    pub fn load(dir: &Path, options: &EngineOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, options.with_mtp)?);
+        let backend: Box<dyn Backend> = match options.backend {
+            BackendKind::Cpu => Box::new(CpuBackend::new(&cfg, Arc::clone(&weights), options.precision)),
+        };
+        Ok(Self::with_backend(cfg, weights, backend, options.cache_tokens))
+    }
+
+    pub fn with_backend(
+        cfg: ModelConfig,
+        weights: Arc<ModelWeights>,
+        backend: Box<dyn Backend>,
+        cache_tokens: usize,
+    ) -> Self {
+        let compile = |rows| Compiled::new(model::main_graph(&cfg, &weights, rows));
+        let compile_mtp = |rows| model::mtp_graph(&cfg, &weights, rows).map(Compiled::new);
+        Engine {
+            main_all: compile(LogitRows::All),
+            main_last: compile(LogitRows::Last),
+            mtp_all: compile_mtp(LogitRows::All),
+            mtp_last: compile_mtp(LogitRows::Last),
+            alloc: BlockAllocator::new(cache_tokens.div_ceil(PAGE_TOKENS)),
+            cfg,
+            weights,
+            backend,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn has_mtp(&self) -> bool {
+        self.mtp_all.is_some()
+    }
+
+    /// Frees a finished sequence's cache pages.
+    pub fn release(&mut self, seq: &mut Sequence) {
+        seq.blocks.release(&mut self.alloc);
+        seq.mtp_len = 0;
+    }
+
+    fn check_tokens(&self, seq_len: usize, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Input("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (vocab_size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let end = seq_len + tokens.len();
+        if end > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{end} tokens exceed the model's context of {} (max_position_embeddings)",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends `tokens` to `seq` through the main model. Logits come for every new token
+    /// (`LogitRows::All`) or the last one.
+    pub fn forward(&mut self, seq: &mut Sequence, tokens: &[u32], rows: LogitRows) -> Result<Forward> {
+        self.check_tokens(seq.len(), tokens)?;
+        let start = seq.len();
+        seq.blocks.reserve(&mut self.alloc, start + tokens.len())?;
+        let batch = Batch {
+            tokens: tokens.to_vec(),
+            segments: vec![Segment {
+                blocks: seq.blocks.blocks.clone(),
+                start_pos: start,
+                len: tokens.len(),
+            }],
+        };
+        let compiled = match rows {
+            LogitRows::All => &self.main_all,
+            LogitRows::Last => &self.main_last,
+        };
+        let mut out = self.backend.run(&compiled.graph, &compiled.plan, &batch, &[])?;
+        seq.blocks.len = start + tokens.len();
+        Ok(Forward {
+            logits: take(&mut out, LOGITS)?,
+            hidden: take(&mut out, HIDDEN_OUT)?,
+        })
+    }
+
+    /// Runs the MTP layer for positions `seq.mtp_len ..`: `next_tokens[i]` is the token after
+    /// position `seq.mtp_len + i` and `hidden` holds the main model's final-normed states at
+    /// those positions. Returns logits predicting the token two ahead of each position.
+    pub fn mtp_forward(
+        &mut self,
+        seq: &mut Sequence,
+        next_tokens: &[u32],
+        hidden: &[f32],
+        rows: LogitRows,
+    ) -> Result<Vec<f32>> {
+        let compiled = match rows {
+            LogitRows::All => self.mtp_all.as_ref(),
+            LogitRows::Last => self.mtp_last.as_ref(),
+        }
+        .ok_or_else(|| Error::Unsupported("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or it was not loaded)".into()))?;
+        self.check_tokens(seq.mtp_len, next_tokens)?;
+        let start = seq.mtp_len;
+        if start + next_tokens.len() > seq.len() {
+            return Err(Error::Input(format!(
+                "the MTP layer needs the main model's state: positions up to {} requested, {} computed",
+                start + next_tokens.len(),
+                seq.len()
+            )));
+        }
+        let batch = Batch {
+            tokens: next_tokens.to_vec(),
+            segments: vec![Segment {
+                blocks: seq.blocks.blocks.clone(),
+                start_pos: start,
+                len: next_tokens.len(),
+            }],
+        };
+        let mut out = self.backend.run(
+            &compiled.graph,
+            &compiled.plan,
+            &batch,
+            &[(HIDDEN_IN, hidden)],
+        )?;
+        seq.mtp_len = start + next_tokens.len();
+        take(&mut out, LOGITS)
+    }
+
+    /// Scores a prompt: logits of every position and, with an MTP layer and at least two
+    /// tokens, the MTP logits [T-1, vocab] (row i predicts token i+2 from token i+1 and the
+    /// main model's state at i).
+    pub fn score(&mut self, tokens: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut seq = Sequence::default();
+        let result = self.score_in(&mut seq, tokens);
+        self.release(&mut seq);
+        result
+    }
+
+    fn score_in(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let main = self.forward(seq, tokens, LogitRows::All)?;
+        let mtp = if self.has_mtp() && tokens.len() >= 2 {
+            let h = self.cfg.hidden_size;
+            let hidden = &main.hidden[..(tokens.len() - 1) * h];
+            Some(self.mtp_forward(seq, &tokens[1..], hidden, LogitRows::All)?)
+        } else {
+            None
+        };
+        Ok((main.logits, mtp))
+    }
+
+    /// Greedy or sampled generation for one prompt through the KV cache (one token per decode
+    /// step). Stops after `max_new_tokens` or right after an eos token (which is included).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Generation> {
+        sampling.validate().map_err(Error::Input)?;
+        if max_new_tokens == 0 {
+            return Err(Error::Input("max_new_tokens must be at least 1".into()));
+        }
+        self.check_tokens(0, prompt)?;
+        if prompt.len() + max_new_tokens > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "prompt ({}) + max_new_tokens ({max_new_tokens}) exceed the context of {} tokens",
+                prompt.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut seq = Sequence::default();
+        let result = self.generate_in(&mut seq, prompt, max_new_tokens, sampling);
+        self.release(&mut seq);
+        result
+    }
+
+    fn generate_in(
+        &mut self,
+        seq: &mut Sequence,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Generation> {
+        let mut rng = Rng::new(sampling.seed);
+        let t0 = Instant::now();
+        let mut logits = self.forward(seq, prompt, LogitRows::Last)?.logits;
+        let prefill = t0.elapsed();
+        let t1 = Instant::now();
+        let mut tokens = Vec::new();
+        let mut decode_steps = 0;
+        let finish_reason = loop {
+            let next = sample(&logits, sampling, &mut rng);
+            tokens.push(next);
+            if self.cfg.eos_token_ids.contains(&next) {
+                break FinishReason::Eos;
+            }
+            if tokens.len() == max_new_tokens {
+                break FinishReason::Length;
+            }
+            logits = self.forward(seq, &[next], LogitRows::Last)?.logits;
+            decode_steps += 1;
+        };
+        Ok(Generation {
+            tokens,
+            finish_reason,
+            prefill,
+            decode: t1.elapsed(),
+            decode_steps,
+        })
+    }
+}
+
+fn take(out: &mut crate::backend::Outputs, name: &str) -> Result<Vec<f32>> {
+    out.remove(name).ok_or_else(|| Error::Backend {
+        backend: "engine".into(),
+        message: format!("graph produced no `{name}` output"),
+    })
+}

@@ -1,0 +1,25 @@
+//! Number formats and the quantization recipe shared by every backend (DESIGN.md "numerics
+//! contract"): FP8 e4m3 codes, bf16 rounding, per-token activation quantization and the
+//! block-scaled FP8 GEMM as a plain loop that GPU kernels are checked against.
+
+pub mod fp8;
+pub mod quant;
+
+pub use fp8::{e4m3_to_f32, f32_to_e4m3};
+pub use quant::{act_quant, block_gemm_w8a8, QuantizedRows, QUANT_BLOCK};
+
+/// Rounds to the nearest bf16 (ties to even), returned widened to f32.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
