@@ -24,7 +24,9 @@ impl std::str::FromStr for Precision {
         match s {
             "exact" => Ok(Precision::Exact),
             "w8a8" => Ok(Precision::W8a8),
-            other => Err(format!("unknown precision `{other}` (expected exact or w8a8)")),
+            other => Err(format!(
+                "unknown precision `{other}` (expected exact or w8a8)"
+            )),
         }
     }
 }

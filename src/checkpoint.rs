@@ -139,7 +139,10 @@ impl Fp8Weight {
     /// A weight from owned codes [n, k] and block multipliers [ceil(n/128), ceil(k/128)].
     pub fn from_parts(n: usize, k: usize, codes: Vec<u8>, scales: Vec<f32>) -> Self {
         assert_eq!(codes.len(), n * k, "codes are not [{n}, {k}]");
-        assert_eq!(scales.len(), n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK));
+        assert_eq!(
+            scales.len(),
+            n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK)
+        );
         let len = codes.len();
         Fp8Weight {
             n,
@@ -275,7 +278,10 @@ impl Checkpoint {
             return Err(self.tensor_error(
                 name,
                 info,
-                format!("shape is {:?}, expected {shape:?} (from config.json)", info.shape),
+                format!(
+                    "shape is {:?}, expected {shape:?} (from config.json)",
+                    info.shape
+                ),
             ));
         }
         Ok(self.bytes(info))
@@ -324,7 +330,11 @@ impl Checkpoint {
         let scales = widen(scales.as_slice(), Dtype::F32);
         if let Some(bad) = scales.iter().find(|s| !s.is_finite()) {
             let info = self.info(&scale_name)?;
-            return Err(self.tensor_error(&scale_name, info, format!("holds a non-finite scale ({bad})")));
+            return Err(self.tensor_error(
+                &scale_name,
+                info,
+                format!("holds a non-finite scale ({bad})"),
+            ));
         }
         Ok(Fp8Weight {
             n,
@@ -417,8 +427,9 @@ fn parse_header(file: &[u8]) -> std::result::Result<Vec<(String, TensorInfo)>, S
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no dtype"))?;
-        let dtype = Dtype::parse(tag)
-            .ok_or_else(|| format!("tensor `{name}` has dtype {tag}, which DeepSeek checkpoints do not use"))?;
+        let dtype = Dtype::parse(tag).ok_or_else(|| {
+            format!("tensor `{name}` has dtype {tag}, which DeepSeek checkpoints do not use")
+        })?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)

@@ -170,7 +170,10 @@ impl ModelConfig {
         };
         // The dimension whose wavelength completes `rotations` turns over the original context.
         let correction_dim = |rotations: f64| {
-            dim as f64 * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            dim as f64
+                * (y.original_max_position_embeddings as f64
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
                 / (2.0 * base.ln())
         };
         let low = correction_dim(y.beta_fast).floor().max(0.0);
@@ -283,11 +286,15 @@ impl Parser<'_> {
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(self.fail(format!("`hidden_act` \"{act}\" is not supported (only \"silu\")")));
+                return Err(self.fail(format!(
+                    "`hidden_act` \"{act}\" is not supported (only \"silu\")"
+                )));
             }
         }
         if raw.tie_word_embeddings == Some(true) {
-            return Err(self.fail("`tie_word_embeddings: true` is not supported (DeepSeek-V3 has a separate lm_head)"));
+            return Err(self.fail(
+                "`tie_word_embeddings: true` is not supported (DeepSeek-V3 has a separate lm_head)",
+            ));
         }
         if raw.attention_bias == Some(true) {
             return Err(self.fail("`attention_bias: true` is not supported (DeepSeek-V3 has none)"));
@@ -304,7 +311,9 @@ impl Parser<'_> {
         }
         let rms_norm_eps = self.required(raw.rms_norm_eps, "rms_norm_eps")?;
         if !(rms_norm_eps > 0.0) {
-            return Err(self.fail(format!("`rms_norm_eps` must be positive, got {rms_norm_eps}")));
+            return Err(self.fail(format!(
+                "`rms_norm_eps` must be positive, got {rms_norm_eps}"
+            )));
         }
         let eos_token_ids = match raw.eos_token_id {
             None | Some(Value::Null) => Vec::new(),
@@ -316,7 +325,9 @@ impl Parser<'_> {
                     _ => Err(self.fail("`eos_token_id` must be an integer or a list of integers")),
                 })
                 .collect::<Result<_>>()?,
-            Some(_) => return Err(self.fail("`eos_token_id` must be an integer or a list of integers")),
+            Some(_) => {
+                return Err(self.fail("`eos_token_id` must be an integer or a list of integers"))
+            }
         };
         let config = ModelConfig {
             vocab_size: self.positive(raw.vocab_size, "vocab_size")?,
@@ -345,7 +356,11 @@ impl Parser<'_> {
             routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.0) as f32,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: raw.rope_theta.unwrap_or(10000.0),
-            rope_scaling: raw.rope_scaling.map(|v| self.yarn(&v)).transpose()?.flatten(),
+            rope_scaling: raw
+                .rope_scaling
+                .map(|v| self.yarn(&v))
+                .transpose()?
+                .flatten(),
             max_position_embeddings: self
                 .positive(raw.max_position_embeddings, "max_position_embeddings")?,
             num_nextn_predict_layers: raw.num_nextn_predict_layers.unwrap_or(0),
@@ -401,7 +416,9 @@ impl Parser<'_> {
                 Some(x) => x
                     .as_f64()
                     .ok_or_else(|| self.fail(format!("`rope_scaling.{key}` must be a number"))),
-                None => default.ok_or_else(|| self.fail(format!("missing field `rope_scaling.{key}`"))),
+                None => {
+                    default.ok_or_else(|| self.fail(format!("missing field `rope_scaling.{key}`")))
+                }
             }
         };
         let factor = num("factor", None)?;
@@ -525,14 +542,23 @@ mod tests {
             (with("topk_group", "9"), "topk_group"),
             (with("scoring_func", "\"softmax\""), "scoring_func"),
             (with("qk_rope_head_dim", "63"), "qk_rope_head_dim"),
-            (with("rope_scaling", r#"{"type":"linear","factor":2}"#), "rope_scaling.type"),
+            (
+                with("rope_scaling", r#"{"type":"linear","factor":2}"#),
+                "rope_scaling.type",
+            ),
             (with("eos_token_id", "200000"), "outside the vocabulary"),
             (with("hidden_size", "null"), "hidden_size"),
             (
-                with("quantization_config", r#"{"quant_method":"fp8","weight_block_size":[64,64]}"#),
+                with(
+                    "quantization_config",
+                    r#"{"quant_method":"fp8","weight_block_size":[64,64]}"#,
+                ),
                 "weight_block_size",
             ),
-            (with("num_nextn_predict_layers", "2"), "num_nextn_predict_layers"),
+            (
+                with("num_nextn_predict_layers", "2"),
+                "num_nextn_predict_layers",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(&text).unwrap_err().to_string();

@@ -38,20 +38,49 @@ pub struct BufferDesc {
 #[derive(Debug, Clone)]
 pub enum Op {
     /// out[t] = table[token[t]].
-    Embed { table: WeightId, out: Buf },
+    Embed {
+        table: WeightId,
+        out: Buf,
+    },
     /// Zeroes the rows of tokens at absolute position 0 (the MTP layer's masked input).
-    ZeroPositionZero { x: Buf },
+    ZeroPositionZero {
+        x: Buf,
+    },
     /// RMSNorm with the model's eps.
-    RmsNorm { x: Buf, weight: WeightId, out: Buf },
+    RmsNorm {
+        x: Buf,
+        weight: WeightId,
+        out: Buf,
+    },
     /// out = x · W^T (FP8 block-scaled or dense weight).
-    Linear { x: Buf, weight: WeightId, out: Buf },
-    Add { a: Buf, b: Buf, out: Buf },
+    Linear {
+        x: Buf,
+        weight: WeightId,
+        out: Buf,
+    },
+    Add {
+        a: Buf,
+        b: Buf,
+        out: Buf,
+    },
     /// out = [a | b] per row.
-    Concat { a: Buf, b: Buf, out: Buf },
+    Concat {
+        a: Buf,
+        b: Buf,
+        out: Buf,
+    },
     /// out = silu(gate) * up.
-    SiluMul { gate: Buf, up: Buf, out: Buf },
+    SiluMul {
+        gate: Buf,
+        up: Buf,
+        out: Buf,
+    },
     /// Writes each token's [rmsnorm(c_kv) | rope(k_pe)] into the latent cache of `layer`.
-    MlaCacheWrite { layer: usize, kv: Buf, norm: WeightId },
+    MlaCacheWrite {
+        layer: usize,
+        kv: Buf,
+        norm: WeightId,
+    },
     /// Absorbed multi-head latent attention of q [heads*(nope+rope)] over the latent cache of
     /// `layer` (each token attends to its sequence's positions <= its own); out [heads*v].
     MlaAttention {
@@ -69,7 +98,10 @@ pub enum Op {
         out: Buf,
     },
     /// out[s] = x[last token of sequence s].
-    LastTokenRows { x: Buf, out: Buf },
+    LastTokenRows {
+        x: Buf,
+        out: Buf,
+    },
 }
 
 impl Op {
@@ -101,7 +133,13 @@ pub struct Graph {
 }
 
 impl Graph {
-    pub fn buffer(&mut self, name: impl Into<String>, width: usize, rows: Rows, storage: Storage) -> Buf {
+    pub fn buffer(
+        &mut self,
+        name: impl Into<String>,
+        width: usize,
+        rows: Rows,
+        storage: Storage,
+    ) -> Buf {
         self.buffers.push(BufferDesc {
             name: name.into(),
             width,
@@ -129,7 +167,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<Buf> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|&(_, b)| b)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, b)| b)
     }
 }
 
@@ -201,14 +242,26 @@ mod tests {
         let c = g.act("c", 4);
         let d = g.act("d", 4);
         g.push(Op::Embed { table: w, out: a });
-        g.push(Op::RmsNorm { x: a, weight: w, out: b });
-        g.push(Op::RmsNorm { x: b, weight: w, out: c }); // a is dead from here
+        g.push(Op::RmsNorm {
+            x: a,
+            weight: w,
+            out: b,
+        });
+        g.push(Op::RmsNorm {
+            x: b,
+            weight: w,
+            out: c,
+        }); // a is dead from here
         g.push(Op::Add { a: b, b: c, out: d });
         g.outputs.push(("d".into(), d));
         let plan = Plan::new(&g);
         assert_ne!(plan.slot(a), plan.slot(b));
         assert_ne!(plan.slot(b), plan.slot(c));
-        assert_eq!(plan.slot(c), plan.slot(a), "a's slot is free once b is computed");
+        assert_eq!(
+            plan.slot(c),
+            plan.slot(a),
+            "a's slot is free once b is computed"
+        );
         assert_ne!(plan.slot(d), plan.slot(b));
         assert_ne!(plan.slot(d), plan.slot(c));
         assert_eq!(plan.slots, 3);

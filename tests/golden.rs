@@ -18,7 +18,10 @@ fn engine(name: &str, precision: Precision) -> Engine {
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], vocab: usize) {
     let (err, mag) = max_err(got, want);
-    println!("{what}: max|d| = {err:.3e}, max|ref| = {mag:.3}, ratio {:.2e}", err / mag);
+    println!(
+        "{what}: max|d| = {err:.3e}, max|ref| = {mag:.3}, ratio {:.2e}",
+        err / mag
+    );
     assert!(err <= 2e-3 * mag, "{what}: max|d| {err} > 2e-3 * {mag}");
     for (row, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         assert_eq!(argmax(g), argmax(w), "{what}: argmax differs at row {row}");
@@ -42,7 +45,9 @@ fn greedy_through_the_kv_cache_matches_transformers() {
     for (name, max_new) in FIXTURES {
         let r = reference(name);
         let mut e = engine(name, Precision::Exact);
-        let g = e.generate(&r.tokens, max_new, &SamplingParams::default()).unwrap();
+        let g = e
+            .generate(&r.tokens, max_new, &SamplingParams::default())
+            .unwrap();
         assert_eq!(g.tokens, r.greedy, "{name}");
         let expected_finish = if r.greedy.len() < max_new {
             FinishReason::Eos
@@ -50,7 +55,11 @@ fn greedy_through_the_kv_cache_matches_transformers() {
             FinishReason::Length
         };
         assert_eq!(g.finish_reason, expected_finish, "{name}");
-        assert_eq!(g.decode_steps, g.tokens.len() - 1, "one cached step per new token");
+        assert_eq!(
+            g.decode_steps,
+            g.tokens.len() - 1,
+            "one cached step per new token"
+        );
     }
 }
 
@@ -64,8 +73,12 @@ fn chunked_prefill_equals_one_prefill() {
         let mut e = engine(name, Precision::Exact);
         let mut seq = Sequence::default();
         let split = r.tokens.len() / 3;
-        let a = e.forward(&mut seq, &r.tokens[..split], LogitRows::All).unwrap();
-        let b = e.forward(&mut seq, &r.tokens[split..], LogitRows::All).unwrap();
+        let a = e
+            .forward(&mut seq, &r.tokens[..split], LogitRows::All)
+            .unwrap();
+        let b = e
+            .forward(&mut seq, &r.tokens[split..], LogitRows::All)
+            .unwrap();
         e.release(&mut seq);
         let pieces: Vec<f32> = a.logits.into_iter().chain(b.logits).collect();
         assert_close(&format!("{name} chunked"), &pieces, &r.logits, r.vocab);
@@ -99,14 +112,70 @@ fn w8a8_is_close_to_exact() {
                 agree += same as usize;
                 if sorted[0] - sorted[1] > 2.0 * noise {
                     decidable += 1;
-                    assert!(same, "{name} {what} row {row}: argmax flipped beyond the noise");
+                    assert!(
+                        same,
+                        "{name} {what} row {row}: argmax flipped beyond the noise"
+                    );
                 }
             }
             let mean_cos = sum_cos / rows as f64;
             println!(
                 "{name} {what}: w8a8 vs exact cosine mean {mean_cos:.5} min {min_cos:.5}, argmax agreement {agree}/{rows} ({decidable} rows decidable, all agree)"
             );
-            assert!(mean_cos >= 0.97 && min_cos >= 0.85, "{name} {what}: cosine mean {mean_cos} min {min_cos}");
+            assert!(
+                mean_cos >= 0.97 && min_cos >= 0.85,
+                "{name} {what}: cosine mean {mean_cos} min {min_cos}"
+            );
         }
+    }
+}
+
+/// Two sequences of different lengths in one batched step give the logits each gets alone.
+#[test]
+fn batched_forward_equals_separate_forwards() {
+    use r1_runtime::engine::{Sequence, Step};
+    use r1_runtime::model::LogitRows;
+    let name = "r1-heads";
+    let r = reference(name);
+    let mut e = engine(name, Precision::Exact);
+    let (a_prompt, b_prompt) = (&r.tokens[..5], &r.tokens[..9]);
+    let (mut a, mut b) = (Sequence::default(), Sequence::default());
+    // Prefill both together, then decode one token each together.
+    let mut steps = [
+        Step {
+            seq: &mut a,
+            tokens: a_prompt,
+        },
+        Step {
+            seq: &mut b,
+            tokens: b_prompt,
+        },
+    ];
+    let pre = e.forward_batch(&mut steps, LogitRows::Last).unwrap();
+    let next = [r.tokens[5], r.tokens[9]];
+    let mut steps = [
+        Step {
+            seq: &mut a,
+            tokens: &next[..1],
+        },
+        Step {
+            seq: &mut b,
+            tokens: &next[1..],
+        },
+    ];
+    let dec = e.forward_batch(&mut steps, LogitRows::Last).unwrap();
+    e.release(&mut a);
+    e.release(&mut b);
+    assert_eq!(e.cache_pages_in_use(), 0);
+    let v = r.vocab;
+    for (got, row) in [
+        (&pre[0].logits, 4),
+        (&pre[1].logits, 8),
+        (&dec[0].logits, 5),
+        (&dec[1].logits, 9),
+    ] {
+        let want = &r.logits[row * v..(row + 1) * v];
+        let (err, mag) = max_err(got, want);
+        assert!(err <= 2e-3 * mag, "row {row}: {err}");
     }
 }

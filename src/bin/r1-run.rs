@@ -11,7 +11,11 @@ use r1_runtime::engine::{BackendKind, Engine, EngineOptions, FinishReason};
 use r1_runtime::{Precision, Result};
 
 #[derive(Parser)]
-#[command(name = "r1-run", version, about = "DeepSeek-R1 / V3 inference from the official FP8 checkpoint")]
+#[command(
+    name = "r1-run",
+    version,
+    about = "DeepSeek-R1 / V3 inference from the official FP8 checkpoint"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -190,8 +194,12 @@ fn info(model: &Path) -> Result<()> {
     println!(
         "layers: {} ({} dense, {} MoE) | hidden {} | vocab {} | context {}",
         cfg.num_hidden_layers,
-        (0..cfg.num_hidden_layers).filter(|&l| !cfg.is_moe_layer(l)).count(),
-        (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count(),
+        (0..cfg.num_hidden_layers)
+            .filter(|&l| !cfg.is_moe_layer(l))
+            .count(),
+        (0..cfg.num_hidden_layers)
+            .filter(|&l| cfg.is_moe_layer(l))
+            .count(),
         cfg.hidden_size,
         cfg.vocab_size,
         cfg.max_position_embeddings
@@ -219,7 +227,13 @@ fn info(model: &Path) -> Result<()> {
     if let Some(y) = &cfg.rope_scaling {
         println!(
             "rope: theta {}, YaRN factor {} over {} (beta {}/{}, mscale {}/{})",
-            cfg.rope_theta, y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+            cfg.rope_theta,
+            y.factor,
+            y.original_max_position_embeddings,
+            y.beta_fast,
+            y.beta_slow,
+            y.mscale,
+            y.mscale_all_dim
         );
     }
     let mtp_present = cfg.has_mtp()
@@ -236,10 +250,18 @@ fn info(model: &Path) -> Result<()> {
     );
     let mut total = (0usize, 0usize);
     for (dtype, (params, bytes)) in dtype_summary(&ckpt) {
-        println!("  {dtype:>8}: {params:>16} values {:>12}", human_bytes(bytes));
+        println!(
+            "  {dtype:>8}: {params:>16} values {:>12}",
+            human_bytes(bytes)
+        );
         total = (total.0 + params, total.1 + bytes);
     }
-    println!("  {:>8}: {:>16} values {:>12}", "total", total.0, human_bytes(total.1));
+    println!(
+        "  {:>8}: {:>16} values {:>12}",
+        "total",
+        total.0,
+        human_bytes(total.1)
+    );
     Ok(())
 }
 

@@ -30,7 +30,10 @@ impl Rope {
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         for (pair, &f) in x.chunks_exact_mut(2).zip(&self.inv_freq) {
             let angle = pos as f32 * f;
-            let (cos, sin) = (angle.cos() * self.attention_factor, angle.sin() * self.attention_factor);
+            let (cos, sin) = (
+                angle.cos() * self.attention_factor,
+                angle.sin() * self.attention_factor,
+            );
             let (a, b) = (pair[0], pair[1]);
             pair[0] = a * cos - b * sin;
             pair[1] = b * cos + a * sin;
@@ -131,7 +134,10 @@ pub fn attention(
             // Latent query: q_nope (nope) x W_UK (nope x kv_lora).
             let mut q_lat = vec![0f32; shape.kv_lora];
             for (i, &qv) in qh[..shape.nope].iter().enumerate() {
-                for (l, &w) in q_lat.iter_mut().zip(&w_uk[i * shape.kv_lora..][..shape.kv_lora]) {
+                for (l, &w) in q_lat
+                    .iter_mut()
+                    .zip(&w_uk[i * shape.kv_lora..][..shape.kv_lora])
+                {
                     *l += qv * w;
                 }
             }
@@ -147,7 +153,8 @@ pub fn attention(
             let mut scores: Vec<f32> = (0..=pos)
                 .map(|j| {
                     let e = entry(j);
-                    (dot(&q_lat, &e[..shape.kv_lora]) + dot(&q_pe, &e[shape.kv_lora..])) * shape.scale
+                    (dot(&q_lat, &e[..shape.kv_lora]) + dot(&q_pe, &e[shape.kv_lora..]))
+                        * shape.scale
                 })
                 .collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));

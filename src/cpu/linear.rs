@@ -52,7 +52,11 @@ fn fp8_exact(x: &[f32], w: &Fp8Weight, rows: usize, out_t: &mut [f32]) {
                 for (j, col) in out.chunks_mut(rows).enumerate() {
                     let nn = task * FEATURES_PER_TASK + j;
                     let scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
-                    for (i, (dst, &c)) in wrow.iter_mut().zip(&codes[nn * k..(nn + 1) * k]).enumerate() {
+                    for (i, (dst, &c)) in wrow
+                        .iter_mut()
+                        .zip(&codes[nn * k..(nn + 1) * k])
+                        .enumerate()
+                    {
                         *dst = e4m3_to_f32(c) * scales[i / QUANT_BLOCK];
                     }
                     for (t, o) in col.iter_mut().enumerate() {
@@ -84,7 +88,12 @@ fn fp8_w8a8(a: &QuantizedRows, w: &Fp8Weight, out_t: &mut [f32]) {
                     }
                     let w_scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
                     for (t, o) in col.iter_mut().enumerate() {
-                        *o = dot_w8a8(&a_decoded[t * k..(t + 1) * k], a.row_scales(t), wrow, w_scales);
+                        *o = dot_w8a8(
+                            &a_decoded[t * k..(t + 1) * k],
+                            a.row_scales(t),
+                            wrow,
+                            w_scales,
+                        );
                     }
                 }
             },
@@ -127,10 +136,19 @@ mod tests {
     #[test]
     fn parallel_w8a8_equals_reference() {
         let (m, n, k) = (3, 200, 384);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let codes: Vec<u8> = (0..n * k).map(|i| f32_to_e4m3(((i * 13 % 97) as f32 - 48.0) / 3.0)).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let codes: Vec<u8> = (0..n * k)
+            .map(|i| f32_to_e4m3(((i * 13 % 97) as f32 - 48.0) / 3.0))
+            .collect();
         let scales: Vec<f32> = (0..2 * 3).map(|i| 0.01 * (i + 1) as f32).collect();
-        let w = Weight::Fp8(crate::checkpoint::Fp8Weight::from_parts(n, k, codes.clone(), scales.clone()));
+        let w = Weight::Fp8(crate::checkpoint::Fp8Weight::from_parts(
+            n,
+            k,
+            codes.clone(),
+            scales.clone(),
+        ));
         let got = linear(&x, &w, Precision::W8a8);
         let want = block_gemm_w8a8(&act_quant(&x, k), &codes, &scales, n);
         assert_eq!(got, want);

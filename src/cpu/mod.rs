@@ -89,12 +89,14 @@ impl CpuBackend {
                 let h = width(*out);
                 let mut v = Vec::with_capacity(batch.tokens.len() * h);
                 for &t in &batch.tokens {
-                    let row = table.get(t as usize * h..(t as usize + 1) * h).ok_or_else(|| {
-                        Error::Input(format!(
-                            "token id {t} is outside the vocabulary (vocab_size {})",
-                            self.cfg.vocab_size
-                        ))
-                    })?;
+                    let row = table
+                        .get(t as usize * h..(t as usize + 1) * h)
+                        .ok_or_else(|| {
+                            Error::Input(format!(
+                                "token id {t} is outside the vocabulary (vocab_size {})",
+                                self.cfg.vocab_size
+                            ))
+                        })?;
                     v.extend_from_slice(row);
                 }
                 v
@@ -118,9 +120,11 @@ impl CpuBackend {
                 }
                 v
             }
-            Op::Linear { x, weight, .. } => {
-                linear::linear(&self.slots[plan.slot(*x)], self.weights.get(*weight), self.precision)
-            }
+            Op::Linear { x, weight, .. } => linear::linear(
+                &self.slots[plan.slot(*x)],
+                self.weights.get(*weight),
+                self.precision,
+            ),
             Op::Add { a, b, .. } => {
                 let (a, b) = (&self.slots[plan.slot(*a)], &self.slots[plan.slot(*b)]);
                 a.iter().zip(b).map(|(x, y)| x + y).collect()
@@ -238,9 +242,10 @@ impl Backend for CpuBackend {
         self.ensure_pages(batch);
         self.slots.resize_with(plan.slots, Vec::new);
         for (name, buf) in &graph.inputs {
-            let (_, data) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| {
-                Error::Input(format!("graph input `{name}` was not provided"))
-            })?;
+            let (_, data) = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::Input(format!("graph input `{name}` was not provided")))?;
             let expected = tokens * graph.desc(*buf).width;
             if data.len() != expected {
                 return Err(Error::Input(format!(

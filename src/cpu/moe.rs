@@ -98,7 +98,9 @@ impl MoeCall<'_> {
         let h = self.hidden;
         let tokens = x.len() / h;
         let Weight::Dense { data: router_w, .. } = self.router_weight else {
-            return Err(Error::Unsupported("an FP8 MoE router (mlp.gate) weight".into()));
+            return Err(Error::Unsupported(
+                "an FP8 MoE router (mlp.gate) weight".into(),
+            ));
         };
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         for t in 0..tokens {
@@ -107,7 +109,9 @@ impl MoeCall<'_> {
             if logits.iter().any(|l| l.is_nan()) {
                 return Err(Error::Backend {
                     backend: "cpu".into(),
-                    message: format!("NaN in MoE router logits of token {t}: the hidden state diverged"),
+                    message: format!(
+                        "NaN in MoE router logits of token {t}: the hidden state diverged"
+                    ),
                 });
             }
             for (e, w) in self.router.route(&logits, self.bias) {
@@ -125,7 +129,10 @@ impl MoeCall<'_> {
                 .collect();
             let y = self.mlp(expert, &rows);
             for (r, &(t, w)) in tokens_of.iter().enumerate() {
-                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
+                for (o, &v) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[r * h..(r + 1) * h])
+                {
                     *o += w * v;
                 }
             }

@@ -76,6 +76,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// Positions cached by the main model.
     pub fn len(&self) -> usize {
         self.blocks.len
     }
@@ -83,6 +84,17 @@ impl Sequence {
     pub fn is_empty(&self) -> bool {
         self.blocks.len == 0
     }
+
+    /// Positions cached by the MTP layer.
+    pub fn mtp_len(&self) -> usize {
+        self.mtp_len
+    }
+}
+
+/// One sequence's part of a batched forward step.
+pub struct Step<'a> {
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
 }
 
 /// Logits (rows as requested) and final-normed hidden states of every token of one forward.
@@ -125,9 +137,18 @@ impl Engine {
         let ckpt = Checkpoint::open(dir)?;
         let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, options.with_mtp)?);
         let backend: Box<dyn Backend> = match options.backend {
-            BackendKind::Cpu => Box::new(CpuBackend::new(&cfg, Arc::clone(&weights), options.precision)),
+            BackendKind::Cpu => Box::new(CpuBackend::new(
+                &cfg,
+                Arc::clone(&weights),
+                options.precision,
+            )),
         };
-        Ok(Self::with_backend(cfg, weights, backend, options.cache_tokens))
+        Ok(Self::with_backend(
+            cfg,
+            weights,
+            backend,
+            options.cache_tokens,
+        ))
     }
 
     pub fn with_backend(
@@ -194,28 +215,79 @@ impl Engine {
 
     /// Appends `tokens` to `seq` through the main model. Logits come for every new token
     /// (`LogitRows::All`) or the last one.
-    pub fn forward(&mut self, seq: &mut Sequence, tokens: &[u32], rows: LogitRows) -> Result<Forward> {
-        self.check_tokens(seq.len(), tokens)?;
-        let start = seq.len();
-        seq.blocks.reserve(&mut self.alloc, start + tokens.len())?;
-        let batch = Batch {
-            tokens: tokens.to_vec(),
-            segments: vec![Segment {
-                blocks: seq.blocks.blocks.clone(),
+    pub fn forward(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        rows: LogitRows,
+    ) -> Result<Forward> {
+        let mut step = [Step { seq, tokens }];
+        let mut out = self.forward_batch(&mut step, rows)?;
+        Ok(out.remove(0))
+    }
+
+    /// One forward step over several sequences at once (continuous batching): each appends
+    /// its tokens; results come back in the same order.
+    pub fn forward_batch(
+        &mut self,
+        steps: &mut [Step<'_>],
+        rows: LogitRows,
+    ) -> Result<Vec<Forward>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Batch::default();
+        for step in steps.iter_mut() {
+            self.check_tokens(step.seq.len(), step.tokens)?;
+            let start = step.seq.len();
+            step.seq
+                .blocks
+                .reserve(&mut self.alloc, start + step.tokens.len())?;
+            batch.tokens.extend_from_slice(step.tokens);
+            batch.segments.push(Segment {
+                blocks: step.seq.blocks.blocks.clone(),
                 start_pos: start,
-                len: tokens.len(),
-            }],
-        };
+                len: step.tokens.len(),
+            });
+        }
         let compiled = match rows {
             LogitRows::All => &self.main_all,
             LogitRows::Last => &self.main_last,
         };
-        let mut out = self.backend.run(&compiled.graph, &compiled.plan, &batch, &[])?;
-        seq.blocks.len = start + tokens.len();
-        Ok(Forward {
-            logits: take(&mut out, LOGITS)?,
-            hidden: take(&mut out, HIDDEN_OUT)?,
-        })
+        let mut out = self
+            .backend
+            .run(&compiled.graph, &compiled.plan, &batch, &[])?;
+        let (logits, hidden) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let (mut logit_row, mut token_row) = (0, 0);
+        let mut results = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let n = step.tokens.len();
+            let logit_rows = match rows {
+                LogitRows::All => n,
+                LogitRows::Last => 1,
+            };
+            results.push(Forward {
+                logits: logits[logit_row * v..(logit_row + logit_rows) * v].to_vec(),
+                hidden: hidden[token_row * h..(token_row + n) * h].to_vec(),
+            });
+            logit_row += logit_rows;
+            token_row += n;
+            step.seq.blocks.len += n;
+        }
+        Ok(results)
+    }
+
+    /// Forgets a sequence's positions from `len` on (main model and MTP layer), e.g. draft
+    /// tokens that verification rejected; the freed pages return to the pool.
+    pub fn truncate(&mut self, seq: &mut Sequence, len: usize) {
+        seq.blocks.truncate(&mut self.alloc, len);
+        seq.mtp_len = seq.mtp_len.min(len);
+    }
+
+    /// Pages of the KV cache in use, over all sequences.
+    pub fn cache_pages_in_use(&self) -> usize {
+        self.alloc.in_use()
     }
 
     /// Runs the MTP layer for positions `seq.mtp_len ..`: `next_tokens[i]` is the token after
@@ -270,7 +342,11 @@ impl Engine {
         result
     }
 
-    fn score_in(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    fn score_in(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let main = self.forward(seq, tokens, LogitRows::All)?;
         let mtp = if self.has_mtp() && tokens.len() >= 2 {
             let h = self.cfg.hidden_size;

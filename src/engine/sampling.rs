@@ -25,7 +25,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -69,7 +72,11 @@ impl Rng {
 /// renormalized, as (token, probability) pairs in descending probability.
 pub fn distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     if p.top_k > 0 {
         idx.truncate(p.top_k);
     }
@@ -133,7 +140,11 @@ mod tests {
             top_p: 0.5,
             ..Default::default()
         };
-        assert_eq!(distribution(&logits, &p).len(), 1, "token 1 alone has > 50%");
+        assert_eq!(
+            distribution(&logits, &p).len(),
+            1,
+            "token 1 alone has > 50%"
+        );
     }
 
     /// Empirical frequencies over many draws match the distribution.

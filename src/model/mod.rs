@@ -110,8 +110,16 @@ fn head(
     let (x, out_rows) = match rows {
         LogitRows::All => (hidden, Rows::Tokens),
         LogitRows::Last => {
-            let last = g.buffer("last_hidden", cfg.hidden_size, Rows::Sequences, Storage::Activation);
-            g.push(Op::LastTokenRows { x: hidden, out: last });
+            let last = g.buffer(
+                "last_hidden",
+                cfg.hidden_size,
+                Rows::Sequences,
+                Storage::Activation,
+            );
+            g.push(Op::LastTokenRows {
+                x: hidden,
+                out: last,
+            });
             (last, Rows::Sequences)
         }
     };
@@ -189,7 +197,11 @@ fn decoder_block(g: &mut Graph, cfg: &ModelConfig, b: &BlockWeights, layer: usiz
         out: o,
     });
     let x1 = g.act(name("resid_attn"), h);
-    g.push(Op::Add { a: x, b: o, out: x1 });
+    g.push(Op::Add {
+        a: x,
+        b: o,
+        out: x1,
+    });
 
     let normed = g.act(name("ffn_norm"), h);
     g.push(Op::RmsNorm {
@@ -225,11 +237,7 @@ fn decoder_block(g: &mut Graph, cfg: &ModelConfig, b: &BlockWeights, layer: usiz
         }
     };
     let out = g.act(name("out"), h);
-    g.push(Op::Add {
-        a: x1,
-        b: ffn,
-        out,
-    });
+    g.push(Op::Add { a: x1, b: ffn, out });
     out
 }
 

@@ -266,7 +266,11 @@ impl Loader<'_> {
             c.hidden_size,
         )?;
         let ffn = if c.is_moe_layer(layer) || layer >= c.num_hidden_layers {
-            let router = self.dense(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, c.hidden_size)?;
+            let router = self.dense(
+                &format!("{p}.mlp.gate.weight"),
+                c.n_routed_experts,
+                c.hidden_size,
+            )?;
             let bias = self.dense(
                 &format!("{p}.mlp.gate.e_score_correction_bias"),
                 1,

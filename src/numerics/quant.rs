@@ -57,7 +57,11 @@ pub fn quantize_row(x: &[f32], codes: &mut [u8], scales: &mut [f32]) {
 
 /// Quantizes a row-major [rows, cols] matrix.
 pub fn act_quant(x: &[f32], cols: usize) -> QuantizedRows {
-    assert!(cols > 0 && x.len() % cols == 0, "act_quant: {} values are not rows of {cols}", x.len());
+    assert!(
+        cols > 0 && x.len() % cols == 0,
+        "act_quant: {} values are not rows of {cols}",
+        x.len()
+    );
     let rows = x.len() / cols;
     let blocks = cols.div_ceil(QUANT_BLOCK);
     let mut codes = vec![0u8; rows * cols];
@@ -97,7 +101,11 @@ pub fn block_gemm_w8a8(a: &QuantizedRows, w_codes: &[u8], w_scales: &[f32], n: u
     let k = a.cols;
     let kb = k.div_ceil(QUANT_BLOCK);
     assert_eq!(w_codes.len(), n * k, "weight codes are not [{n}, {k}]");
-    assert_eq!(w_scales.len(), n.div_ceil(QUANT_BLOCK) * kb, "weight scales shape");
+    assert_eq!(
+        w_scales.len(),
+        n.div_ceil(QUANT_BLOCK) * kb,
+        "weight scales shape"
+    );
     let mut out = vec![0f32; a.rows * n];
     let mut a_row = vec![0f32; k];
     let mut w_row = vec![0f32; k];

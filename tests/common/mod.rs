@@ -15,7 +15,9 @@ pub struct Reference {
 pub const FIXTURES: [(&str, usize); 2] = [("r1-heads", 8), ("small-odd", 6)];
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn reference(name: &str) -> Reference {
@@ -24,13 +26,20 @@ pub fn reference(name: &str) -> Reference {
     let f32s = |n: &str| -> (Vec<f32>, Vec<usize>) {
         let t = st.tensor(n).expect(n);
         assert_eq!(t.dtype(), safetensors::Dtype::F32);
-        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         (v, t.shape().to_vec())
     };
     let i64s = |n: &str| -> Vec<u32> {
         let t = st.tensor(n).expect(n);
         assert_eq!(t.dtype(), safetensors::Dtype::I64);
-        t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
     };
     let (logits, shape) = f32s("logits");
     let (mtp_logits, _) = f32s("mtp_logits");
