@@ -56,6 +56,9 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Keep generating past eos (for measuring decode speed).
+        #[arg(long)]
+        ignore_eos: bool,
         /// Print one JSON object (last stdout line) instead of text.
         #[arg(long)]
         json: bool,
@@ -141,6 +144,7 @@ fn run(command: Command) -> Result<()> {
             top_k,
             top_p,
             seed,
+            ignore_eos,
             json,
         } => {
             let mut engine = load(&run, false)?;
@@ -149,6 +153,7 @@ fn run(command: Command) -> Result<()> {
                 top_k,
                 top_p,
                 seed,
+                ignore_eos,
             };
             let g = engine.generate(&tokens.0, max_new_tokens, &sampling)?;
             let prefill_s = g.prefill.as_secs_f64();

@@ -401,7 +401,7 @@ impl Engine {
         let finish_reason = loop {
             let next = sample(&logits, sampling, &mut rng);
             tokens.push(next);
-            if self.cfg.eos_token_ids.contains(&next) {
+            if !sampling.ignore_eos && self.cfg.eos_token_ids.contains(&next) {
                 break FinishReason::Eos;
             }
             if tokens.len() == max_new_tokens {

@@ -1,4 +1,5 @@
-//! Choosing the next token from f32 logits: greedy, or temperature with top-k / top-p.
+//! Choosing the next token from f32 logits: greedy, or temperature with top-k / top-p; and
+//! when to stop.
 
 /// Sampling settings; `temperature == 0` is greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -9,6 +10,8 @@ pub struct SamplingParams {
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
     pub top_p: f32,
     pub seed: u64,
+    /// Keep generating past eos (benchmarks), as vLLM's `ignore_eos`.
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -18,6 +21,7 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            ignore_eos: false,
         }
     }
 }

@@ -1,0 +1,158 @@
+//! The r1-run binary end to end on the committed fixtures.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn r1_run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_r1-run"))
+        .args(args)
+        .output()
+        .expect("r1-run runs")
+}
+
+fn csv(tokens: &[u32]) -> String {
+    tokens
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn logits_writes_reference_matching_safetensors() {
+    let r = reference("r1-heads");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let model = fixture("r1-heads");
+    let res = r1_run(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &csv(&r.tokens),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, want) in [("logits", &r.logits), ("mtp_logits", &r.mtp_logits)] {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        let rows = if name == "logits" {
+            r.tokens.len()
+        } else {
+            r.tokens.len() - 1
+        };
+        assert_eq!(t.shape(), &[rows, r.vocab]);
+        let got: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let (err, mag) = max_err(&got, want);
+        assert!(err <= 2e-3 * mag, "{name}: {err}");
+    }
+}
+
+#[test]
+fn generate_json_reports_tokens_and_speed() {
+    let r = reference("small-odd");
+    let model = fixture("small-odd");
+    let res = r1_run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &csv(&r.tokens),
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let stdout = String::from_utf8(res.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    let tokens: Vec<u32> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(tokens, r.greedy);
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn info_summarizes_the_checkpoint() {
+    let model = fixture("r1-heads");
+    let res = r1_run(&["info", "--model", model.to_str().unwrap()]);
+    assert!(res.status.success());
+    let text = String::from_utf8(res.stdout).unwrap();
+    for needle in [
+        "mtp: present (layer 2)",
+        "F8_E4M3",
+        "BF16",
+        "kv_lora 512",
+        "total",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing in:\n{text}");
+    }
+}
+
+#[test]
+fn bad_input_fails_with_a_message() {
+    let model = fixture("r1-heads");
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["generate", "--model", m, "--tokens", "0,9999"],
+            "token id 9999 is outside the vocabulary",
+        ),
+        (
+            &["generate", "--model", m, "--tokens", "0,x"],
+            "`x` is not a token id",
+        ),
+        (
+            &["generate", "--model", "/no/such/dir", "--tokens", "0"],
+            "/no/such/dir",
+        ),
+        (
+            &[
+                "logits",
+                "--model",
+                m,
+                "--tokens",
+                "0",
+                "--out",
+                "/",
+                "--precision",
+                "fp4",
+            ],
+            "unknown precision",
+        ),
+    ];
+    for (args, needle) in cases {
+        let res = r1_run(args);
+        assert!(!res.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: `{needle}` missing in {err}"
+        );
+    }
+}
