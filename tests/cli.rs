@@ -156,3 +156,31 @@ fn bad_input_fails_with_a_message() {
         );
     }
 }
+
+#[test]
+fn generate_with_mtp_speculation_reports_counts() {
+    let r = reference("r1-heads");
+    let model = fixture("r1-heads");
+    let res = r1_run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &csv(&r.tokens),
+        "--max-new-tokens",
+        "8",
+        "--speculative",
+        "mtp",
+        "--draft-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let stdout = String::from_utf8(res.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let tokens: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(tokens, r.greedy, "speculation keeps the greedy output");
+    let spec = &v["spec"];
+    assert!(spec["steps"].as_u64().unwrap() >= 1);
+    assert!(spec["accepted"].as_u64().unwrap() <= spec["drafted"].as_u64().unwrap());
+}

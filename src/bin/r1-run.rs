@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use r1_runtime::checkpoint::{dtype_summary, write_f32_tensors, Checkpoint};
 use r1_runtime::config::ModelConfig;
 use r1_runtime::engine::sampling::SamplingParams;
+use r1_runtime::engine::speculative::MtpDrafter;
 use r1_runtime::engine::{BackendKind, Engine, EngineOptions, FinishReason};
 use r1_runtime::{Precision, Result};
 
@@ -59,6 +60,12 @@ enum Command {
         /// Keep generating past eos (for measuring decode speed).
         #[arg(long)]
         ignore_eos: bool,
+        /// Speculative decoding: `mtp` drafts with the checkpoint's MTP layer.
+        #[arg(long, value_parser = ["mtp"])]
+        speculative: Option<String>,
+        /// Drafts per step with --speculative.
+        #[arg(long, default_value_t = 1)]
+        draft_tokens: usize,
         /// Print one JSON object (last stdout line) instead of text.
         #[arg(long)]
         json: bool,
@@ -145,9 +152,11 @@ fn run(command: Command) -> Result<()> {
             top_p,
             seed,
             ignore_eos,
+            speculative,
+            draft_tokens,
             json,
         } => {
-            let mut engine = load(&run, false)?;
+            let mut engine = load(&run, speculative.is_some())?;
             let sampling = SamplingParams {
                 temperature,
                 top_k,
@@ -155,7 +164,19 @@ fn run(command: Command) -> Result<()> {
                 seed,
                 ignore_eos,
             };
-            let g = engine.generate(&tokens.0, max_new_tokens, &sampling)?;
+            let (g, spec) = match speculative {
+                Some(_) => {
+                    let (g, s) = engine.generate_speculative(
+                        &tokens.0,
+                        max_new_tokens,
+                        &sampling,
+                        &mut MtpDrafter,
+                        draft_tokens,
+                    )?;
+                    (g, Some(s))
+                }
+                None => (engine.generate(&tokens.0, max_new_tokens, &sampling)?, None),
+            };
             let prefill_s = g.prefill.as_secs_f64();
             let decode_s = g.decode.as_secs_f64();
             let prefill_tps = tokens.0.len() as f64 / prefill_s.max(1e-9);
@@ -165,7 +186,7 @@ fn run(command: Command) -> Result<()> {
                 FinishReason::Length => "length",
             };
             if json {
-                let value = serde_json::json!({
+                let mut value = serde_json::json!({
                     "tokens": g.tokens,
                     "finish_reason": finish,
                     "prompt_tokens": tokens.0.len(),
@@ -177,6 +198,13 @@ fn run(command: Command) -> Result<()> {
                     "backend": engine.backend().name(),
                     "precision": format!("{:?}", engine.backend().precision()).to_lowercase(),
                 });
+                if let Some(s) = spec {
+                    value["spec"] = serde_json::json!({
+                        "steps": s.steps,
+                        "drafted": s.drafted,
+                        "accepted": s.accepted,
+                    });
+                }
                 println!("{value}");
             } else {
                 let ids: Vec<String> = g.tokens.iter().map(u32::to_string).collect();

@@ -2,6 +2,7 @@
 //! forward passes for sequences, and generates.
 
 pub mod sampling;
+pub mod speculative;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -290,35 +291,44 @@ impl Engine {
         self.alloc.in_use()
     }
 
-    /// Runs the MTP layer for positions `seq.mtp_len ..`: `next_tokens[i]` is the token after
-    /// position `seq.mtp_len + i` and `hidden` holds the main model's final-normed states at
-    /// those positions. Returns logits predicting the token two ahead of each position.
+    /// Runs the MTP layer for positions `from ..` (forgetting any MTP cache entries at or past
+    /// `from`, e.g. earlier drafts): `next_tokens[i]` is the token after position `from + i`
+    /// and `hidden` holds the state at that position — the main model's final-normed state,
+    /// or, when drafting several tokens ahead, the MTP layer's own output for the previous
+    /// position. Returns logits predicting the token two ahead of each position (rows as
+    /// asked) and the layer's output states for chaining.
     pub fn mtp_forward(
         &mut self,
         seq: &mut Sequence,
+        from: usize,
         next_tokens: &[u32],
         hidden: &[f32],
         rows: LogitRows,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Forward> {
         let compiled = match rows {
             LogitRows::All => self.mtp_all.as_ref(),
             LogitRows::Last => self.mtp_last.as_ref(),
         }
-        .ok_or_else(|| Error::Unsupported("this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or it was not loaded)".into()))?;
-        self.check_tokens(seq.mtp_len, next_tokens)?;
-        let start = seq.mtp_len;
-        if start + next_tokens.len() > seq.len() {
+        .ok_or_else(|| {
+            Error::Unsupported(
+                "this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or it was not loaded)".into(),
+            )
+        })?;
+        if from > seq.mtp_len {
             return Err(Error::Input(format!(
-                "the MTP layer needs the main model's state: positions up to {} requested, {} computed",
-                start + next_tokens.len(),
-                seq.len()
+                "MTP positions must be contiguous: {} cached, asked to start at {from}",
+                seq.mtp_len
             )));
         }
+        self.check_tokens(from, next_tokens)?;
+        // Draft positions may run ahead of the main model: make room in the shared table.
+        let end = from + next_tokens.len();
+        seq.blocks.reserve(&mut self.alloc, end)?;
         let batch = Batch {
             tokens: next_tokens.to_vec(),
             segments: vec![Segment {
                 blocks: seq.blocks.blocks.clone(),
-                start_pos: start,
+                start_pos: from,
                 len: next_tokens.len(),
             }],
         };
@@ -328,8 +338,11 @@ impl Engine {
             &batch,
             &[(HIDDEN_IN, hidden)],
         )?;
-        seq.mtp_len = start + next_tokens.len();
-        take(&mut out, LOGITS)
+        seq.mtp_len = end;
+        Ok(Forward {
+            logits: take(&mut out, LOGITS)?,
+            hidden: take(&mut out, HIDDEN_OUT)?,
+        })
     }
 
     /// Scores a prompt: logits of every position and, with an MTP layer and at least two
@@ -351,7 +364,7 @@ impl Engine {
         let mtp = if self.has_mtp() && tokens.len() >= 2 {
             let h = self.cfg.hidden_size;
             let hidden = &main.hidden[..(tokens.len() - 1) * h];
-            Some(self.mtp_forward(seq, &tokens[1..], hidden, LogitRows::All)?)
+            Some(self.mtp_forward(seq, 0, &tokens[1..], hidden, LogitRows::All)?.logits)
         } else {
             None
         };
@@ -366,6 +379,14 @@ impl Engine {
         max_new_tokens: usize,
         sampling: &SamplingParams,
     ) -> Result<Generation> {
+        self.check_generation(prompt, max_new_tokens, sampling)?;
+        let mut seq = Sequence::default();
+        let result = self.generate_in(&mut seq, prompt, max_new_tokens, sampling);
+        self.release(&mut seq);
+        result
+    }
+
+    fn check_generation(&self, prompt: &[u32], max_new_tokens: usize, sampling: &SamplingParams) -> Result<()> {
         sampling.validate().map_err(Error::Input)?;
         if max_new_tokens == 0 {
             return Err(Error::Input("max_new_tokens must be at least 1".into()));
@@ -378,10 +399,7 @@ impl Engine {
                 self.cfg.max_position_embeddings
             )));
         }
-        let mut seq = Sequence::default();
-        let result = self.generate_in(&mut seq, prompt, max_new_tokens, sampling);
-        self.release(&mut seq);
-        result
+        Ok(())
     }
 
     fn generate_in(

@@ -49,8 +49,9 @@ pub fn main_graph(cfg: &ModelConfig, w: &ModelWeights, rows: LogitRows) -> Graph
 /// The MTP layer (cache layer `num_hidden_layers`): for each token t_{i+1} with the main model's
 /// final-normed state h_i at position i, x = eh_proj([enorm(embed(t_{i+1})) | hnorm(h_i)]),
 /// one decoder block, shared_head.norm, shared_head.head -> logits for t_{i+2}. The embedding
-/// is zeroed at absolute position 0, as vLLM and SGLang run it. Returns None without an MTP
-/// layer.
+/// is zeroed at absolute position 0, as vLLM and SGLang run it. Output `hidden` is the block's
+/// output before shared_head.norm: the state a further draft step takes in place of h (as in
+/// the MTP paper and vLLM). Returns None without an MTP layer.
 pub fn mtp_graph(cfg: &ModelConfig, w: &ModelWeights, rows: LogitRows) -> Option<Graph> {
     let m = w.mtp.as_ref()?;
     let mut g = Graph::default();
@@ -88,13 +89,13 @@ pub fn mtp_graph(cfg: &ModelConfig, w: &ModelWeights, rows: LogitRows) -> Option
         out: x,
     });
     let x = decoder_block(&mut g, cfg, &m.block, cfg.num_hidden_layers, x);
+    g.outputs.push((HIDDEN_OUT.into(), x));
     let normed = g.act("mtp_head_norm", h);
     g.push(Op::RmsNorm {
         x,
         weight: m.head_norm,
         out: normed,
     });
-    g.outputs.push((HIDDEN_OUT.into(), normed));
     let logits = head(&mut g, cfg, normed, m.head, rows);
     g.outputs.push((LOGITS.into(), logits));
     Some(g)

@@ -1,0 +1,312 @@
+//! Speculative decoding with DeepSeek-V3's MTP layer as the drafter.
+//!
+//! Each step: the drafter proposes k tokens; one main-model forward over
+//! [last token, draft_1..draft_k] scores them all (s_q = k+1); the longest acceptable prefix is
+//! kept (greedy: equal to the argmax; sampling: the speculative-sampling rule, so outputs follow
+//! the target distribution exactly); one more token comes from the main model's own logits at
+//! the first rejection (or after the last draft). Rejected positions are dropped from the KV
+//! cache by shortening the sequence's length, without copying.
+
+use crate::error::{Error, Result};
+use crate::model::LogitRows;
+
+use super::sampling::{argmax, distribution, Rng, SamplingParams};
+use super::{Engine, FinishReason, Generation, Sequence};
+
+/// What the main model just verified, for the drafter to continue from: the tokens that
+/// follow positions `first_pos ..` (one per position) and the main model's final-normed
+/// hidden states at those positions.
+pub struct Verified<'a> {
+    pub first_pos: usize,
+    pub next_tokens: &'a [u32],
+    pub hidden: &'a [f32],
+}
+
+/// A proposed token and, when sampling, the distribution it was drawn from.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub token: u32,
+    pub dist: Option<Vec<(u32, f64)>>,
+}
+
+pub trait Drafter {
+    /// Proposes up to `k` tokens to follow `verified.next_tokens`' last token.
+    fn propose(
+        &mut self,
+        engine: &mut Engine,
+        seq: &mut Sequence,
+        verified: &Verified<'_>,
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<Vec<Draft>>;
+}
+
+/// Drafts with the checkpoint's MTP layer: its own latent cache (sharing the sequence's block
+/// table), fed the main model's states for verified positions and, past the first draft, its
+/// own output states (k > 1 reuses the one layer on its own output, as vLLM and SGLang do).
+pub struct MtpDrafter;
+
+impl Drafter for MtpDrafter {
+    fn propose(
+        &mut self,
+        engine: &mut Engine,
+        seq: &mut Sequence,
+        verified: &Verified<'_>,
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<Vec<Draft>> {
+        let h = engine.config().hidden_size;
+        let mut out = engine.mtp_forward(
+            seq,
+            verified.first_pos,
+            verified.next_tokens,
+            verified.hidden,
+            LogitRows::Last,
+        )?;
+        let mut pos = verified.first_pos + verified.next_tokens.len();
+        let mut drafts = Vec::with_capacity(k);
+        for i in 0..k {
+            let draft = draw(&out.logits, sampling, rng);
+            let token = draft.token;
+            drafts.push(draft);
+            if i + 1 == k {
+                break;
+            }
+            let last_hidden = out.hidden[out.hidden.len() - h..].to_vec();
+            out = engine.mtp_forward(seq, pos, &[token], &last_hidden, LogitRows::Last)?;
+            pos += 1;
+        }
+        Ok(drafts)
+    }
+}
+
+fn draw(logits: &[f32], sampling: &SamplingParams, rng: &mut Rng) -> Draft {
+    if sampling.temperature == 0.0 {
+        return Draft {
+            token: argmax(logits),
+            dist: None,
+        };
+    }
+    let dist = distribution(logits, sampling);
+    let token = pick(&dist, rng);
+    Draft {
+        token,
+        dist: Some(dist),
+    }
+}
+
+fn pick(dist: &[(u32, f64)], rng: &mut Rng) -> u32 {
+    let mut u = rng.next_f64();
+    for &(tok, q) in dist {
+        if u < q {
+            return tok;
+        }
+        u -= q;
+    }
+    dist[dist.len() - 1].0
+}
+
+fn prob(dist: &[(u32, f64)], token: u32) -> f64 {
+    dist.iter().find(|(t, _)| *t == token).map_or(0.0, |(_, p)| *p)
+}
+
+/// The speculative-sampling rule for one draft: accept with probability min(1, p(d)/q(d));
+/// on rejection return a token drawn from normalize(max(0, p - q)). `Ok(None)` = accepted.
+pub fn accept_or_resample(
+    target: &[(u32, f64)],
+    draft_dist: &[(u32, f64)],
+    draft: u32,
+    rng: &mut Rng,
+) -> Option<u32> {
+    let (p, q) = (prob(target, draft), prob(draft_dist, draft));
+    if q > 0.0 && rng.next_f64() < (p / q).min(1.0) {
+        return None;
+    }
+    let residual: Vec<(u32, f64)> = target
+        .iter()
+        .map(|&(t, pt)| (t, (pt - prob(draft_dist, t)).max(0.0)))
+        .filter(|&(_, r)| r > 0.0)
+        .collect();
+    let total: f64 = residual.iter().map(|(_, r)| r).sum();
+    if total <= 0.0 {
+        // p == q: any rejection is a rounding artifact; draw from p itself.
+        return Some(pick(target, rng));
+    }
+    let normalized: Vec<(u32, f64)> = residual.into_iter().map(|(t, r)| (t, r / total)).collect();
+    Some(pick(&normalized, rng))
+}
+
+/// Counters over a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecStats {
+    /// Verify steps (main-model forwards after the prefill).
+    pub steps: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl Engine {
+    /// Generation with speculative decoding: up to `draft_tokens` drafts per step from
+    /// `drafter`. Greedy output is token-identical to [`Engine::generate`]; sampled output
+    /// follows the same distribution.
+    pub fn generate_speculative(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+        drafter: &mut dyn Drafter,
+        draft_tokens: usize,
+    ) -> Result<(Generation, SpecStats)> {
+        if draft_tokens == 0 {
+            return Err(Error::Input("--draft-tokens must be at least 1".into()));
+        }
+        self.check_generation(prompt, max_new_tokens, sampling)?;
+        let mut seq = Sequence::default();
+        let result = self.speculate_in(&mut seq, prompt, max_new_tokens, sampling, drafter, draft_tokens);
+        self.release(&mut seq);
+        result
+    }
+
+    fn speculate_in(
+        &mut self,
+        seq: &mut Sequence,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+        drafter: &mut dyn Drafter,
+        k: usize,
+    ) -> Result<(Generation, SpecStats)> {
+        let mut rng = Rng::new(sampling.seed);
+        let mut stats = SpecStats::default();
+        let t0 = std::time::Instant::now();
+        let pre = self.forward(seq, prompt, LogitRows::Last)?;
+        let prefill = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let first = super::sampling::sample(&pre.logits, sampling, &mut rng);
+        let mut tokens = vec![first];
+        // Tokens following positions first_pos.. and the main states there.
+        let mut next_tokens: Vec<u32> = prompt[1..].iter().copied().chain([first]).collect();
+        let mut hidden = pre.hidden;
+        let mut first_pos = 0;
+        let finish = loop {
+            if let Some(reason) = self.stop_reason(&tokens, max_new_tokens, sampling) {
+                break reason;
+            }
+            let last = *tokens.last().unwrap_or(&first);
+            let budget = (max_new_tokens - tokens.len()).saturating_sub(1).min(k);
+            let drafts = if budget == 0 {
+                Vec::new()
+            } else {
+                let verified = Verified {
+                    first_pos,
+                    next_tokens: &next_tokens,
+                    hidden: &hidden,
+                };
+                drafter.propose(self, seq, &verified, budget, sampling, &mut rng)?
+            };
+            let base = seq.len();
+            let input: Vec<u32> = std::iter::once(last).chain(drafts.iter().map(|d| d.token)).collect();
+            let verify = self.forward(seq, &input, LogitRows::All)?;
+            let vocab = self.cfg.vocab_size;
+            let mut accepted = 0;
+            let mut bonus = None;
+            for (i, d) in drafts.iter().enumerate() {
+                let row = &verify.logits[i * vocab..(i + 1) * vocab];
+                let rejected_with = if sampling.temperature == 0.0 {
+                    Some(argmax(row)).filter(|&want| want != d.token)
+                } else {
+                    // A drafter without a distribution proposed deterministically: q = δ(d).
+                    let q = d.dist.clone().unwrap_or_else(|| vec![(d.token, 1.0)]);
+                    accept_or_resample(&distribution(row, sampling), &q, d.token, &mut rng)
+                };
+                match rejected_with {
+                    None => accepted += 1,
+                    Some(t) => {
+                        bonus = Some(t);
+                        break;
+                    }
+                }
+            }
+            let bonus = match bonus {
+                Some(t) => t,
+                None => {
+                    let row = &verify.logits[accepted * vocab..(accepted + 1) * vocab];
+                    super::sampling::sample(row, sampling, &mut rng)
+                }
+            };
+            stats.steps += 1;
+            stats.drafted += drafts.len();
+            stats.accepted += accepted;
+            // Keep `last` and the accepted drafts; the bonus is fed next step.
+            self.truncate(seq, base + 1 + accepted);
+            let h = self.cfg.hidden_size;
+            hidden = verify.hidden[..(accepted + 1) * h].to_vec();
+            next_tokens = drafts[..accepted].iter().map(|d| d.token).chain([bonus]).collect();
+            first_pos = base;
+            for &t in &next_tokens {
+                tokens.push(t);
+                if self.stop_reason(&tokens, max_new_tokens, sampling).is_some() {
+                    break;
+                }
+            }
+        };
+        let decode = t1.elapsed();
+        Ok((
+            Generation {
+                tokens,
+                finish_reason: finish,
+                prefill,
+                decode,
+                decode_steps: stats.steps,
+            },
+            stats,
+        ))
+    }
+
+    fn stop_reason(&self, tokens: &[u32], max_new_tokens: usize, sampling: &SamplingParams) -> Option<FinishReason> {
+        let last = *tokens.last()?;
+        if !sampling.ignore_eos && self.cfg.eos_token_ids.contains(&last) {
+            Some(FinishReason::Eos)
+        } else if tokens.len() >= max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the draft distribution, the emitted token follows the target distribution.
+    #[test]
+    fn speculative_sampling_matches_the_target() {
+        let p = vec![(0u32, 0.5), (1, 0.3), (2, 0.2)];
+        let q = vec![(0u32, 0.1), (1, 0.2), (2, 0.7)];
+        let mut rng = Rng::new(11);
+        let n = 200_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            let d = pick(&q, &mut rng);
+            let t = accept_or_resample(&p, &q, d, &mut rng).unwrap_or(d);
+            counts[t as usize] += 1;
+        }
+        for (t, want) in p {
+            let got = counts[t as usize] as f64 / n as f64;
+            assert!((got - want).abs() < 0.005, "token {t}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn identical_distributions_always_accept() {
+        let p = vec![(0u32, 0.6), (1, 0.4)];
+        let mut rng = Rng::new(3);
+        for _ in 0..1000 {
+            let d = pick(&p, &mut rng);
+            assert_eq!(accept_or_resample(&p, &p, d, &mut rng), None);
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! MTP speculative decoding: greedy output equals plain greedy output, and the accept/rollback
+//! logic counts exactly with scripted drafters.
+
+mod common;
+
+use common::*;
+use r1_runtime::engine::sampling::{Rng, SamplingParams};
+use r1_runtime::engine::speculative::{Draft, Drafter, MtpDrafter, Verified};
+use r1_runtime::engine::{Engine, EngineOptions, Sequence};
+use r1_runtime::Result;
+
+fn engine(name: &str) -> Engine {
+    Engine::load(&fixture(name), &EngineOptions::default()).unwrap()
+}
+
+/// Greedy, past eos, so every run has the same length.
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn mtp_speculation_is_token_identical_under_greedy() {
+    for (name, _) in FIXTURES {
+        let r = reference(name);
+        let mut e = engine(name);
+        let max_new = 16;
+        let plain = e.generate(&r.tokens, max_new, &greedy()).unwrap();
+        for k in 1..=3 {
+            let (spec, stats) = e
+                .generate_speculative(&r.tokens, max_new, &greedy(), &mut MtpDrafter, k)
+                .unwrap();
+            assert_eq!(spec.tokens, plain.tokens, "{name} k={k}");
+            assert!(stats.accepted <= stats.drafted);
+            assert_eq!(stats.steps + stats.accepted + 1, max_new, "{name} k={k}: every step emits accepted + 1");
+            println!(
+                "{name} k={k}: {} steps, {} drafted, {} accepted ({:.0}%)",
+                stats.steps,
+                stats.drafted,
+                stats.accepted,
+                100.0 * stats.accepted as f64 / stats.drafted.max(1) as f64
+            );
+        }
+        assert_eq!(e.cache_pages_in_use(), 0, "all pages returned");
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Script {
+    Right,
+    Wrong,
+    /// First draft of each step right, the rest wrong.
+    FirstRight,
+}
+
+/// Drafts from the known greedy continuation.
+struct Scripted {
+    truth: Vec<u32>,
+    prompt_len: usize,
+    vocab: u32,
+    script: Script,
+    calls_with_drafts: usize,
+}
+
+impl Drafter for Scripted {
+    fn propose(
+        &mut self,
+        _: &mut Engine,
+        _: &mut Sequence,
+        v: &Verified<'_>,
+        k: usize,
+        _: &SamplingParams,
+        _: &mut Rng,
+    ) -> Result<Vec<Draft>> {
+        self.calls_with_drafts += (k > 0) as usize;
+        // The last verified token sits at position first_pos + len; drafts follow it.
+        let next_pos = v.first_pos + v.next_tokens.len() + 1;
+        Ok((0..k)
+            .map(|i| {
+                let truth = self.truth[next_pos + i - self.prompt_len];
+                let right = match self.script {
+                    Script::Right => true,
+                    Script::Wrong => false,
+                    Script::FirstRight => i == 0,
+                };
+                Draft {
+                    token: if right { truth } else { (truth + 1) % self.vocab },
+                    dist: None,
+                }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn scripted_drafters_accept_and_roll_back_exactly() {
+    let name = "small-odd";
+    let r = reference(name);
+    let mut e = engine(name);
+    let max_new = 14;
+    let truth = e.generate(&r.tokens, max_new, &greedy()).unwrap().tokens;
+    for script in [Script::Right, Script::Wrong, Script::FirstRight] {
+        for k in 1..=3 {
+            let mut d = Scripted {
+                truth: truth.clone(),
+                prompt_len: r.tokens.len(),
+                vocab: r.vocab as u32,
+                script,
+                calls_with_drafts: 0,
+            };
+            let (g, s) = e.generate_speculative(&r.tokens, max_new, &greedy(), &mut d, k).unwrap();
+            assert_eq!(g.tokens, truth, "k={k}");
+            match script {
+                Script::Right => assert_eq!(s.accepted, s.drafted, "k={k}"),
+                Script::Wrong => assert_eq!(s.accepted, 0, "k={k}"),
+                Script::FirstRight => assert_eq!(s.accepted, d.calls_with_drafts, "k={k}"),
+            }
+            assert_eq!(e.cache_pages_in_use(), 0);
+        }
+    }
+}
