@@ -121,3 +121,61 @@ fn scripted_drafters_accept_and_roll_back_exactly() {
         }
     }
 }
+
+/// A batch whose sequences accept different numbers of drafts in the same verify steps gives
+/// each sequence exactly its own greedy output.
+#[test]
+fn mixed_batch_speculation_matches_each_sequence_alone() {
+    let name = "r1-heads";
+    let r = reference(name);
+    let mut e = engine(name);
+    let max_new = 10;
+    let prompts: Vec<Vec<u32>> = vec![r.tokens.clone(), r.tokens[..7].to_vec(), r.tokens[3..].to_vec()];
+    let truths: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate(p, max_new, &greedy()).unwrap().tokens).collect();
+    // Sequence 0 always right, 1 always wrong, 2 first-right: mixed acceptance every step.
+    struct PerSequence(Vec<Scripted>);
+    impl Drafter for PerSequence {
+        fn propose(
+            &mut self,
+            e: &mut Engine,
+            s: &mut Sequence,
+            v: &Verified<'_>,
+            k: usize,
+            p: &SamplingParams,
+            r: &mut Rng,
+        ) -> Result<Vec<Draft>> {
+            self.0[v.index].propose(e, s, v, k, p, r)
+        }
+    }
+    let scripts = [Script::Right, Script::Wrong, Script::FirstRight];
+    let mut drafter = PerSequence(
+        prompts
+            .iter()
+            .zip(&truths)
+            .zip(scripts)
+            .map(|((p, t), script)| Scripted {
+                truth: t.clone(),
+                prompt_len: p.len(),
+                vocab: r.vocab as u32,
+                script,
+                calls_with_drafts: 0,
+            })
+            .collect(),
+    );
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let out = e.generate_speculative_batch(&refs, max_new, &greedy(), &mut drafter, 3).unwrap();
+    for (i, ((g, s), truth)) in out.iter().zip(&truths).enumerate() {
+        assert_eq!(&g.tokens, truth, "sequence {i}");
+        match scripts[i] {
+            Script::Right => assert_eq!(s.accepted, s.drafted),
+            Script::Wrong => assert_eq!(s.accepted, 0),
+            Script::FirstRight => assert_eq!(s.accepted, drafter.0[i].calls_with_drafts),
+        }
+    }
+    // And with the real MTP drafter, mixed batch == alone.
+    let out = e.generate_speculative_batch(&refs, max_new, &greedy(), &mut MtpDrafter, 2).unwrap();
+    for ((g, _), truth) in out.iter().zip(&truths) {
+        assert_eq!(&g.tokens, truth);
+    }
+    assert_eq!(e.cache_pages_in_use(), 0);
+}

@@ -82,8 +82,7 @@ impl CpuBackend {
         let eps = self.cfg.rms_norm_eps;
         let positions = || batch.token_positions();
         let width = |b: Buf| graph.desc(b).width;
-        let out_of = |b: Buf| plan.slot(b);
-        let result: Vec<f32> = match op {
+        let mut result: Vec<f32> = match op {
             Op::Embed { table, out } => {
                 let table = dense(&self.weights, *table)?;
                 let h = width(*out);
@@ -102,7 +101,7 @@ impl CpuBackend {
                 v
             }
             Op::ZeroPositionZero { x } => {
-                let mut v = std::mem::take(&mut self.slots[out_of(*x)]);
+                let mut v = std::mem::take(&mut self.slots[plan.slot(*x)]);
                 let h = width(*x);
                 for (t, (_, pos)) in positions().into_iter().enumerate() {
                     if pos == 0 {
@@ -130,7 +129,7 @@ impl CpuBackend {
                 a.iter().zip(b).map(|(x, y)| x + y).collect()
             }
             Op::Concat { a, b, .. } => {
-                let (wa, wb) = (width_of(graph, a), width_of(graph, b));
+                let (wa, wb) = (width(*a), width(*b));
                 let (a, b) = (&self.slots[plan.slot(*a)], &self.slots[plan.slot(*b)]);
                 a.chunks(wa)
                     .zip(b.chunks(wb))
@@ -193,17 +192,12 @@ impl CpuBackend {
                     .collect()
             }
         };
-        let (_, writes) = op.io();
-        let out = writes[0];
-        let mut result = result;
+        // Every op but the cache write (returned above) writes exactly one buffer.
+        let out = op.io().1[0];
         self.round(graph.desc(out).storage, &mut result);
-        self.slots[out_of(out)] = result;
+        self.slots[plan.slot(out)] = result;
         Ok(())
     }
-}
-
-fn width_of(graph: &Graph, b: &Buf) -> usize {
-    graph.desc(*b).width
 }
 
 fn dense(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {

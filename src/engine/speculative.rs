@@ -10,13 +10,15 @@
 use crate::error::{Error, Result};
 use crate::model::LogitRows;
 
-use super::sampling::{argmax, distribution, Rng, SamplingParams};
-use super::{Engine, FinishReason, Generation, Sequence};
+use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
+use super::{Engine, FinishReason, Generation, Sequence, Step};
 
 /// What the main model just verified, for the drafter to continue from: the tokens that
 /// follow positions `first_pos ..` (one per position) and the main model's final-normed
 /// hidden states at those positions.
 pub struct Verified<'a> {
+    /// The sequence's index in the batch.
+    pub index: usize,
     pub first_pos: usize,
     pub next_tokens: &'a [u32],
     pub hidden: &'a [f32],
@@ -147,6 +149,22 @@ pub struct SpecStats {
     pub accepted: usize,
 }
 
+/// One sequence's speculative-decoding state between steps.
+struct Speculating {
+    index: usize,
+    seq: Sequence,
+    rng: Rng,
+    tokens: Vec<u32>,
+    /// Tokens following positions `first_pos ..` and the main model's states there: what the
+    /// drafter continues from.
+    next_tokens: Vec<u32>,
+    hidden: Vec<f32>,
+    first_pos: usize,
+    finish: Option<FinishReason>,
+    stats: SpecStats,
+    drafts: Vec<Draft>,
+}
+
 impl Engine {
     /// Generation with speculative decoding: up to `draft_tokens` drafts per step from
     /// `drafter`. Greedy output is token-identical to [`Engine::generate`]; sampled output
@@ -159,110 +177,145 @@ impl Engine {
         drafter: &mut dyn Drafter,
         draft_tokens: usize,
     ) -> Result<(Generation, SpecStats)> {
+        let mut out = self.generate_speculative_batch(&[prompt], max_new_tokens, sampling, drafter, draft_tokens)?;
+        Ok(out.remove(0))
+    }
+
+    /// Speculative generation for several prompts at once: each verify step is one batched
+    /// forward in which every sequence carries its own number of drafts, and each sequence
+    /// accepts its own prefix. Results come back in prompt order; timings are the batch's.
+    pub fn generate_speculative_batch(
+        &mut self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+        drafter: &mut dyn Drafter,
+        draft_tokens: usize,
+    ) -> Result<Vec<(Generation, SpecStats)>> {
         if draft_tokens == 0 {
             return Err(Error::Input("--draft-tokens must be at least 1".into()));
         }
-        self.check_generation(prompt, max_new_tokens, sampling)?;
-        let mut seq = Sequence::default();
-        let result = self.speculate_in(&mut seq, prompt, max_new_tokens, sampling, drafter, draft_tokens);
-        self.release(&mut seq);
-        result
+        for prompt in prompts {
+            self.check_generation(prompt, max_new_tokens, sampling)?;
+        }
+        let mut states: Vec<Speculating> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, _)| Speculating {
+                index: i,
+                seq: Sequence::default(),
+                rng: Rng::new(sampling.seed.wrapping_add(i as u64)),
+                tokens: Vec::new(),
+                next_tokens: Vec::new(),
+                hidden: Vec::new(),
+                first_pos: 0,
+                finish: None,
+                stats: SpecStats::default(),
+                drafts: Vec::new(),
+            })
+            .collect();
+        let result = self.speculate(&mut states, prompts, max_new_tokens, sampling, drafter, draft_tokens);
+        for st in &mut states {
+            self.release(&mut st.seq);
+        }
+        let (prefill, decode) = result?;
+        Ok(states
+            .into_iter()
+            .map(|st| {
+                let generation = Generation {
+                    tokens: st.tokens,
+                    finish_reason: st.finish.unwrap_or(FinishReason::Length),
+                    prefill,
+                    decode,
+                    decode_steps: st.stats.steps,
+                };
+                (generation, st.stats)
+            })
+            .collect())
     }
 
-    fn speculate_in(
+    fn speculate(
         &mut self,
-        seq: &mut Sequence,
-        prompt: &[u32],
+        states: &mut [Speculating],
+        prompts: &[&[u32]],
         max_new_tokens: usize,
         sampling: &SamplingParams,
         drafter: &mut dyn Drafter,
         k: usize,
-    ) -> Result<(Generation, SpecStats)> {
-        let mut rng = Rng::new(sampling.seed);
-        let mut stats = SpecStats::default();
+    ) -> Result<(std::time::Duration, std::time::Duration)> {
         let t0 = std::time::Instant::now();
-        let pre = self.forward(seq, prompt, LogitRows::Last)?;
+        let mut steps: Vec<Step> = states
+            .iter_mut()
+            .zip(prompts)
+            .map(|(st, p)| Step { seq: &mut st.seq, tokens: p })
+            .collect();
+        let prefilled = self.forward_batch(&mut steps, LogitRows::Last)?;
         let prefill = t0.elapsed();
         let t1 = std::time::Instant::now();
-        let first = super::sampling::sample(&pre.logits, sampling, &mut rng);
-        let mut tokens = vec![first];
-        // Tokens following positions first_pos.. and the main states there.
-        let mut next_tokens: Vec<u32> = prompt[1..].iter().copied().chain([first]).collect();
-        let mut hidden = pre.hidden;
-        let mut first_pos = 0;
-        let finish = loop {
-            if let Some(reason) = self.stop_reason(&tokens, max_new_tokens, sampling) {
-                break reason;
+        for ((st, pre), prompt) in states.iter_mut().zip(prefilled).zip(prompts) {
+            let first = sample(&pre.logits, sampling, &mut st.rng);
+            st.tokens.push(first);
+            st.next_tokens = prompt[1..].iter().copied().chain([first]).collect();
+            st.hidden = pre.hidden;
+            st.finish = self.stop_reason(&st.tokens, max_new_tokens, sampling);
+        }
+        let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        loop {
+            let mut active: Vec<&mut Speculating> = states.iter_mut().filter(|st| st.finish.is_none()).collect();
+            if active.is_empty() {
+                break;
             }
-            let last = *tokens.last().unwrap_or(&first);
-            let budget = (max_new_tokens - tokens.len()).saturating_sub(1).min(k);
-            let drafts = if budget == 0 {
-                Vec::new()
-            } else {
-                let verified = Verified {
-                    first_pos,
-                    next_tokens: &next_tokens,
-                    hidden: &hidden,
-                };
-                drafter.propose(self, seq, &verified, budget, sampling, &mut rng)?
-            };
-            let base = seq.len();
-            let input: Vec<u32> = std::iter::once(last).chain(drafts.iter().map(|d| d.token)).collect();
-            let verify = self.forward(seq, &input, LogitRows::All)?;
-            let vocab = self.cfg.vocab_size;
-            let mut accepted = 0;
-            let mut bonus = None;
-            for (i, d) in drafts.iter().enumerate() {
-                let row = &verify.logits[i * vocab..(i + 1) * vocab];
-                let rejected_with = if sampling.temperature == 0.0 {
-                    Some(argmax(row)).filter(|&want| want != d.token)
+            for st in active.iter_mut() {
+                let budget = (max_new_tokens - st.tokens.len()).saturating_sub(1).min(k);
+                st.drafts = if budget == 0 {
+                    Vec::new()
                 } else {
-                    // A drafter without a distribution proposed deterministically: q = δ(d).
-                    let q = d.dist.clone().unwrap_or_else(|| vec![(d.token, 1.0)]);
-                    accept_or_resample(&distribution(row, sampling), &q, d.token, &mut rng)
+                    let verified = Verified {
+                        index: st.index,
+                        first_pos: st.first_pos,
+                        next_tokens: &st.next_tokens,
+                        hidden: &st.hidden,
+                    };
+                    drafter.propose(self, &mut st.seq, &verified, budget, sampling, &mut st.rng)?
                 };
-                match rejected_with {
-                    None => accepted += 1,
-                    Some(t) => {
-                        bonus = Some(t);
+            }
+            let inputs: Vec<Vec<u32>> = active
+                .iter()
+                .map(|st| {
+                    let last = st.tokens[st.tokens.len() - 1];
+                    std::iter::once(last).chain(st.drafts.iter().map(|d| d.token)).collect()
+                })
+                .collect();
+            let bases: Vec<usize> = active.iter().map(|st| st.seq.len()).collect();
+            let mut steps: Vec<Step> = active
+                .iter_mut()
+                .zip(&inputs)
+                .map(|(st, input)| Step {
+                    seq: &mut st.seq,
+                    tokens: input,
+                })
+                .collect();
+            let verified = self.forward_batch(&mut steps, LogitRows::All)?;
+            for ((st, out), base) in active.into_iter().zip(verified).zip(bases) {
+                let (accepted, bonus) = judge(&st.drafts, &out.logits, vocab, sampling, &mut st.rng);
+                st.stats.steps += 1;
+                st.stats.drafted += st.drafts.len();
+                st.stats.accepted += accepted;
+                // Keep the last token and the accepted drafts; the bonus is fed next step.
+                self.truncate(&mut st.seq, base + 1 + accepted);
+                st.hidden = out.hidden[..(accepted + 1) * h].to_vec();
+                st.next_tokens = st.drafts[..accepted].iter().map(|d| d.token).chain([bonus]).collect();
+                st.first_pos = base;
+                for i in 0..st.next_tokens.len() {
+                    st.tokens.push(st.next_tokens[i]);
+                    st.finish = self.stop_reason(&st.tokens, max_new_tokens, sampling);
+                    if st.finish.is_some() {
                         break;
                     }
                 }
             }
-            let bonus = match bonus {
-                Some(t) => t,
-                None => {
-                    let row = &verify.logits[accepted * vocab..(accepted + 1) * vocab];
-                    super::sampling::sample(row, sampling, &mut rng)
-                }
-            };
-            stats.steps += 1;
-            stats.drafted += drafts.len();
-            stats.accepted += accepted;
-            // Keep `last` and the accepted drafts; the bonus is fed next step.
-            self.truncate(seq, base + 1 + accepted);
-            let h = self.cfg.hidden_size;
-            hidden = verify.hidden[..(accepted + 1) * h].to_vec();
-            next_tokens = drafts[..accepted].iter().map(|d| d.token).chain([bonus]).collect();
-            first_pos = base;
-            for &t in &next_tokens {
-                tokens.push(t);
-                if self.stop_reason(&tokens, max_new_tokens, sampling).is_some() {
-                    break;
-                }
-            }
-        };
-        let decode = t1.elapsed();
-        Ok((
-            Generation {
-                tokens,
-                finish_reason: finish,
-                prefill,
-                decode,
-                decode_steps: stats.steps,
-            },
-            stats,
-        ))
+        }
+        Ok((prefill, t1.elapsed()))
     }
 
     fn stop_reason(&self, tokens: &[u32], max_new_tokens: usize, sampling: &SamplingParams) -> Option<FinishReason> {
@@ -275,6 +328,26 @@ impl Engine {
             None
         }
     }
+}
+
+/// How many drafts the verify logits accept (rows: after the last token, then after each
+/// draft) and the token the main model contributes after them.
+fn judge(drafts: &[Draft], logits: &[f32], vocab: usize, sampling: &SamplingParams, rng: &mut Rng) -> (usize, u32) {
+    for (i, d) in drafts.iter().enumerate() {
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        let rejected_with = if sampling.temperature == 0.0 {
+            Some(argmax(row)).filter(|&want| want != d.token)
+        } else {
+            // A drafter without a distribution proposed deterministically: q = δ(d).
+            let q = d.dist.clone().unwrap_or_else(|| vec![(d.token, 1.0)]);
+            accept_or_resample(&distribution(row, sampling), &q, d.token, rng)
+        };
+        if let Some(t) = rejected_with {
+            return (i, t);
+        }
+    }
+    let n = drafts.len();
+    (n, sample(&logits[n * vocab..(n + 1) * vocab], sampling, rng))
 }
 
 #[cfg(test)]
