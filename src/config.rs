@@ -310,7 +310,7 @@ impl Parser<'_> {
             return Err(self.fail("`moe_layer_freq` must be positive"));
         }
         let rms_norm_eps = self.required(raw.rms_norm_eps, "rms_norm_eps")?;
-        if !(rms_norm_eps > 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(self.fail(format!(
                 "`rms_norm_eps` must be positive, got {rms_norm_eps}"
             )));
@@ -422,11 +422,11 @@ impl Parser<'_> {
             }
         };
         let factor = num("factor", None)?;
-        if !(factor >= 1.0) {
+        if factor.is_nan() || factor < 1.0 {
             return Err(self.fail(format!("`rope_scaling.factor` must be >= 1, got {factor}")));
         }
         let original = num("original_max_position_embeddings", None)?;
-        if !(original >= 1.0) || original.fract() != 0.0 {
+        if original.is_nan() || original < 1.0 || original.fract() != 0.0 {
             return Err(self.fail(
                 "`rope_scaling.original_max_position_embeddings` must be a positive integer",
             ));

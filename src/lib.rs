@@ -9,6 +9,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod graph;

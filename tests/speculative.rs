@@ -34,7 +34,11 @@ fn mtp_speculation_is_token_identical_under_greedy() {
                 .unwrap();
             assert_eq!(spec.tokens, plain.tokens, "{name} k={k}");
             assert!(stats.accepted <= stats.drafted);
-            assert_eq!(stats.steps + stats.accepted + 1, max_new, "{name} k={k}: every step emits accepted + 1");
+            assert_eq!(
+                stats.steps + stats.accepted + 1,
+                max_new,
+                "{name} k={k}: every step emits accepted + 1"
+            );
             println!(
                 "{name} k={k}: {} steps, {} drafted, {} accepted ({:.0}%)",
                 stats.steps,
@@ -86,7 +90,11 @@ impl Drafter for Scripted {
                     Script::FirstRight => i == 0,
                 };
                 Draft {
-                    token: if right { truth } else { (truth + 1) % self.vocab },
+                    token: if right {
+                        truth
+                    } else {
+                        (truth + 1) % self.vocab
+                    },
                     dist: None,
                 }
             })
@@ -110,7 +118,9 @@ fn scripted_drafters_accept_and_roll_back_exactly() {
                 script,
                 calls_with_drafts: 0,
             };
-            let (g, s) = e.generate_speculative(&r.tokens, max_new, &greedy(), &mut d, k).unwrap();
+            let (g, s) = e
+                .generate_speculative(&r.tokens, max_new, &greedy(), &mut d, k)
+                .unwrap();
             assert_eq!(g.tokens, truth, "k={k}");
             match script {
                 Script::Right => assert_eq!(s.accepted, s.drafted, "k={k}"),
@@ -130,8 +140,15 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
     let r = reference(name);
     let mut e = engine(name);
     let max_new = 10;
-    let prompts: Vec<Vec<u32>> = vec![r.tokens.clone(), r.tokens[..7].to_vec(), r.tokens[3..].to_vec()];
-    let truths: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate(p, max_new, &greedy()).unwrap().tokens).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        r.tokens.clone(),
+        r.tokens[..7].to_vec(),
+        r.tokens[3..].to_vec(),
+    ];
+    let truths: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| e.generate(p, max_new, &greedy()).unwrap().tokens)
+        .collect();
     // Sequence 0 always right, 1 always wrong, 2 first-right: mixed acceptance every step.
     struct PerSequence(Vec<Scripted>);
     impl Drafter for PerSequence {
@@ -163,7 +180,9 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
             .collect(),
     );
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let out = e.generate_speculative_batch(&refs, max_new, &greedy(), &mut drafter, 3).unwrap();
+    let out = e
+        .generate_speculative_batch(&refs, max_new, &greedy(), &mut drafter, 3)
+        .unwrap();
     for (i, ((g, s), truth)) in out.iter().zip(&truths).enumerate() {
         assert_eq!(&g.tokens, truth, "sequence {i}");
         match scripts[i] {
@@ -173,7 +192,9 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
         }
     }
     // And with the real MTP drafter, mixed batch == alone.
-    let out = e.generate_speculative_batch(&refs, max_new, &greedy(), &mut MtpDrafter, 2).unwrap();
+    let out = e
+        .generate_speculative_batch(&refs, max_new, &greedy(), &mut MtpDrafter, 2)
+        .unwrap();
     for ((g, _), truth) in out.iter().zip(&truths) {
         assert_eq!(&g.tokens, truth);
     }

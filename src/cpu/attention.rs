@@ -60,6 +60,8 @@ pub struct MlaShape {
     pub v: usize,
     pub kv_lora: usize,
     pub scale: f32,
+    /// eps of kv_a_layernorm, the norm of the cached latent.
+    pub latent_norm_eps: f32,
 }
 
 impl MlaShape {
@@ -71,6 +73,7 @@ impl MlaShape {
             v: cfg.v_head_dim,
             kv_lora: cfg.kv_lora_rank,
             scale: cfg.softmax_scale(),
+            latent_norm_eps: cfg.rms_norm_eps,
         }
     }
 
@@ -87,7 +90,6 @@ pub fn cache_write(
     batch: &Batch,
     kv: &[f32],
     norm: &[f32],
-    eps: f32,
     precision: Precision,
 ) {
     let width = shape.width();
@@ -95,7 +97,12 @@ pub fn cache_write(
         let (block, off) = slot(&batch.segments[s].blocks, pos);
         let dst = &mut cache.data[(block as usize * PAGE_TOKENS + off) * width..][..width];
         let src = &kv[t * width..(t + 1) * width];
-        super::rms_norm_row(&src[..shape.kv_lora], norm, eps, &mut dst[..shape.kv_lora]);
+        super::rms_norm_row(
+            &src[..shape.kv_lora],
+            norm,
+            shape.latent_norm_eps,
+            &mut dst[..shape.kv_lora],
+        );
         dst[shape.kv_lora..].copy_from_slice(&src[shape.kv_lora..]);
         rope.apply(&mut dst[shape.kv_lora..], pos);
         if precision == Precision::W8a8 {

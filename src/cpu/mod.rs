@@ -148,7 +148,6 @@ impl CpuBackend {
                     batch,
                     &self.slots[plan.slot(*kv)],
                     dense(&self.weights, *norm)?,
-                    eps,
                     self.precision,
                 );
                 return Ok(());

@@ -69,11 +69,11 @@ impl Drafter for MtpDrafter {
         )?;
         let mut pos = verified.first_pos + verified.next_tokens.len();
         let mut drafts = Vec::with_capacity(k);
-        for i in 0..k {
+        loop {
             let draft = draw(&out.logits, sampling, rng);
             let token = draft.token;
             drafts.push(draft);
-            if i + 1 == k {
+            if drafts.len() == k {
                 break;
             }
             let last_hidden = out.hidden[out.hidden.len() - h..].to_vec();
@@ -111,7 +111,9 @@ fn pick(dist: &[(u32, f64)], rng: &mut Rng) -> u32 {
 }
 
 fn prob(dist: &[(u32, f64)], token: u32) -> f64 {
-    dist.iter().find(|(t, _)| *t == token).map_or(0.0, |(_, p)| *p)
+    dist.iter()
+        .find(|(t, _)| *t == token)
+        .map_or(0.0, |(_, p)| *p)
 }
 
 /// The speculative-sampling rule for one draft: accept with probability min(1, p(d)/q(d));
@@ -177,7 +179,13 @@ impl Engine {
         drafter: &mut dyn Drafter,
         draft_tokens: usize,
     ) -> Result<(Generation, SpecStats)> {
-        let mut out = self.generate_speculative_batch(&[prompt], max_new_tokens, sampling, drafter, draft_tokens)?;
+        let mut out = self.generate_speculative_batch(
+            &[prompt],
+            max_new_tokens,
+            sampling,
+            drafter,
+            draft_tokens,
+        )?;
         Ok(out.remove(0))
     }
 
@@ -214,7 +222,14 @@ impl Engine {
                 drafts: Vec::new(),
             })
             .collect();
-        let result = self.speculate(&mut states, prompts, max_new_tokens, sampling, drafter, draft_tokens);
+        let result = self.speculate(
+            &mut states,
+            prompts,
+            max_new_tokens,
+            sampling,
+            drafter,
+            draft_tokens,
+        );
         for st in &mut states {
             self.release(&mut st.seq);
         }
@@ -247,7 +262,10 @@ impl Engine {
         let mut steps: Vec<Step> = states
             .iter_mut()
             .zip(prompts)
-            .map(|(st, p)| Step { seq: &mut st.seq, tokens: p })
+            .map(|(st, p)| Step {
+                seq: &mut st.seq,
+                tokens: p,
+            })
             .collect();
         let prefilled = self.forward_batch(&mut steps, LogitRows::Last)?;
         let prefill = t0.elapsed();
@@ -261,7 +279,8 @@ impl Engine {
         }
         let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         loop {
-            let mut active: Vec<&mut Speculating> = states.iter_mut().filter(|st| st.finish.is_none()).collect();
+            let mut active: Vec<&mut Speculating> =
+                states.iter_mut().filter(|st| st.finish.is_none()).collect();
             if active.is_empty() {
                 break;
             }
@@ -283,7 +302,9 @@ impl Engine {
                 .iter()
                 .map(|st| {
                     let last = st.tokens[st.tokens.len() - 1];
-                    std::iter::once(last).chain(st.drafts.iter().map(|d| d.token)).collect()
+                    std::iter::once(last)
+                        .chain(st.drafts.iter().map(|d| d.token))
+                        .collect()
                 })
                 .collect();
             let bases: Vec<usize> = active.iter().map(|st| st.seq.len()).collect();
@@ -297,14 +318,19 @@ impl Engine {
                 .collect();
             let verified = self.forward_batch(&mut steps, LogitRows::All)?;
             for ((st, out), base) in active.into_iter().zip(verified).zip(bases) {
-                let (accepted, bonus) = judge(&st.drafts, &out.logits, vocab, sampling, &mut st.rng);
+                let (accepted, bonus) =
+                    judge(&st.drafts, &out.logits, vocab, sampling, &mut st.rng);
                 st.stats.steps += 1;
                 st.stats.drafted += st.drafts.len();
                 st.stats.accepted += accepted;
                 // Keep the last token and the accepted drafts; the bonus is fed next step.
                 self.truncate(&mut st.seq, base + 1 + accepted);
                 st.hidden = out.hidden[..(accepted + 1) * h].to_vec();
-                st.next_tokens = st.drafts[..accepted].iter().map(|d| d.token).chain([bonus]).collect();
+                st.next_tokens = st.drafts[..accepted]
+                    .iter()
+                    .map(|d| d.token)
+                    .chain([bonus])
+                    .collect();
                 st.first_pos = base;
                 for i in 0..st.next_tokens.len() {
                     st.tokens.push(st.next_tokens[i]);
@@ -318,7 +344,12 @@ impl Engine {
         Ok((prefill, t1.elapsed()))
     }
 
-    fn stop_reason(&self, tokens: &[u32], max_new_tokens: usize, sampling: &SamplingParams) -> Option<FinishReason> {
+    fn stop_reason(
+        &self,
+        tokens: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> Option<FinishReason> {
         let last = *tokens.last()?;
         if !sampling.ignore_eos && self.cfg.eos_token_ids.contains(&last) {
             Some(FinishReason::Eos)
@@ -332,7 +363,13 @@ impl Engine {
 
 /// How many drafts the verify logits accept (rows: after the last token, then after each
 /// draft) and the token the main model contributes after them.
-fn judge(drafts: &[Draft], logits: &[f32], vocab: usize, sampling: &SamplingParams, rng: &mut Rng) -> (usize, u32) {
+fn judge(
+    drafts: &[Draft],
+    logits: &[f32],
+    vocab: usize,
+    sampling: &SamplingParams,
+    rng: &mut Rng,
+) -> (usize, u32) {
     for (i, d) in drafts.iter().enumerate() {
         let row = &logits[i * vocab..(i + 1) * vocab];
         let rejected_with = if sampling.temperature == 0.0 {
@@ -347,7 +384,10 @@ fn judge(drafts: &[Draft], logits: &[f32], vocab: usize, sampling: &SamplingPara
         }
     }
     let n = drafts.len();
-    (n, sample(&logits[n * vocab..(n + 1) * vocab], sampling, rng))
+    (
+        n,
+        sample(&logits[n * vocab..(n + 1) * vocab], sampling, rng),
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,129 @@
+//! Device memory: [`DeviceBuffer<T>`], a typed array in device memory allocated on a
+//! [`Device`]'s stream, for any plain-old-data `T` (`u8` for FP8 codes, `half::bf16`, `f32`).
+
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+use cudarc::driver::{result, CudaSlice, DevicePtr};
+
+use super::device::Device;
+use super::error::{alloc_error, CudaError, Result};
+
+/// `len` elements of `T` in device memory. The allocation is at least 256-byte aligned (the
+/// driver's guarantee), so every buffer satisfies the kernels' 16-byte alignment rules.
+pub struct DeviceBuffer<T> {
+    raw: CudaSlice<u8>,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("len", &self.len)
+            .field("addr", &format_args!("{:#x}", self.addr()))
+            .field("elem", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// The device address (what the launch-parameter structs carry).
+    pub fn addr(&self) -> u64 {
+        // Event tracking is off on a Device's context, so the returned guard does nothing.
+        let (ptr, _guard) = self.raw.device_ptr(self.raw.stream());
+        ptr
+    }
+}
+
+impl Device {
+    /// Allocates `len` elements with unspecified contents (whatever the memory held).
+    pub fn alloc<T: Pod>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or(CudaError::OutOfMemory { bytes: usize::MAX })?;
+        // cuMemAlloc rejects 0 bytes; a tiny allocation keeps `addr()` valid and aligned.
+        let raw = unsafe { self.stream().alloc::<u8>(bytes.max(16)) }
+            .map_err(|e| alloc_error(bytes, e))?;
+        Ok(DeviceBuffer {
+            raw,
+            len,
+            _elem: PhantomData,
+        })
+    }
+
+    /// Allocates `len` zeroed elements.
+    pub fn alloc_zeros<T: Pod>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        let mut buf = self.alloc(len)?;
+        self.memset(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` into a new buffer.
+    pub fn upload<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut buf = self.alloc(data.len())?;
+        self.copy_to_device(data, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` into the start of `dst` (which must be at least as long).
+    pub fn copy_to_device<T: Pod>(&self, data: &[T], dst: &mut DeviceBuffer<T>) -> Result<()> {
+        if data.len() > dst.len {
+            return Err(CudaError::Driver(format!(
+                "copy of {} elements into a buffer of {}",
+                data.len(),
+                dst.len
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut view = dst.raw.slice_mut(..bytes.len());
+        self.stream()
+            .memcpy_htod(bytes, &mut view)
+            .map_err(|e| CudaError::driver("cuMemcpyHtoDAsync", e))
+    }
+
+    /// Copies the whole buffer back (waits for the stream: kernel faults surface here).
+    pub fn download<T: Pod>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); src.len];
+        if !out.is_empty() {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+            let n = bytes.len();
+            self.stream()
+                .memcpy_dtoh(&src.raw.slice(..n), bytes)
+                .map_err(|e| CudaError::driver("cuMemcpyDtoHAsync", e))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Sets every byte of `buf` to `byte` (asynchronously, on the stream).
+    pub fn memset<T>(&self, buf: &mut DeviceBuffer<T>, byte: u8) -> Result<()> {
+        self.memset_bytes(buf.addr(), buf.size_bytes(), byte)
+    }
+
+    pub(crate) fn memset_bytes(&self, addr: u64, bytes: usize, byte: u8) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `addr..addr+bytes` lies in a live allocation of this context (callers pass a
+        // DeviceBuffer's own range); the memset is ordered on the device's stream.
+        unsafe { result::memset_d8_async(addr, byte, bytes, self.stream().cu_stream()) }
+            .map_err(|e| CudaError::driver("cuMemsetD8Async", e))
+    }
+}

@@ -1,0 +1,34 @@
+//! The CUDA backend's foundations (Hopper, sm_90a), layered like cudarc's sys/result/safe:
+//!
+//! - `sys` (private): the generated launch-parameter structs of `cuda/launch_params.h` and the
+//!   cubins build.rs embedded, with the `DeviceRepr` impls that pass the structs to kernels.
+//! - [`error`]: [`CudaError`], typed: no driver, no device, wrong architecture, built without
+//!   kernels, out of memory, a broken kernel requirement (named), or another driver error.
+//! - [`Device`] / [`DeviceBuffer`]: presence check, context, one stream, the loaded kernels,
+//!   device memory.
+//! - [`ops`]: host-checked launch wrappers: [`Device::act_quant`], [`Device::fp8_gemm`] (wgmma
+//!   for large M, the BLOCK_M 64 variant for small M, the reference kernel explicitly and as
+//!   the fallback), each also as `prepare_*` + launch for benches and graph capture.
+//! - [`timing`]: CUDA-event timing with an L2 flush between calls (benches).
+//!
+//! cudarc loads libcuda at run time, so a binary built with this module starts on machines
+//! without a driver; [`Device::open`] then returns [`CudaError::NoDriver`] (or `NoDevice`, ...).
+//! Status: compiled here, not yet run on a GPU (tests/gpu_kernels.rs skips without one).
+
+mod buffer;
+mod device;
+pub mod error;
+pub mod ops;
+mod sys;
+pub mod timing;
+mod tma;
+
+pub use buffer::DeviceBuffer;
+pub use device::{kernels_built, Device, DeviceInfo};
+pub use error::{CudaError, Result};
+pub use ops::{
+    act_scale_m_pad, scales_from_sa, scales_to_sa, ActQuantArgs, ActQuantDesc, Fp8GemmArgs,
+    Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedActQuant, PreparedFp8Gemm, QuantizedActivations,
+    Region,
+};
+pub use tma::{TensorMap2d, TmaElem};

@@ -1,0 +1,276 @@
+//! act_quant: bf16 [M, K] -> fp8 e4m3 [M, K] + f32 scales per row per 128 channels, in the SA
+//! layout the GEMMs read (`sa[kb * m_pad + r]`). Numerics: DESIGN.md / launch_params.h;
+//! bit-identical to `numerics::act_quant` (tests/gpu_kernels.rs).
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{act_scale_m_pad, scales_from_sa, scales_to_sa, Checker, Region, QUANT_BLOCK};
+use crate::cuda::error::{CudaError, Result};
+use crate::cuda::sys::{self, R1ActQuantParams};
+use crate::cuda::{Device, DeviceBuffer};
+use crate::numerics::QuantizedRows;
+
+const KERNEL: &str = "act_quant";
+
+/// An act_quant call as plain numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActQuantDesc {
+    pub m: usize,
+    pub k: usize,
+    /// bf16 input, rows of stride `ldx` elements.
+    pub x: Region,
+    pub ldx: usize,
+    /// fp8 output, rows of stride `ldq` bytes.
+    pub q: Region,
+    pub ldq: usize,
+    /// f32 scales, SA layout `[k/128][m_pad]`.
+    pub scales: Region,
+    pub m_pad: usize,
+}
+
+impl ActQuantDesc {
+    /// Every requirement of launch_params.h's act_quant, checked on the host.
+    pub fn check(&self) -> Result<()> {
+        let c = Checker { kernel: KERNEL };
+        let (m, k) = (self.m, self.k);
+        c.req(m >= 1 && k >= 1, || {
+            format!("M and K must be >= 1 (M = {m}, K = {k})")
+        })?;
+        c.req(k % QUANT_BLOCK == 0, || {
+            format!("K must be a multiple of 128 (K = {k})")
+        })?;
+        c.fits_i32(&[
+            ("M", m),
+            ("K", k),
+            ("ldx", self.ldx),
+            ("ldq", self.ldq),
+            ("m_pad", self.m_pad),
+        ])?;
+        c.req(self.ldx >= k && self.ldq >= k, || {
+            format!(
+                "ldx ({}) and ldq ({}) must be >= K ({k})",
+                self.ldx, self.ldq
+            )
+        })?;
+        c.req(self.ldx % 8 == 0, || {
+            format!(
+                "ldx must be a multiple of 8 (16-byte rows; ldx = {})",
+                self.ldx
+            )
+        })?;
+        c.req(self.ldq % 16 == 0, || {
+            format!(
+                "ldq must be a multiple of 16 (16-byte rows; ldq = {})",
+                self.ldq
+            )
+        })?;
+        c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
+            format!(
+                "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
+                self.m_pad
+            )
+        })?;
+        c.aligned("x", self.x, 16)?;
+        c.aligned("q", self.q, 16)?;
+        c.aligned("scales", self.scales, 16)?;
+        c.holds_matrix("x", self.x, m, k, self.ldx)?;
+        c.holds_matrix("q", self.q, m, k, self.ldq)?;
+        let kb = k / QUANT_BLOCK;
+        c.holds("scales", self.scales, kb * self.m_pad, "[K/128][m_pad]")?;
+        let blocks = (m * kb).div_ceil(sys::R1_ACT_QUANT_GROUPS_PER_BLOCK as usize);
+        c.req(blocks <= i32::MAX as usize, || {
+            format!("M * K/128 = {} groups exceed the grid limit", m * kb)
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let groups = self.m * (self.k / QUANT_BLOCK);
+        LaunchConfig {
+            grid_dim: (
+                groups.div_ceil(sys::R1_ACT_QUANT_GROUPS_PER_BLOCK as usize) as u32,
+                1,
+                1,
+            ),
+            block_dim: (sys::R1_ACT_QUANT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn params(&self) -> R1ActQuantParams {
+        R1ActQuantParams {
+            x: self.x.addr,
+            q: self.q.addr,
+            scales: self.scales.addr,
+            m: self.m as i32,
+            k: self.k as i32,
+            ldx: self.ldx as i32,
+            ldq: self.ldq as i32,
+            m_pad: self.m_pad as i32,
+            reserved: 0,
+        }
+    }
+}
+
+/// act_quant over caller-owned buffers.
+pub struct ActQuantArgs<'a> {
+    pub x: &'a DeviceBuffer<bf16>,
+    pub ldx: usize,
+    pub q: &'a mut DeviceBuffer<u8>,
+    pub ldq: usize,
+    pub scales: &'a mut DeviceBuffer<f32>,
+    pub m_pad: usize,
+    pub m: usize,
+    pub k: usize,
+}
+
+impl ActQuantArgs<'_> {
+    pub fn desc(&self) -> ActQuantDesc {
+        ActQuantDesc {
+            m: self.m,
+            k: self.k,
+            x: Region::from(self.x),
+            ldx: self.ldx,
+            q: Region::from(&*self.q),
+            ldq: self.ldq,
+            scales: Region::from(&*self.scales),
+            m_pad: self.m_pad,
+        }
+    }
+}
+
+/// A checked act_quant launch; borrows its buffers for `'a`.
+pub struct PreparedActQuant<'a> {
+    dev: &'a Device,
+    params: R1ActQuantParams,
+    cfg: LaunchConfig,
+    _buffers: PhantomData<ActQuantArgs<'a>>,
+}
+
+impl PreparedActQuant<'_> {
+    /// Queues the kernel on the device's stream.
+    pub fn launch(&self) -> Result<()> {
+        let func = &self.dev.kernels.act_quant;
+        // SAFETY: `params` passed ActQuantDesc::check (shapes, strides, alignment, buffer
+        // lengths) for buffers borrowed for this value's lifetime; the kernel takes exactly
+        // one R1ActQuantParams by value.
+        unsafe {
+            self.dev
+                .stream()
+                .launch_builder(func)
+                .arg(&self.params)
+                .launch(self.cfg)
+        }
+        .map(|_| ())
+        .map_err(|e| CudaError::driver("cuLaunchKernel(act_quant)", e))
+    }
+}
+
+/// Activations quantized on the device: `q` row-major `[m][k]` (ldq = k), `scales` in the SA
+/// layout `[ceil(k/128)][m_pad]`.
+#[derive(Debug)]
+pub struct QuantizedActivations {
+    pub q: DeviceBuffer<u8>,
+    pub scales: DeviceBuffer<f32>,
+    pub m: usize,
+    pub k: usize,
+    pub m_pad: usize,
+}
+
+impl QuantizedActivations {
+    /// Uploads CPU-quantized rows (any K: the reference GEMM takes ragged K), converting the
+    /// scales from row-major to the SA layout.
+    pub fn upload(dev: &Device, rows: &QuantizedRows) -> Result<Self> {
+        let (m, k) = (rows.rows, rows.cols);
+        let kb = k.div_ceil(QUANT_BLOCK);
+        let m_pad = act_scale_m_pad(m);
+        Ok(QuantizedActivations {
+            q: dev.upload(&rows.codes)?,
+            scales: dev.upload(&scales_to_sa(&rows.scales, m, kb, m_pad))?,
+            m,
+            k,
+            m_pad,
+        })
+    }
+
+    /// Back to the CPU reference's layout (row-major scales).
+    pub fn download(&self, dev: &Device) -> Result<QuantizedRows> {
+        let kb = self.k.div_ceil(QUANT_BLOCK);
+        let codes = dev.download(&self.q)?;
+        let sa = dev.download(&self.scales)?;
+        Ok(QuantizedRows {
+            rows: self.m,
+            cols: self.k,
+            codes: codes[..self.m * self.k].to_vec(),
+            scales: scales_from_sa(&sa, self.m, kb, self.m_pad),
+        })
+    }
+}
+
+impl Device {
+    /// Checks `args` and builds the launch (no work queued yet).
+    pub fn prepare_act_quant<'a>(&'a self, args: ActQuantArgs<'a>) -> Result<PreparedActQuant<'a>> {
+        let desc = args.desc();
+        desc.check()?;
+        Ok(PreparedActQuant {
+            dev: self,
+            params: desc.params(),
+            cfg: desc.launch_config(),
+            _buffers: PhantomData,
+        })
+    }
+
+    /// act_quant into caller-owned buffers (queued on the stream).
+    pub fn act_quant_into(&self, args: ActQuantArgs<'_>) -> Result<()> {
+        self.prepare_act_quant(args)?.launch()
+    }
+
+    /// Quantizes a contiguous bf16 `[m, k]` (K a multiple of 128) into new buffers.
+    pub fn act_quant(
+        &self,
+        x: &DeviceBuffer<bf16>,
+        m: usize,
+        k: usize,
+    ) -> Result<QuantizedActivations> {
+        let m_pad = act_scale_m_pad(m);
+        // Check before allocating so a bad shape reports the rule, not an allocation failure.
+        ActQuantDesc {
+            m,
+            k,
+            x: Region::from(x),
+            ldx: k,
+            q: Region {
+                addr: 0,
+                len: m * k,
+            },
+            ldq: k,
+            scales: Region {
+                addr: 0,
+                len: (k / QUANT_BLOCK) * m_pad,
+            },
+            m_pad,
+        }
+        .check()?;
+        let mut q = self.alloc::<u8>(m * k)?;
+        let mut scales = self.alloc::<f32>((k / QUANT_BLOCK) * m_pad)?;
+        self.act_quant_into(ActQuantArgs {
+            x,
+            ldx: k,
+            q: &mut q,
+            ldq: k,
+            scales: &mut scales,
+            m_pad,
+            m,
+            k,
+        })?;
+        Ok(QuantizedActivations {
+            q,
+            scales,
+            m,
+            k,
+            m_pad,
+        })
+    }
+}

@@ -1,0 +1,491 @@
+//! FP8 block-scaled GEMM, w8a8: D[M,N] (bf16) = A[M,K] (fp8, 1x128 scales, SA layout) x
+//! B[N,K]^T (fp8, 128x128 scales), f32 promotion every 128 of K. Three kernels
+//! (cuda/fp8_gemm.cu): `fp8_gemm_wgmma` (BLOCK_M 128, large M), `fp8_gemm_wgmma_m64`
+//! (BLOCK_M 64, small M / decode) and `fp8_gemm_ref` (CUDA cores, any shape: the GPU-side
+//! reference and the fallback). [`GemmKernel::Auto`] picks a wgmma kernel when the shape meets
+//! the fast path's requirements and the reference kernel otherwise.
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
+use crate::cuda::error::{CudaError, Result};
+use crate::cuda::sys::{self, R1Fp8GemmParams, R1Fp8GemmRefParams};
+use crate::cuda::tma::{TensorMap2d, TmaElem};
+use crate::cuda::{Device, DeviceBuffer};
+
+/// Which kernel runs a GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmKernel {
+    /// wgmma when the shape allows it (`WgmmaM64` for M <= 64, else `Wgmma`), else `Reference`.
+    Auto,
+    /// `fp8_gemm_wgmma`: TMA + wgmma, BLOCK_M 128, persistent.
+    Wgmma,
+    /// `fp8_gemm_wgmma_m64`: the same with BLOCK_M 64.
+    WgmmaM64,
+    /// `fp8_gemm_ref`: one thread per output, sequential fmaf; any shape.
+    Reference,
+}
+
+impl GemmKernel {
+    /// The kernel's name in cuda/fp8_gemm.cu ("fp8_gemm" for Auto).
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Auto => "fp8_gemm",
+            GemmKernel::Wgmma => "fp8_gemm_wgmma",
+            GemmKernel::WgmmaM64 => "fp8_gemm_wgmma_m64",
+            GemmKernel::Reference => "fp8_gemm_ref",
+        }
+    }
+
+    fn block_m(self) -> usize {
+        match self {
+            GemmKernel::WgmmaM64 => sys::R1_FP8_GEMM_M64_BLOCK_M as usize,
+            _ => sys::R1_FP8_GEMM_BLOCK_M as usize,
+        }
+    }
+}
+
+/// Auto picks the BLOCK_M 64 kernel up to this M.
+pub const AUTO_M64_MAX_M: usize = sys::R1_FP8_GEMM_M64_BLOCK_M as usize;
+
+/// A GEMM call as plain numbers (checkable without a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8GemmDesc {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// fp8 `[m][lda]`.
+    pub a: Region,
+    pub lda: usize,
+    /// f32 activation scales, SA layout `[ceil(k/128)][m_pad]`.
+    pub sa: Region,
+    pub m_pad: usize,
+    /// fp8 weights `[n][ldb]` (K-major).
+    pub b: Region,
+    pub ldb: usize,
+    /// f32 weight scales `[ceil(n/128)][ceil(k/128)]`.
+    pub sb: Region,
+    /// bf16 output `[m][ldd]`.
+    pub d: Region,
+    pub ldd: usize,
+}
+
+impl Fp8GemmDesc {
+    /// The kernel `kernel` resolves to for this call, after checking every requirement that
+    /// kernel documents (Auto: the reference kernel's requirements must hold; the fast path is
+    /// taken when its own hold too).
+    pub fn resolve(&self, kernel: GemmKernel) -> Result<GemmKernel> {
+        match kernel {
+            GemmKernel::Auto => {
+                self.check_common(GemmKernel::Reference)?;
+                let fast = if self.m <= AUTO_M64_MAX_M {
+                    GemmKernel::WgmmaM64
+                } else {
+                    GemmKernel::Wgmma
+                };
+                Ok(if self.check_fast(fast).is_ok() {
+                    fast
+                } else {
+                    GemmKernel::Reference
+                })
+            }
+            GemmKernel::Reference => {
+                self.check_common(kernel)?;
+                Ok(kernel)
+            }
+            GemmKernel::Wgmma | GemmKernel::WgmmaM64 => {
+                self.check_common(kernel)?;
+                self.check_fast(kernel)?;
+                Ok(kernel)
+            }
+        }
+    }
+
+    /// Shapes, strides, natural alignment and buffer lengths (every kernel).
+    fn check_common(&self, kernel: GemmKernel) -> Result<()> {
+        let c = Checker {
+            kernel: kernel.name(),
+        };
+        let (m, n, k) = (self.m, self.n, self.k);
+        c.req(m >= 1 && n >= 1 && k >= 1, || {
+            format!("M, N and K must be >= 1 (M = {m}, N = {n}, K = {k})")
+        })?;
+        c.fits_i32(&[
+            ("M", m),
+            ("N", n),
+            ("K", k),
+            ("lda", self.lda),
+            ("ldb", self.ldb),
+            ("ldd", self.ldd),
+            ("m_pad", self.m_pad),
+        ])?;
+        c.req(self.lda >= k, || {
+            format!("lda ({}) must be >= K ({k})", self.lda)
+        })?;
+        c.req(self.ldb >= k, || {
+            format!("ldb ({}) must be >= K ({k})", self.ldb)
+        })?;
+        c.req(self.ldd >= n, || {
+            format!("ldd ({}) must be >= N ({n})", self.ldd)
+        })?;
+        c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
+            format!(
+                "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
+                self.m_pad
+            )
+        })?;
+        c.aligned("sa", self.sa, 4)?;
+        c.aligned("sb", self.sb, 4)?;
+        c.aligned("D", self.d, 2)?;
+        let kb = k.div_ceil(QUANT_BLOCK);
+        c.holds_matrix("A", self.a, m, k, self.lda)?;
+        c.holds_matrix("B", self.b, n, k, self.ldb)?;
+        c.holds_matrix("D", self.d, m, n, self.ldd)?;
+        c.holds("sa", self.sa, kb * self.m_pad, "[ceil(K/128)][m_pad]")?;
+        c.holds(
+            "sb",
+            self.sb,
+            n.div_ceil(QUANT_BLOCK) * kb,
+            "[ceil(N/128)][ceil(K/128)]",
+        )?;
+        if kernel == GemmKernel::Reference {
+            let tile = sys::R1_FP8_GEMM_REF_TILE as usize;
+            c.req(m.div_ceil(tile) <= 65535, || {
+                format!("M = {m} exceeds the grid's y limit (65535 * {tile} rows)")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The wgmma kernels' extra requirements (launch_params.h), tensor maps included.
+    fn check_fast(&self, kernel: GemmKernel) -> Result<()> {
+        let c = Checker {
+            kernel: kernel.name(),
+        };
+        let k = self.k;
+        c.req(k % QUANT_BLOCK == 0, || {
+            format!("K must be a multiple of 128 (K = {k})")
+        })?;
+        c.req(self.lda % 16 == 0, || {
+            format!(
+                "lda must be a multiple of 16 (TMA row stride in bytes; lda = {})",
+                self.lda
+            )
+        })?;
+        c.req(self.ldb % 16 == 0, || {
+            format!(
+                "ldb must be a multiple of 16 (TMA row stride in bytes; ldb = {})",
+                self.ldb
+            )
+        })?;
+        c.aligned("A", self.a, 16)?;
+        c.aligned("B", self.b, 16)?;
+        c.aligned("sa", self.sa, 16)?;
+        c.aligned("D", self.d, 4)?;
+        c.req(self.ldd % 2 == 0, || {
+            format!(
+                "ldd must be even (bf16 pairs are stored together; ldd = {})",
+                self.ldd
+            )
+        })?;
+        for map in self.tensor_maps(kernel) {
+            map.check(kernel.name())?;
+        }
+        Ok(())
+    }
+
+    /// tmap_a, tmap_b, tmap_sa exactly as launch_params.h documents them.
+    fn tensor_maps(&self, kernel: GemmKernel) -> [TensorMap2d; 3] {
+        let bm = kernel.block_m() as u32;
+        let (m, n, k) = (self.m as u64, self.n as u64, self.k as u64);
+        [
+            TensorMap2d {
+                name: "tmap_a",
+                elem: TmaElem::U8,
+                addr: self.a.addr,
+                dims: [k, m],
+                stride_bytes: self.lda as u64,
+                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, bm],
+                swizzle_128b: true,
+            },
+            TensorMap2d {
+                name: "tmap_b",
+                elem: TmaElem::U8,
+                addr: self.b.addr,
+                dims: [k, n],
+                stride_bytes: self.ldb as u64,
+                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, sys::R1_FP8_GEMM_BLOCK_N],
+                swizzle_128b: true,
+            },
+            TensorMap2d {
+                name: "tmap_sa",
+                elem: TmaElem::F32,
+                addr: self.sa.addr,
+                dims: [m, k / QUANT_BLOCK as u64],
+                stride_bytes: self.m_pad as u64 * 4,
+                box_dims: [bm, 1],
+                swizzle_128b: false,
+            },
+        ]
+    }
+
+    /// Output tiles of a wgmma kernel: ceil(M/BLOCK_M) * ceil(N/128).
+    pub fn tiles(&self, kernel: GemmKernel) -> usize {
+        self.m.div_ceil(kernel.block_m()) * self.n.div_ceil(sys::R1_FP8_GEMM_BLOCK_N as usize)
+    }
+}
+
+/// A GEMM over caller-owned buffers.
+pub struct Fp8GemmArgs<'a> {
+    pub a: &'a DeviceBuffer<u8>,
+    pub lda: usize,
+    pub sa: &'a DeviceBuffer<f32>,
+    pub m_pad: usize,
+    pub b: &'a DeviceBuffer<u8>,
+    pub ldb: usize,
+    pub sb: &'a DeviceBuffer<f32>,
+    pub d: &'a mut DeviceBuffer<bf16>,
+    pub ldd: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl<'a> Fp8GemmArgs<'a> {
+    /// Quantized activations times a weight into `d` (contiguous `[m][n]`).
+    pub fn new(
+        a: &'a QuantizedActivations,
+        w: &'a Fp8Weight,
+        d: &'a mut DeviceBuffer<bf16>,
+    ) -> Self {
+        Fp8GemmArgs {
+            a: &a.q,
+            lda: a.k,
+            sa: &a.scales,
+            m_pad: a.m_pad,
+            b: &w.codes,
+            ldb: w.k,
+            sb: &w.scales,
+            d,
+            ldd: w.n,
+            m: a.m,
+            n: w.n,
+            k: a.k,
+        }
+    }
+
+    pub fn desc(&self) -> Fp8GemmDesc {
+        Fp8GemmDesc {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a: Region::from(self.a),
+            lda: self.lda,
+            sa: Region::from(self.sa),
+            m_pad: self.m_pad,
+            b: Region::from(self.b),
+            ldb: self.ldb,
+            sb: Region::from(self.sb),
+            d: Region::from(&*self.d),
+            ldd: self.ldd,
+        }
+    }
+}
+
+enum Launch {
+    Reference(R1Fp8GemmRefParams),
+    Wgmma(Box<R1Fp8GemmParams>),
+}
+
+/// A checked GEMM launch (tensor maps encoded once); borrows its buffers for `'a`.
+pub struct PreparedFp8Gemm<'a> {
+    dev: &'a Device,
+    kernel: GemmKernel,
+    launch: Launch,
+    cfg: LaunchConfig,
+    _buffers: PhantomData<Fp8GemmArgs<'a>>,
+}
+
+impl PreparedFp8Gemm<'_> {
+    /// The concrete kernel this launch runs.
+    pub fn kernel(&self) -> GemmKernel {
+        self.kernel
+    }
+
+    pub fn launch_config(&self) -> LaunchConfig {
+        self.cfg
+    }
+
+    /// Queues the kernel on the device's stream.
+    pub fn launch(&self) -> Result<()> {
+        let k = &self.dev.kernels;
+        let stream = self.dev.stream();
+        // SAFETY: the parameters passed Fp8GemmDesc::resolve (shapes, strides, alignment,
+        // buffer lengths, tensor-map rules) for buffers borrowed for this value's lifetime;
+        // each kernel takes exactly one parameter struct by value; dynamic shared memory was
+        // raised to cfg.shared_mem_bytes when the device was opened.
+        let r = unsafe {
+            match &self.launch {
+                Launch::Reference(p) => stream
+                    .launch_builder(&k.fp8_gemm_ref)
+                    .arg(p)
+                    .launch(self.cfg),
+                Launch::Wgmma(p) => {
+                    let func = if self.kernel == GemmKernel::WgmmaM64 {
+                        &k.fp8_gemm_wgmma_m64
+                    } else {
+                        &k.fp8_gemm_wgmma
+                    };
+                    stream.launch_builder(func).arg(&**p).launch(self.cfg)
+                }
+            }
+        };
+        r.map(|_| ())
+            .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({})", self.kernel.name()), e))
+    }
+}
+
+/// An FP8 weight on the device in the checkpoint's layout: codes `[n][k]`, `weight_scale_inv`
+/// `[ceil(n/128)][ceil(k/128)]` (multipliers).
+#[derive(Debug)]
+pub struct Fp8Weight {
+    pub codes: DeviceBuffer<u8>,
+    pub scales: DeviceBuffer<f32>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Fp8Weight {
+    pub fn upload(dev: &Device, codes: &[u8], scales: &[f32], n: usize, k: usize) -> Result<Self> {
+        let blocks = n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK);
+        if codes.len() != n * k || scales.len() != blocks {
+            return Err(CudaError::requirement(
+                "fp8 weight",
+                format!(
+                    "codes must be [{n}, {k}] and scales [ceil({n}/128), ceil({k}/128)] = {blocks}; \
+                     got {} codes and {} scales",
+                    codes.len(),
+                    scales.len()
+                ),
+            ));
+        }
+        Ok(Fp8Weight {
+            codes: dev.upload(codes)?,
+            scales: dev.upload(scales)?,
+            n,
+            k,
+        })
+    }
+}
+
+impl Device {
+    /// Checks `args` for `kernel`, resolves Auto, encodes the tensor maps and builds the launch
+    /// (grid = min(tiles, SMs) for the persistent wgmma kernels). No work is queued.
+    pub fn prepare_fp8_gemm<'a>(
+        &'a self,
+        args: Fp8GemmArgs<'a>,
+        kernel: GemmKernel,
+    ) -> Result<PreparedFp8Gemm<'a>> {
+        let desc = args.desc();
+        let kernel = desc.resolve(kernel)?;
+        let (launch, cfg) = match kernel {
+            GemmKernel::Reference => {
+                let tile = sys::R1_FP8_GEMM_REF_TILE;
+                let p = R1Fp8GemmRefParams {
+                    a: desc.a.addr,
+                    b: desc.b.addr,
+                    sa: desc.sa.addr,
+                    sb: desc.sb.addr,
+                    d: desc.d.addr,
+                    m: desc.m as i32,
+                    n: desc.n as i32,
+                    k: desc.k as i32,
+                    lda: desc.lda as i32,
+                    ldb: desc.ldb as i32,
+                    ldd: desc.ldd as i32,
+                    m_pad: desc.m_pad as i32,
+                    reserved: 0,
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        desc.n.div_ceil(tile as usize) as u32,
+                        desc.m.div_ceil(tile as usize) as u32,
+                        1,
+                    ),
+                    block_dim: (tile, tile, 1),
+                    shared_mem_bytes: 0,
+                };
+                (Launch::Reference(p), cfg)
+            }
+            GemmKernel::Wgmma | GemmKernel::WgmmaM64 => {
+                let [ta, tb, tsa] = desc.tensor_maps(kernel);
+                let name = kernel.name();
+                let p = Box::new(R1Fp8GemmParams {
+                    tmap_a: ta.encode(name)?,
+                    tmap_b: tb.encode(name)?,
+                    tmap_sa: tsa.encode(name)?,
+                    sb: desc.sb.addr,
+                    d: desc.d.addr,
+                    m: desc.m as i32,
+                    n: desc.n as i32,
+                    k: desc.k as i32,
+                    ldd: desc.ldd as i32,
+                });
+                let (threads, smem) = if kernel == GemmKernel::WgmmaM64 {
+                    (
+                        sys::R1_FP8_GEMM_M64_THREADS,
+                        sys::R1_FP8_GEMM_M64_SMEM_BYTES,
+                    )
+                } else {
+                    (sys::R1_FP8_GEMM_THREADS, sys::R1_FP8_GEMM_SMEM_BYTES)
+                };
+                let grid = desc.tiles(kernel).min(self.info().sm_count).max(1);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid as u32, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: smem,
+                };
+                (Launch::Wgmma(p), cfg)
+            }
+            GemmKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
+        };
+        Ok(PreparedFp8Gemm {
+            dev: self,
+            kernel,
+            launch,
+            cfg,
+            _buffers: PhantomData,
+        })
+    }
+
+    /// GEMM into caller-owned buffers (queued on the stream); returns the kernel that ran.
+    pub fn fp8_gemm_into(&self, args: Fp8GemmArgs<'_>, kernel: GemmKernel) -> Result<GemmKernel> {
+        let p = self.prepare_fp8_gemm(args, kernel)?;
+        p.launch()?;
+        Ok(p.kernel())
+    }
+
+    /// D = A x W^T into a new contiguous bf16 `[m][n]`; returns D and the kernel that ran.
+    pub fn fp8_gemm(
+        &self,
+        a: &QuantizedActivations,
+        w: &Fp8Weight,
+        kernel: GemmKernel,
+    ) -> Result<(DeviceBuffer<bf16>, GemmKernel)> {
+        if a.k != w.k {
+            return Err(CudaError::requirement(
+                kernel.name(),
+                format!(
+                    "activations have K = {} but the weight has K = {}",
+                    a.k, w.k
+                ),
+            ));
+        }
+        let mut d = self.alloc::<bf16>(a.m * w.n)?;
+        let ran = self.fp8_gemm_into(Fp8GemmArgs::new(a, w, &mut d), kernel)?;
+        Ok((d, ran))
+    }
+}

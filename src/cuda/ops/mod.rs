@@ -1,0 +1,128 @@
+//! Safe launch wrappers. Each kernel has a `*Desc` (the call as plain numbers: shape, strides,
+//! buffer addresses and lengths) whose `check` enforces every requirement that
+//! cuda/launch_params.h documents and names the one that fails; `*Args` borrow the buffers,
+//! `prepare_*` checks and builds the parameter struct once (tensor maps included), and the
+//! prepared value launches any number of times (benches, CUDA-graph capture).
+
+mod act_quant;
+mod fp8_gemm;
+
+pub use act_quant::{ActQuantArgs, ActQuantDesc, PreparedActQuant, QuantizedActivations};
+pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedFp8Gemm};
+
+use super::error::{CudaError, Result};
+use super::sys;
+
+/// Channels per activation scale and per weight-scale block side (R1_QUANT_BLOCK).
+pub const QUANT_BLOCK: usize = sys::R1_QUANT_BLOCK as usize;
+/// The SA layout pads M to a multiple of this (R1_ACT_SCALE_M_ALIGN).
+pub const ACT_SCALE_M_ALIGN: usize = sys::R1_ACT_SCALE_M_ALIGN as usize;
+
+/// A buffer as the checks see it: device address and length in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Region {
+    pub addr: u64,
+    pub len: usize,
+}
+
+impl<T> From<&super::DeviceBuffer<T>> for Region {
+    fn from(b: &super::DeviceBuffer<T>) -> Self {
+        Region {
+            addr: b.addr(),
+            len: b.len(),
+        }
+    }
+}
+
+impl<T> From<&mut super::DeviceBuffer<T>> for Region {
+    fn from(b: &mut super::DeviceBuffer<T>) -> Self {
+        Region::from(&*b)
+    }
+}
+
+/// M rounded up to the SA layout's row alignment (4).
+pub fn act_scale_m_pad(m: usize) -> usize {
+    m.div_ceil(ACT_SCALE_M_ALIGN) * ACT_SCALE_M_ALIGN
+}
+
+/// Row-major scales `[rows][kb]` (the CPU reference's layout) -> SA layout
+/// `sa[b * m_pad + r]` (padding rows are zero).
+pub fn scales_to_sa(row_major: &[f32], rows: usize, kb: usize, m_pad: usize) -> Vec<f32> {
+    assert!(m_pad >= rows && row_major.len() >= rows * kb);
+    let mut sa = vec![0f32; kb * m_pad];
+    for r in 0..rows {
+        for b in 0..kb {
+            sa[b * m_pad + r] = row_major[r * kb + b];
+        }
+    }
+    sa
+}
+
+/// SA layout -> row-major `[rows][kb]`.
+pub fn scales_from_sa(sa: &[f32], rows: usize, kb: usize, m_pad: usize) -> Vec<f32> {
+    assert!(m_pad >= rows && sa.len() >= kb * m_pad);
+    let mut out = vec![0f32; rows * kb];
+    for r in 0..rows {
+        for b in 0..kb {
+            out[r * kb + b] = sa[b * m_pad + r];
+        }
+    }
+    out
+}
+
+/// Shared helpers for the checks.
+pub(crate) struct Checker {
+    pub kernel: &'static str,
+}
+
+impl Checker {
+    pub fn req(&self, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(CudaError::requirement(self.kernel, what()))
+        }
+    }
+
+    pub fn fits_i32(&self, pairs: &[(&str, usize)]) -> Result<()> {
+        for &(name, v) in pairs {
+            self.req(v <= i32::MAX as usize, || {
+                format!("{name} = {v} must fit in a 32-bit int")
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn aligned(&self, name: &str, r: Region, align: u64) -> Result<()> {
+        self.req(r.addr % align == 0, || {
+            format!("{name} ({:#x}) must be {align}-byte aligned", r.addr)
+        })
+    }
+
+    /// A row-major `[rows][ld]` matrix whose rows use `cols` elements.
+    pub fn holds_matrix(
+        &self,
+        name: &str,
+        r: Region,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<()> {
+        let need = (rows - 1)
+            .checked_mul(ld)
+            .and_then(|v| v.checked_add(cols))
+            .unwrap_or(usize::MAX);
+        self.req(r.len >= need, || {
+            format!(
+                "{name} holds {} elements; [{rows} rows, stride {ld}] x {cols} columns needs {need}",
+                r.len
+            )
+        })
+    }
+
+    pub fn holds(&self, name: &str, r: Region, need: usize, what: &str) -> Result<()> {
+        self.req(r.len >= need, || {
+            format!("{name} holds {} elements; {what} needs {need}", r.len)
+        })
+    }
+}

@@ -1,0 +1,973 @@
+//! GPU kernels against the CPU reference (`r1_runtime::numerics`).
+//!
+//! Without a usable device (no libcuda, no GPU, not sm_90, or built without nvcc) every GPU test
+//! prints `skipped: no CUDA device (<reason>) [<test>]` straight to stderr (past the test
+//! harness's capture, so the skip is visible in `cargo test` output) and returns. Set
+//! `R1_REQUIRE_GPU=1` (tools/gpu-suite does) to make that a failure instead.
+//!
+//! What is compared, and how strictly:
+//! - act_quant: codes and scales bit-identical to `numerics::act_quant` (scales converted from
+//!   the GPU's SA layout `sa[kb * m_pad + r]` to the CPU's row-major `[rows][kb]`).
+//! - fp8_gemm_ref: bf16 bits identical to a CPU loop in the kernel's order (per K-block a
+//!   sequential `fmaf` over k ascending, then `acc = fmaf(part, sa * sb, acc)`), ragged K too.
+//! - fp8_gemm_wgmma / _m64: against `numerics::block_gemm_w8a8` rounded to bf16, with
+//!   [`TOLERANCE`]: elementwise |gpu - ref| <= 2^-6 |ref| + 5e-3 max|ref| and
+//!   rms(gpu - ref) <= 5e-3 rms(ref); every output finite; stores outside [M, N] (padding
+//!   columns of ldd, the row after M) untouched.
+//!
+//! Host-side checks (requirements named in errors) and the typed "no device" errors run on
+//! every machine.
+
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+use half::bf16;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use rayon::prelude::*;
+
+use r1_runtime::cuda::{
+    act_scale_m_pad, scales_to_sa, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs,
+    Fp8GemmDesc, Fp8Weight, GemmKernel, QuantizedActivations, Region, TensorMap2d, TmaElem,
+};
+use r1_runtime::numerics::{self, e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
+
+/// The tolerance of the wgmma kernels, as documented above: (relative, of max|ref|, rms).
+const TOLERANCE: (f32, f32, f32) = (1.0 / 64.0, 5e-3, 5e-3);
+
+/// DeepSeek-V3's FP8 GEMM shapes (N, K): q_a+kv_a (fused), q_b, kv_b, dense/shared down,
+/// o_proj... (hidden 7168, q_lora 1536, kv_lora 512, 128 heads, moe_intermediate 2048).
+const DEEPSEEK_NK: [(usize, usize); 6] = [
+    (2112, 7168),
+    (24576, 1536),
+    (32768, 512),
+    (7168, 16384),
+    (4096, 7168),
+    (7168, 2048),
+];
+
+// ------------------------------------------------------------------------------------------
+// Device and skipping
+// ------------------------------------------------------------------------------------------
+
+fn require_gpu() -> bool {
+    std::env::var_os("R1_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Writes to the process's stderr directly: libtest captures `eprintln!`, not this.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The shared device, or None after printing the skip line.
+fn gpu(test: &str) -> Option<&'static Device> {
+    static DEVICE: OnceLock<Result<Device, CudaError>> = OnceLock::new();
+    let dev = DEVICE.get_or_init(|| {
+        let r = Device::open(0);
+        if let Ok(d) = &r {
+            let i = d.info();
+            say(&format!(
+                "gpu_kernels: {} (sm_{}{}, {} SMs, {} MiB L2, driver {})",
+                i.name,
+                i.compute_capability.0,
+                i.compute_capability.1,
+                i.sm_count,
+                i.l2_bytes >> 20,
+                i.driver_version
+            ));
+        }
+        r
+    });
+    match dev {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                !require_gpu(),
+                "R1_REQUIRE_GPU is set but the GPU tests cannot run: {e}"
+            );
+            say(&format!("skipped: no CUDA device ({e}) [{test}]"));
+            None
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Data
+// ------------------------------------------------------------------------------------------
+
+/// SplitMix64: deterministic, dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Roughly normal (Irwin-Hall of 4), mean 0, sd 1.
+    fn normal(&mut self) -> f32 {
+        let s: f32 = (0..4).map(|_| self.unit()).sum();
+        (s - 2.0) * 3f32.sqrt()
+    }
+}
+
+/// Activations like a model's: per-row magnitude 10^[-3, 3], some all-zero 128-groups, a few
+/// outlier channels. Rounded to bf16.
+fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<bf16> {
+    let mut x = Vec::with_capacity(m * k);
+    for _ in 0..m {
+        let mag = 10f32.powf(rng.unit() * 6.0 - 3.0);
+        for g in 0..k.div_ceil(QUANT_BLOCK) {
+            let len = (k - g * QUANT_BLOCK).min(QUANT_BLOCK);
+            let zero = rng.below(16) == 0;
+            for _ in 0..len {
+                let mut v = if zero { 0.0 } else { rng.normal() * mag };
+                if rng.below(512) == 0 {
+                    v *= 100.0;
+                }
+                x.push(bf16::from_f32(v));
+            }
+        }
+    }
+    x
+}
+
+fn widen(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// CPU-quantized activations of random values (any K).
+fn quantized(rng: &mut Rng, m: usize, k: usize) -> QuantizedRows {
+    numerics::act_quant(&widen(&activations(rng, m, k)), k)
+}
+
+/// A random FP8 weight in the checkpoint layout: codes [n][k] (finite), multipliers
+/// [ceil(n/128)][ceil(k/128)].
+fn weight(rng: &mut Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let codes = (0..n * k)
+        .map(|_| f32_to_e4m3(rng.normal() * 64.0))
+        .collect();
+    let scales = (0..n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK))
+        .map(|_| 1e-3 * (0.5 + rng.unit()))
+        .collect();
+    (codes, scales)
+}
+
+/// One activation row as its own QuantizedRows (for per-row parallel references).
+fn row_of(a: &QuantizedRows, r: usize) -> QuantizedRows {
+    let kb = a.blocks_per_row();
+    QuantizedRows {
+        rows: 1,
+        cols: a.cols,
+        codes: a.codes[r * a.cols..(r + 1) * a.cols].to_vec(),
+        scales: a.scales[r * kb..(r + 1) * kb].to_vec(),
+    }
+}
+
+/// `numerics::block_gemm_w8a8` for the listed rows (in parallel), rounded to bf16:
+/// out[i * n + j] for rows[i].
+fn cpu_w8a8(a: &QuantizedRows, rows: &[usize], codes: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
+    let per_row: Vec<Vec<f32>> = rows
+        .par_iter()
+        .map(|&r| {
+            numerics::block_gemm_w8a8(&row_of(a, r), codes, scales, n)
+                .into_iter()
+                .map(numerics::round_bf16)
+                .collect()
+        })
+        .collect();
+    per_row.concat()
+}
+
+/// The reference kernel's arithmetic, in its order, on the CPU: bf16 bits [m][n].
+fn cpu_ref_kernel(a: &QuantizedRows, codes: &[u8], scales: &[f32], n: usize) -> Vec<u16> {
+    let k = a.cols;
+    let kb = k.div_ceil(QUANT_BLOCK);
+    let rows: Vec<Vec<u16>> = (0..a.rows)
+        .into_par_iter()
+        .map(|r| {
+            let arow = &a.codes[r * k..(r + 1) * k];
+            (0..n)
+                .map(|j| {
+                    let wrow = &codes[j * k..(j + 1) * k];
+                    let mut acc = 0f32;
+                    for b in 0..kb {
+                        let mut part = 0f32;
+                        for kk in b * QUANT_BLOCK..((b + 1) * QUANT_BLOCK).min(k) {
+                            part = e4m3_to_f32(arow[kk]).mul_add(e4m3_to_f32(wrow[kk]), part);
+                        }
+                        let scale = a.scales[r * kb + b] * scales[(j / QUANT_BLOCK) * kb + b];
+                        acc = part.mul_add(scale, acc);
+                    }
+                    bf16::from_f32(acc).to_bits()
+                })
+                .collect()
+        })
+        .collect();
+    rows.concat()
+}
+
+// ------------------------------------------------------------------------------------------
+// Running kernels
+// ------------------------------------------------------------------------------------------
+
+/// bf16 NaN with all bits set: what unwritten output memory holds.
+const SENTINEL: u16 = 0xFFFF;
+
+/// Runs one GEMM into a `[(m + 1), ldd]` buffer pre-filled with SENTINEL, checks that nothing
+/// outside [m, n] was written, and returns the kernel that ran and D compacted to [m][n].
+fn gemm_on_gpu(
+    dev: &Device,
+    a: &QuantizedActivations,
+    w: &Fp8Weight,
+    kernel: GemmKernel,
+    ldd: usize,
+) -> Result<(GemmKernel, Vec<bf16>), String> {
+    let (m, n) = (a.m, w.n);
+    let mut d: DeviceBuffer<bf16> = dev.alloc((m + 1) * ldd).map_err(|e| e.to_string())?;
+    dev.memset(&mut d, 0xFF).map_err(|e| e.to_string())?;
+    let args = Fp8GemmArgs {
+        ldd,
+        ..Fp8GemmArgs::new(a, w, &mut d)
+    };
+    let ran = dev.fp8_gemm_into(args, kernel).map_err(|e| e.to_string())?;
+    let all = dev.download(&d).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(m * n);
+    for (r, row) in all.chunks(ldd).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let inside = r < m && c < n;
+            if inside {
+                out.push(*v);
+            } else if v.to_bits() != SENTINEL {
+                return Err(format!(
+                    "{}: wrote outside [M={m}, N={n}] at row {r}, column {c} (ldd {ldd})",
+                    ran.name()
+                ));
+            }
+        }
+    }
+    Ok((ran, out))
+}
+
+/// Compares GPU bf16 output with a reference (f32 values already rounded to bf16) under
+/// [`TOLERANCE`]. `rows` maps the reference's rows to rows of `got` ([.., n] each).
+fn check_close(
+    got: &[bf16],
+    n: usize,
+    rows: &[usize],
+    want: &[f32],
+    what: &str,
+) -> Result<(), String> {
+    let (rel, of_max, rms_rel) = TOLERANCE;
+    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    let mut worst: Option<(f32, usize, usize, f32, f32)> = None;
+    for (i, &r) in rows.iter().enumerate() {
+        for j in 0..n {
+            let g = got[r * n + j].to_f32();
+            let w = want[i * n + j];
+            if !g.is_finite() {
+                return Err(format!("{what}: D[{r}][{j}] = {g} is not finite (ref {w})"));
+            }
+            let d = (g - w).abs();
+            err2 += f64::from(d) * f64::from(d);
+            ref2 += f64::from(w) * f64::from(w);
+            let excess = d - (rel * w.abs() + of_max * max_ref);
+            if excess > 0.0 && worst.is_none_or(|x| excess > x.0) {
+                worst = Some((excess, r, j, g, w));
+            }
+        }
+    }
+    if let Some((_, r, j, g, w)) = worst {
+        return Err(format!(
+            "{what}: D[{r}][{j}] = {g}, reference {w} (max|ref| {max_ref}; tolerance \
+             {rel}|ref| + {of_max} max|ref|)"
+        ));
+    }
+    let count = (rows.len() * n) as f64;
+    let (e, s) = ((err2 / count).sqrt(), (ref2 / count).sqrt());
+    if e > f64::from(rms_rel) * s {
+        return Err(format!(
+            "{what}: rms error {e:.3e} exceeds {rms_rel} x rms reference {s:.3e}"
+        ));
+    }
+    Ok(())
+}
+
+fn fail(msg: String) -> TestCaseError {
+    TestCaseError::fail(msg)
+}
+
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Host-side checks and typed errors: run everywhere
+// ------------------------------------------------------------------------------------------
+
+/// A well-formed fast-path call with fake (aligned) addresses; tests break one thing at a time.
+fn desc(m: usize, n: usize, k: usize) -> Fp8GemmDesc {
+    let kb = k.div_ceil(QUANT_BLOCK);
+    let m_pad = act_scale_m_pad(m);
+    Fp8GemmDesc {
+        m,
+        n,
+        k,
+        a: Region {
+            addr: 0x1000_0000,
+            len: m * k,
+        },
+        lda: k,
+        sa: Region {
+            addr: 0x2000_0000,
+            len: kb * m_pad,
+        },
+        m_pad,
+        b: Region {
+            addr: 0x3000_0000,
+            len: n * k,
+        },
+        ldb: k,
+        sb: Region {
+            addr: 0x4000_0000,
+            len: n.div_ceil(QUANT_BLOCK) * kb,
+        },
+        d: Region {
+            addr: 0x5000_0000,
+            len: m * n,
+        },
+        ldd: n,
+    }
+}
+
+fn err_of(r: Result<GemmKernel, CudaError>) -> String {
+    match r {
+        Ok(k) => panic!("expected an error, got {k:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn host_checks_choose_kernels_and_name_requirements() {
+    // Auto: m64 for small M, BLOCK_M 128 above, the reference for what the fast path refuses.
+    assert_eq!(
+        desc(1, 2112, 7168).resolve(GemmKernel::Auto).unwrap(),
+        GemmKernel::WgmmaM64
+    );
+    assert_eq!(
+        desc(64, 256, 128).resolve(GemmKernel::Auto).unwrap(),
+        GemmKernel::WgmmaM64
+    );
+    assert_eq!(
+        desc(65, 256, 128).resolve(GemmKernel::Auto).unwrap(),
+        GemmKernel::Wgmma
+    );
+    assert_eq!(
+        desc(4096, 7168, 16384).resolve(GemmKernel::Auto).unwrap(),
+        GemmKernel::Wgmma
+    );
+    assert_eq!(
+        desc(3, 5, 100).resolve(GemmKernel::Auto).unwrap(),
+        GemmKernel::Reference
+    );
+    assert_eq!(
+        desc(3, 5, 100).resolve(GemmKernel::Reference).unwrap(),
+        GemmKernel::Reference
+    );
+
+    // K % 128 != 0 on the fast path: the issue's message.
+    for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+        let e = err_of(desc(3, 5, 100).resolve(kernel));
+        assert!(e.contains("K must be a multiple of 128"), "{e}");
+        assert!(e.starts_with(kernel.name()), "{e}");
+    }
+
+    // Strides: TMA needs 16-byte rows; Auto falls back to the reference.
+    let mut d = desc(70, 300, 256);
+    d.lda = 264;
+    d.a.len = 70 * 264;
+    assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("lda must be a multiple of 16"));
+    assert_eq!(d.resolve(GemmKernel::Auto).unwrap(), GemmKernel::Reference);
+    let mut d = desc(70, 300, 256);
+    d.ldd = 301;
+    d.d.len = 70 * 301;
+    assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("ldd must be even"));
+    let mut d = desc(70, 300, 256);
+    d.a.addr += 8;
+    assert!(
+        err_of(d.resolve(GemmKernel::WgmmaM64)).contains("A (0x10000008) must be 16-byte aligned")
+    );
+    assert_eq!(d.resolve(GemmKernel::Auto).unwrap(), GemmKernel::Reference);
+
+    // Common requirements fail for every kernel, Auto included.
+    let mut d = desc(70, 300, 256);
+    d.b.len -= 1;
+    for kernel in [GemmKernel::Auto, GemmKernel::Reference, GemmKernel::Wgmma] {
+        assert!(err_of(d.resolve(kernel)).contains("B holds"), "{kernel:?}");
+    }
+    let mut d = desc(70, 300, 256);
+    d.m_pad = 70;
+    assert!(err_of(d.resolve(GemmKernel::Reference)).contains("multiple of 4 (SA layout)"));
+    let mut d = desc(70, 300, 256);
+    d.sb.len -= 1;
+    assert!(err_of(d.resolve(GemmKernel::Auto)).contains("sb holds"));
+    let mut d = desc(70, 300, 256);
+    d.ldb = 128;
+    assert!(err_of(d.resolve(GemmKernel::Auto)).contains("ldb (128) must be >= K (256)"));
+    assert!(err_of(desc(0, 1, 128).resolve(GemmKernel::Auto)).contains("must be >= 1"));
+
+    // Tiles for the persistent grid.
+    assert_eq!(desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), 32 * 56);
+    assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
+}
+
+#[test]
+fn host_checks_act_quant_and_tensor_maps() {
+    let ok = ActQuantDesc {
+        m: 5,
+        k: 256,
+        x: Region {
+            addr: 0x1000,
+            len: 5 * 256,
+        },
+        ldx: 256,
+        q: Region {
+            addr: 0x2000,
+            len: 5 * 256,
+        },
+        ldq: 256,
+        scales: Region {
+            addr: 0x3000,
+            len: 2 * 8,
+        },
+        m_pad: 8,
+    };
+    ok.check().unwrap();
+    let msg = |d: ActQuantDesc| d.check().unwrap_err().to_string();
+    assert!(msg(ActQuantDesc { k: 100, ..ok }).contains("act_quant: K must be a multiple of 128"));
+    assert!(msg(ActQuantDesc {
+        ldx: 260,
+        x: Region {
+            addr: 0x1000,
+            len: 5 * 260
+        },
+        ..ok
+    })
+    .contains("ldx must be a multiple of 8"));
+    assert!(msg(ActQuantDesc {
+        ldq: 264,
+        q: Region {
+            addr: 0x2000,
+            len: 5 * 264
+        },
+        ..ok
+    })
+    .contains("ldq must be a multiple of 16"));
+    assert!(msg(ActQuantDesc { m_pad: 6, ..ok }).contains("multiple of 4"));
+    assert!(msg(ActQuantDesc {
+        scales: Region {
+            addr: 0x3004,
+            len: 16
+        },
+        ..ok
+    })
+    .contains("16-byte aligned"));
+    assert!(msg(ActQuantDesc {
+        scales: Region {
+            addr: 0x3000,
+            len: 15
+        },
+        ..ok
+    })
+    .contains("scales holds 15"));
+
+    let map = TensorMap2d {
+        name: "tmap_a",
+        elem: TmaElem::U8,
+        addr: 0x1000,
+        dims: [256, 70],
+        stride_bytes: 256,
+        box_dims: [128, 128],
+        swizzle_128b: true,
+    };
+    map.check("k").unwrap();
+    let e = |m: TensorMap2d| m.check("k").unwrap_err().to_string();
+    assert!(e(TensorMap2d {
+        stride_bytes: 264,
+        ..map
+    })
+    .contains("multiple of 16"));
+    assert!(e(TensorMap2d {
+        box_dims: [256, 128],
+        ..map
+    })
+    .contains("128-byte swizzle"));
+    assert!(e(TensorMap2d {
+        box_dims: [128, 300],
+        ..map
+    })
+    .contains("boxDim[1]"));
+    assert!(e(TensorMap2d {
+        addr: 0x1001,
+        ..map
+    })
+    .contains("16-byte aligned"));
+}
+
+#[test]
+fn sa_layout_round_trips() {
+    let (rows, kb) = (5, 3);
+    let m_pad = act_scale_m_pad(rows);
+    assert_eq!(m_pad, 8);
+    let row_major: Vec<f32> = (0..rows * kb).map(|i| i as f32).collect();
+    let sa = scales_to_sa(&row_major, rows, kb, m_pad);
+    assert_eq!(sa.len(), kb * m_pad);
+    assert_eq!(sa[m_pad + 2], row_major[2 * kb + 1]); // row 2, block 1
+    assert_eq!(
+        r1_runtime::cuda::scales_from_sa(&sa, rows, kb, m_pad),
+        row_major
+    );
+}
+
+/// Opening a device never panics: on a machine without one it is a typed error.
+#[test]
+fn device_open_reports_typed_errors() {
+    match Device::open(0) {
+        Ok(dev) => {
+            assert_eq!(dev.info().compute_capability, (9, 0));
+            // An ordinal past the last device is NoDevice with the real count.
+            match Device::open(1000) {
+                Err(CudaError::NoDevice {
+                    ordinal: 1000,
+                    count,
+                }) => assert!(count >= 1),
+                other => panic!("expected NoDevice for ordinal 1000, got {other:?}"),
+            }
+        }
+        Err(e) => {
+            assert!(
+                !require_gpu(),
+                "R1_REQUIRE_GPU is set but Device::open(0) failed: {e}"
+            );
+            assert!(
+                matches!(
+                    e,
+                    CudaError::NoDriver(_)
+                        | CudaError::NoDevice { .. }
+                        | CudaError::WrongArch { .. }
+                        | CudaError::BuiltWithoutKernels
+                        | CudaError::Driver(_)
+                ),
+                "{e:?}"
+            );
+            assert!(!e.to_string().is_empty());
+            if !r1_runtime::cuda::kernels_built() && Device::probe(0).is_ok() {
+                assert_eq!(e, CudaError::BuiltWithoutKernels);
+            }
+            if let CudaError::BuiltWithoutKernels = e {
+                assert!(e.to_string().contains("tools/install-cuda-toolchain"));
+            }
+            say(&format!("skipped: no CUDA device ({e}) [device_open_reports_typed_errors: typed error checked]"));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// act_quant
+// ------------------------------------------------------------------------------------------
+
+fn check_act_quant(dev: &Device, x: &[bf16], m: usize, k: usize) -> Result<(), String> {
+    let want = numerics::act_quant(&widen(x), k);
+    let xd = dev.upload(x).map_err(|e| e.to_string())?;
+    let got = dev
+        .act_quant(&xd, m, k)
+        .and_then(|q| q.download(dev))
+        .map_err(|e| e.to_string())?;
+    if let Some(i) = (0..want.codes.len()).find(|&i| got.codes[i] != want.codes[i]) {
+        let (r, c) = (i / k, i % k);
+        return Err(format!(
+            "act_quant [M={m}, K={k}]: code [{r}][{c}] = {:#04x}, CPU {:#04x} (x = {})",
+            got.codes[i], want.codes[i], x[i]
+        ));
+    }
+    let kb = k / QUANT_BLOCK;
+    if let Some(i) =
+        (0..want.scales.len()).find(|&i| got.scales[i].to_bits() != want.scales[i].to_bits())
+    {
+        return Err(format!(
+            "act_quant [M={m}, K={k}]: scale [{}][{}] = {:e}, CPU {:e}",
+            i / kb,
+            i % kb,
+            got.scales[i],
+            want.scales[i]
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn act_quant_matches_cpu_bit_exact() {
+    let Some(dev) = gpu("act_quant_matches_cpu_bit_exact") else {
+        return;
+    };
+    let mut rng = Rng(1);
+    for (m, k) in [
+        (1, 128),
+        (3, 256),
+        (64, 7168),
+        (130, 1536),
+        (1000, 512),
+        (4096, 2048),
+    ] {
+        check_act_quant(dev, &activations(&mut rng, m, k), m, k).unwrap();
+    }
+    runner(16)
+        .run(
+            &(1usize..300, 1usize..=24, any::<u64>()),
+            |(m, kb, seed)| {
+                let k = kb * QUANT_BLOCK;
+                let x = activations(&mut Rng(seed), m, k);
+                check_act_quant(dev, &x, m, k).map_err(fail)
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn act_quant_special_values() {
+    let Some(dev) = gpu("act_quant_special_values") else {
+        return;
+    };
+    let k = 6 * QUANT_BLOCK;
+    let mut x = Vec::new();
+    for row in 0..5 {
+        for g in 0..6 {
+            for i in 0..QUANT_BLOCK {
+                let v = match (row + g) % 6 {
+                    0 => 0.0, // all zero: amax floor
+                    1 => {
+                        if i % 2 == 0 {
+                            -0.0
+                        } else {
+                            1e-30
+                        }
+                    } // below the floor
+                    2 => 3.0e38 * if i % 3 == 0 { -1.0 } else { 0.5 }, // near bf16 max
+                    3 => (i as f32 - 64.0) * 1e-6, // subnormal e4m3 codes
+                    4 => {
+                        if i == 7 {
+                            1e4
+                        } else {
+                            1.0
+                        }
+                    } // one outlier
+                    _ => 448.0 * (i as f32 / 127.0) - 224.0, // ties and steps
+                };
+                x.push(bf16::from_f32(v));
+            }
+        }
+    }
+    check_act_quant(dev, &x, 5, k).unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// fp8_gemm_ref: bit-exact
+// ------------------------------------------------------------------------------------------
+
+fn check_ref_kernel(dev: &Device, m: usize, n: usize, k: usize, seed: u64) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let a = quantized(&mut rng, m, k);
+    let (codes, scales) = weight(&mut rng, n, k);
+    let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
+    let (ran, got) = gemm_on_gpu(dev, &ad, &wd, GemmKernel::Reference, n)?;
+    assert_eq!(ran, GemmKernel::Reference);
+    let want = cpu_ref_kernel(&a, &codes, &scales, n);
+    if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i]) {
+        return Err(format!(
+            "fp8_gemm_ref [M={m}, N={n}, K={k}]: D[{}][{}] = {} ({:#06x}), CPU {} ({:#06x})",
+            i / n,
+            i % n,
+            got[i],
+            got[i].to_bits(),
+            bf16::from_bits(want[i]),
+            want[i]
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn fp8_gemm_ref_bit_exact() {
+    let Some(dev) = gpu("fp8_gemm_ref_bit_exact") else {
+        return;
+    };
+    for (m, n, k) in [(1, 1, 1), (17, 129, 129), (5, 300, 100), (64, 256, 1024)] {
+        check_ref_kernel(dev, m, n, k, (m * n * k) as u64).unwrap();
+    }
+    runner(16)
+        .run(
+            &(1usize..200, 1usize..300, 1usize..700, any::<u64>()),
+            |(m, n, k, seed)| check_ref_kernel(dev, m, n, k, seed).map_err(fail),
+        )
+        .unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// wgmma kernels vs block_gemm_w8a8
+// ------------------------------------------------------------------------------------------
+
+/// Runs `kernels` on one random problem (ldd = n rounded up to even, plus `extra_ld`) and
+/// compares each with the CPU reference on `rows` (all rows when None).
+fn check_fast_kernels(
+    dev: &Device,
+    (m, n, k): (usize, usize, usize),
+    seed: u64,
+    kernels: &[GemmKernel],
+    extra_ld: usize,
+    rows: Option<Vec<usize>>,
+) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let a = quantized(&mut rng, m, k);
+    let (codes, scales) = weight(&mut rng, n, k);
+    let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
+    let rows = rows.unwrap_or_else(|| (0..m).collect());
+    let want = cpu_w8a8(&a, &rows, &codes, &scales, n);
+    let ldd = n.next_multiple_of(2) + extra_ld;
+    for &kernel in kernels {
+        let (ran, got) = gemm_on_gpu(dev, &ad, &wd, kernel, ldd)?;
+        if kernel != GemmKernel::Auto && ran != kernel {
+            return Err(format!("asked for {kernel:?}, ran {ran:?}"));
+        }
+        let what = format!("{} [M={m}, N={n}, K={k}, ldd={ldd}]", ran.name());
+        check_close(&got, n, &rows, &want, &what)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn fp8_gemm_wgmma_random_shapes() {
+    let Some(dev) = gpu("fp8_gemm_wgmma_random_shapes") else {
+        return;
+    };
+    runner(16)
+        .run(
+            &(
+                1usize..300,
+                1usize..600,
+                1usize..=8,
+                0usize..3,
+                any::<u64>(),
+            ),
+            |(m, n, kb, extra, seed)| {
+                check_fast_kernels(
+                    dev,
+                    (m, n, kb * QUANT_BLOCK),
+                    seed,
+                    &[GemmKernel::Wgmma, GemmKernel::WgmmaM64, GemmKernel::Auto],
+                    2 * extra,
+                    None,
+                )
+                .map_err(fail)
+            },
+        )
+        .unwrap();
+}
+
+/// Every DeepSeek-V3 FP8 GEMM shape at M = 1, 64, 128, both wgmma kernels, all rows checked.
+#[test]
+fn fp8_gemm_deepseek_shapes() {
+    let Some(dev) = gpu("fp8_gemm_deepseek_shapes") else {
+        return;
+    };
+    for (i, &(n, k)) in DEEPSEEK_NK.iter().enumerate() {
+        for m in [1, 64, 128] {
+            check_fast_kernels(
+                dev,
+                (m, n, k),
+                (i * 1000 + m) as u64,
+                &[GemmKernel::Wgmma, GemmKernel::WgmmaM64],
+                0,
+                None,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// M = 4096 for two shapes (time): both wgmma kernels on a sample of rows against the CPU, and
+/// in full against the reference kernel.
+#[test]
+fn fp8_gemm_deepseek_shapes_m4096() {
+    let Some(dev) = gpu("fp8_gemm_deepseek_shapes_m4096") else {
+        return;
+    };
+    let m = 4096;
+    for (n, k) in [(7168, 16384), (2112, 7168)] {
+        let mut rng = Rng(n as u64 ^ k as u64);
+        let mut rows = vec![0, 1, 63, 64, 127, 128, 129, 1023, 2047, 2048, 4094, 4095];
+        rows.extend((0..28).map(|_| rng.below(m)));
+        let a = quantized(&mut rng, m, k);
+        let (codes, scales) = weight(&mut rng, n, k);
+        let ad = QuantizedActivations::upload(dev, &a).unwrap();
+        let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
+        let want = cpu_w8a8(&a, &rows, &codes, &scales, n);
+        let (_, reference) = gemm_on_gpu(dev, &ad, &wd, GemmKernel::Reference, n).unwrap();
+        let reference: Vec<f32> = reference.iter().map(|v| v.to_f32()).collect();
+        let all: Vec<usize> = (0..m).collect();
+        for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+            let (_, got) = gemm_on_gpu(dev, &ad, &wd, kernel, n).unwrap();
+            let what = format!("{} [M={m}, N={n}, K={k}]", kernel.name());
+            check_close(&got, n, &rows, &want, &format!("{what} vs CPU")).unwrap();
+            check_close(
+                &got,
+                n,
+                &all,
+                &reference,
+                &format!("{what} vs fp8_gemm_ref"),
+            )
+            .unwrap();
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Errors and fallbacks on the device
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn fp8_gemm_rejects_and_falls_back() {
+    let Some(dev) = gpu("fp8_gemm_rejects_and_falls_back") else {
+        return;
+    };
+    let (m, n, k) = (9, 200, 100);
+    let mut rng = Rng(7);
+    let a = quantized(&mut rng, m, k);
+    let (codes, scales) = weight(&mut rng, n, k);
+    let ad = QuantizedActivations::upload(dev, &a).unwrap();
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
+    for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+        let e = dev.fp8_gemm(&ad, &wd, kernel).unwrap_err().to_string();
+        assert!(e.contains("K must be a multiple of 128"), "{e}");
+    }
+    // Auto takes the reference kernel, which is exact.
+    let (d, ran) = dev.fp8_gemm(&ad, &wd, GemmKernel::Auto).unwrap();
+    assert_eq!(ran, GemmKernel::Reference);
+    let got: Vec<u16> = dev
+        .download(&d)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(got, cpu_ref_kernel(&a, &codes, &scales, n));
+
+    // act_quant refuses K % 128 != 0 too.
+    let x = dev.upload(&activations(&mut rng, m, k)).unwrap();
+    let e = dev.act_quant(&x, m, k).unwrap_err().to_string();
+    assert!(e.contains("act_quant: K must be a multiple of 128"), "{e}");
+
+    // Mismatched K between activations and weight.
+    let a256 = QuantizedActivations::upload(dev, &quantized(&mut rng, m, 256)).unwrap();
+    assert!(dev.fp8_gemm(&a256, &wd, GemmKernel::Auto).is_err());
+
+    // A row stride TMA cannot take (lda = K + 8): fast path refuses, Auto falls back.
+    let k = 256;
+    let lda = k + 8;
+    let q = quantized(&mut rng, m, k);
+    let mut padded = vec![0u8; m * lda];
+    for r in 0..m {
+        padded[r * lda..r * lda + k].copy_from_slice(&q.codes[r * k..(r + 1) * k]);
+    }
+    let a_codes = dev.upload(&padded).unwrap();
+    let m_pad = act_scale_m_pad(m);
+    let sa = dev.upload(&scales_to_sa(&q.scales, m, 2, m_pad)).unwrap();
+    let (codes, scales) = weight(&mut rng, n, k);
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
+    let mut d: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+    fn args<'a>(
+        (a, lda, sa, m_pad): (&'a DeviceBuffer<u8>, usize, &'a DeviceBuffer<f32>, usize),
+        w: &'a Fp8Weight,
+        d: &'a mut DeviceBuffer<bf16>,
+        m: usize,
+    ) -> Fp8GemmArgs<'a> {
+        Fp8GemmArgs {
+            a,
+            lda,
+            sa,
+            m_pad,
+            b: &w.codes,
+            ldb: w.k,
+            sb: &w.scales,
+            d,
+            ldd: w.n,
+            m,
+            n: w.n,
+            k: w.k,
+        }
+    }
+    let a_in = (&a_codes, lda, &sa, m_pad);
+    let e = dev
+        .fp8_gemm_into(args(a_in, &wd, &mut d, m), GemmKernel::Wgmma)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lda must be a multiple of 16"), "{e}");
+    assert_eq!(
+        dev.fp8_gemm_into(args(a_in, &wd, &mut d, m), GemmKernel::Auto)
+            .unwrap(),
+        GemmKernel::Reference
+    );
+    let got: Vec<u16> = dev
+        .download(&d)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(got, cpu_ref_kernel(&q, &codes, &scales, n));
+}
+
+/// The short case tools/gpu-suite runs under compute-sanitizer: act_quant on the GPU feeding
+/// every GEMM kernel, ragged M and N (partial tiles, OOB TMA boxes, masked stores).
+#[test]
+fn sanitizer_smoke() {
+    let Some(dev) = gpu("sanitizer_smoke") else {
+        return;
+    };
+    let (m, n, k) = (70, 200, 384);
+    let mut rng = Rng(42);
+    let x = activations(&mut rng, m, k);
+    check_act_quant(dev, &x, m, k).unwrap();
+    let xd = dev.upload(&x).unwrap();
+    let ad = dev.act_quant(&xd, m, k).unwrap();
+    let a = numerics::act_quant(&widen(&x), k);
+    let (codes, scales) = weight(&mut rng, n, k);
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
+    let rows: Vec<usize> = (0..m).collect();
+    let want = cpu_w8a8(&a, &rows, &codes, &scales, n);
+    for kernel in [
+        GemmKernel::Wgmma,
+        GemmKernel::WgmmaM64,
+        GemmKernel::Reference,
+    ] {
+        let (_, got) = gemm_on_gpu(dev, &ad, &wd, kernel, n).unwrap();
+        check_close(&got, n, &rows, &want, kernel.name()).unwrap();
+    }
+    let (_, got) = gemm_on_gpu(dev, &ad, &wd, GemmKernel::Reference, n).unwrap();
+    let exact: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
+    assert_eq!(exact, cpu_ref_kernel(&a, &codes, &scales, n));
+    dev.synchronize().unwrap();
+}
