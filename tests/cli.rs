@@ -13,6 +13,27 @@ fn r1_run(args: &[&str]) -> std::process::Output {
         .expect("r1-run runs")
 }
 
+/// Runs `r1-run generate ... --json` and parses its last stdout line.
+fn generate_json(args: &[&str]) -> serde_json::Value {
+    let res = r1_run(&[&["generate"], args, &["--json"]].concat());
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let stdout = String::from_utf8(res.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn tokens_of(v: &serde_json::Value) -> Vec<u32> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn csv(tokens: &[u32]) -> String {
     tokens
         .iter()
@@ -66,8 +87,7 @@ fn logits_writes_reference_matching_safetensors() {
 fn generate_json_reports_tokens_and_speed() {
     let r = reference("small-odd");
     let model = fixture("small-odd");
-    let res = r1_run(&[
-        "generate",
+    let v = generate_json(&[
         "--model",
         model.to_str().unwrap(),
         "--tokens",
@@ -76,23 +96,8 @@ fn generate_json_reports_tokens_and_speed() {
         "6",
         "--temperature",
         "0",
-        "--json",
     ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    let stdout = String::from_utf8(res.stdout).unwrap();
-    let last = stdout.lines().last().unwrap();
-    let v: serde_json::Value = serde_json::from_str(last).unwrap();
-    let tokens: Vec<u32> = v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(tokens, r.greedy);
+    assert_eq!(tokens_of(&v), r.greedy);
     assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
@@ -161,8 +166,7 @@ fn bad_input_fails_with_a_message() {
 fn generate_with_mtp_speculation_reports_counts() {
     let r = reference("r1-heads");
     let model = fixture("r1-heads");
-    let res = r1_run(&[
-        "generate",
+    let v = generate_json(&[
         "--model",
         model.to_str().unwrap(),
         "--tokens",
@@ -173,13 +177,12 @@ fn generate_with_mtp_speculation_reports_counts() {
         "mtp",
         "--draft-tokens",
         "2",
-        "--json",
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let stdout = String::from_utf8(res.stdout).unwrap();
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let tokens: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(tokens, r.greedy, "speculation keeps the greedy output");
+    assert_eq!(
+        tokens_of(&v),
+        r.greedy,
+        "speculation keeps the greedy output"
+    );
     let spec = &v["spec"];
     assert!(spec["steps"].as_u64().unwrap() >= 1);
     assert!(spec["accepted"].as_u64().unwrap() <= spec["drafted"].as_u64().unwrap());

@@ -18,19 +18,12 @@ pub fn linear(x: &[f32], w: &Weight, precision: Precision) -> Vec<f32> {
     // Computed feature-major ([n, rows]) so each task owns contiguous output, then transposed.
     let mut out_t = vec![0f32; n * rows];
     match w {
-        Weight::Dense { data, .. } => {
-            out_t
-                .par_chunks_mut(rows * FEATURES_PER_TASK)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    for (j, col) in out.chunks_mut(rows).enumerate() {
-                        let row = &data[(task * FEATURES_PER_TASK + j) * k..][..k];
-                        for (t, o) in col.iter_mut().enumerate() {
-                            *o = dot(&x[t * k..(t + 1) * k], row);
-                        }
-                    }
-                });
-        }
+        Weight::Dense { data, .. } => for_each_feature(&mut out_t, rows, k, |nn, _, col| {
+            let row = &data[nn * k..(nn + 1) * k];
+            for (t, o) in col.iter_mut().enumerate() {
+                *o = dot(&x[t * k..(t + 1) * k], row);
+            }
+        }),
         Weight::Fp8(w) => match precision {
             Precision::Exact => fp8_exact(x, w, rows, &mut out_t),
             Precision::W8a8 => fp8_w8a8(&act_quant(x, k), w, &mut out_t),
@@ -39,32 +32,44 @@ pub fn linear(x: &[f32], w: &Weight, precision: Precision) -> Vec<f32> {
     transpose(&out_t, n, rows)
 }
 
-/// Exact mode: W = e4m3(q) * scale in f32, then an f32 dot product.
-fn fp8_exact(x: &[f32], w: &Fp8Weight, rows: usize, out_t: &mut [f32]) {
-    let (k, kb) = (w.k, w.k.div_ceil(QUANT_BLOCK));
-    let codes = w.codes.as_slice();
+/// Runs `f(feature, scratch, column)` for every output feature in parallel; `column` is the
+/// feature's `rows` outputs and `scratch` a reusable buffer of `k` values per task.
+fn for_each_feature(
+    out_t: &mut [f32],
+    rows: usize,
+    k: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) {
     out_t
         .par_chunks_mut(rows * FEATURES_PER_TASK)
         .enumerate()
         .for_each_init(
             || vec![0f32; k],
-            |wrow, (task, out)| {
+            |scratch, (task, out)| {
                 for (j, col) in out.chunks_mut(rows).enumerate() {
-                    let nn = task * FEATURES_PER_TASK + j;
-                    let scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
-                    for (i, (dst, &c)) in wrow
-                        .iter_mut()
-                        .zip(&codes[nn * k..(nn + 1) * k])
-                        .enumerate()
-                    {
-                        *dst = e4m3_to_f32(c) * scales[i / QUANT_BLOCK];
-                    }
-                    for (t, o) in col.iter_mut().enumerate() {
-                        *o = dot(&x[t * k..(t + 1) * k], wrow);
-                    }
+                    f(task * FEATURES_PER_TASK + j, scratch, col);
                 }
             },
         );
+}
+
+/// Exact mode: W = e4m3(q) * scale in f32, then an f32 dot product.
+fn fp8_exact(x: &[f32], w: &Fp8Weight, rows: usize, out_t: &mut [f32]) {
+    let (k, kb) = (w.k, w.k.div_ceil(QUANT_BLOCK));
+    let codes = w.codes.as_slice();
+    for_each_feature(out_t, rows, k, |nn, wrow, col| {
+        let scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
+        for (i, (dst, &c)) in wrow
+            .iter_mut()
+            .zip(&codes[nn * k..(nn + 1) * k])
+            .enumerate()
+        {
+            *dst = e4m3_to_f32(c) * scales[i / QUANT_BLOCK];
+        }
+        for (t, o) in col.iter_mut().enumerate() {
+            *o = dot(&x[t * k..(t + 1) * k], wrow);
+        }
+    });
 }
 
 /// w8a8: both operands as e4m3 codes, block partial sums promoted with both scales.
@@ -75,29 +80,20 @@ fn fp8_w8a8(a: &QuantizedRows, w: &Fp8Weight, out_t: &mut [f32]) {
         a.decoded_row(r, row);
     }
     let codes = w.codes.as_slice();
-    out_t
-        .par_chunks_mut(rows * FEATURES_PER_TASK)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; k],
-            |wrow, (task, out)| {
-                for (j, col) in out.chunks_mut(rows).enumerate() {
-                    let nn = task * FEATURES_PER_TASK + j;
-                    for (dst, &c) in wrow.iter_mut().zip(&codes[nn * k..(nn + 1) * k]) {
-                        *dst = e4m3_to_f32(c);
-                    }
-                    let w_scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
-                    for (t, o) in col.iter_mut().enumerate() {
-                        *o = dot_w8a8(
-                            &a_decoded[t * k..(t + 1) * k],
-                            a.row_scales(t),
-                            wrow,
-                            w_scales,
-                        );
-                    }
-                }
-            },
-        );
+    for_each_feature(out_t, rows, k, |nn, wrow, col| {
+        for (dst, &c) in wrow.iter_mut().zip(&codes[nn * k..(nn + 1) * k]) {
+            *dst = e4m3_to_f32(c);
+        }
+        let w_scales = &w.scales[(nn / QUANT_BLOCK) * kb..][..kb];
+        for (t, o) in col.iter_mut().enumerate() {
+            *o = dot_w8a8(
+                &a_decoded[t * k..(t + 1) * k],
+                a.row_scales(t),
+                wrow,
+                w_scales,
+            );
+        }
+    });
 }
 
 #[inline]

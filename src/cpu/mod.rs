@@ -1,7 +1,7 @@
 //! The CPU reference backend (rayon): executes the model graph exactly in f32, or with the
 //! GPU's w8a8 recipe so GPU results can be compared op by op.
 
-mod attention;
+pub mod attention;
 pub mod linear;
 pub mod moe;
 
