@@ -6,6 +6,7 @@
 //! generation.
 
 pub mod backend;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -16,6 +17,7 @@ pub mod graph;
 pub mod kv_cache;
 pub mod model;
 pub mod numerics;
+pub mod server;
 
 pub use backend::{Backend, Precision};
 pub use error::{Error, Result};

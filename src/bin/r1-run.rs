@@ -70,6 +70,69 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Chat in the terminal: streams the thinking (dimmed) and then the answer.
+    Chat(ChatArgs),
+    /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /// /health, /metrics).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Answer this one prompt and exit (otherwise read turns from stdin).
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens per answer, thinking included.
+    #[arg(long, default_value_t = 8192)]
+    max_tokens: usize,
+    /// 0 is greedy (DeepSeek recommends 0.6 for R1).
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Start every answer inside <think> (as the original R1 template did).
+    #[arg(long)]
+    think: bool,
+    /// Print only the answers.
+    #[arg(long)]
+    hide_thinking: bool,
+    /// No ANSI styling (the default when stdout is not a terminal).
+    #[arg(long)]
+    no_color: bool,
+    /// Print token counts and tokens/s after each answer (stderr).
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model id clients send (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Sequences decoding at once, at most.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Tokens per engine step (decode tokens plus chunked prefill).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    /// KV cache capacity in tokens, over all sequences.
+    #[arg(long, default_value_t = 1 << 20)]
+    cache_tokens: usize,
 }
 
 #[derive(Args)]
@@ -126,6 +189,8 @@ fn load(args: &RunArgs, with_mtp: bool) -> Result<Engine> {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Info { model } => info(&model),
+        Command::Chat(a) => r1_runtime::chat::terminal::run(&chat_options(a)),
+        Command::Serve(a) => r1_runtime::server::run(serve_options(a)),
         Command::Logits { run, tokens, out } => {
             let mut engine = load(&run, true)?;
             let vocab = engine.config().vocab_size;
@@ -307,4 +372,46 @@ fn human_bytes(b: usize) -> String {
         u += 1;
     }
     format!("{v:.1} {}", UNITS[u])
+}
+
+fn engine_options(run: &RunArgs, cache_tokens: usize) -> EngineOptions {
+    EngineOptions {
+        backend: run.backend,
+        precision: run.precision,
+        with_mtp: false,
+        cache_tokens,
+    }
+}
+
+fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
+    r1_runtime::chat::terminal::ChatOptions {
+        engine: engine_options(&a.run, EngineOptions::default().cache_tokens),
+        model_dir: a.run.model,
+        prompt: a.prompt,
+        system: a.system,
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+        force_thinking: a.think,
+        hide_thinking: a.hide_thinking,
+        color: a.no_color.then_some(false),
+        stats: a.stats,
+    }
+}
+
+fn serve_options(a: ServeArgs) -> r1_runtime::server::ServeOptions {
+    r1_runtime::server::ServeOptions {
+        engine: engine_options(&a.run, a.cache_tokens),
+        model_dir: a.run.model,
+        host: a.host,
+        port: a.port,
+        model_name: a.served_model_name,
+        max_running: a.max_running,
+        step_tokens: a.step_tokens,
+    }
 }

@@ -2,6 +2,7 @@
 //! forward passes for sequences, and generates.
 
 pub mod sampling;
+pub mod scheduler;
 pub mod speculative;
 
 use std::path::Path;
@@ -364,7 +365,10 @@ impl Engine {
         let mtp = if self.has_mtp() && tokens.len() >= 2 {
             let h = self.cfg.hidden_size;
             let hidden = &main.hidden[..(tokens.len() - 1) * h];
-            Some(self.mtp_forward(seq, 0, &tokens[1..], hidden, LogitRows::All)?.logits)
+            Some(
+                self.mtp_forward(seq, 0, &tokens[1..], hidden, LogitRows::All)?
+                    .logits,
+            )
         } else {
             None
         };
@@ -386,7 +390,12 @@ impl Engine {
         result
     }
 
-    fn check_generation(&self, prompt: &[u32], max_new_tokens: usize, sampling: &SamplingParams) -> Result<()> {
+    fn check_generation(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> Result<()> {
         sampling.validate().map_err(Error::Input)?;
         if max_new_tokens == 0 {
             return Err(Error::Input("max_new_tokens must be at least 1".into()));

@@ -1,0 +1,933 @@
+//! Continuous batching over [`Engine::forward_batch`]: requests join and leave the running
+//! batch between steps; a long prompt is prefilled in chunks (a token budget per step) so
+//! running streams keep decoding; each request has its own sampling settings, stop strings,
+//! stop tokens and length limit; a cancelled (or abandoned) request frees its cache pages.
+//!
+//! [`Scheduler`] is the single-threaded core (deterministic, testable step by step);
+//! [`SchedulerHandle::spawn`] runs one on a dedicated thread (the engine is not `Sync`, and a
+//! GPU context belongs to one thread) and talks to it over channels, so any number of threads
+//! or async tasks can submit requests and receive their events.
+//!
+//! Prefix caching (opt-in, [`SchedulerOptions::prefix_cache_pages`]): a finished sequence's
+//! cache stays behind, keyed by its tokens; a later request whose prompt shares a prefix with
+//! one takes it over (the pages are not shared: one request per cached sequence), truncates it
+//! to the common prefix and prefills only the rest. Multi-turn chats and repeated prompts hit;
+//! least recently used entries are evicted when the budget or the KV capacity needs room.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
+use super::{Engine, Sequence, Step};
+use crate::chat::json_mode::{JsonConstraint, TokenBytes};
+use crate::chat::reasoning::partial_suffix;
+use crate::chat::template::{THINK_CLOSE, THINK_OPEN};
+use crate::chat::{IncrementalDecoder, Tokenizer};
+use crate::error::{Error, Result};
+use crate::kv_cache::PAGE_TOKENS;
+use crate::model::LogitRows;
+
+pub type RequestId = u64;
+
+/// One generation request (token level; text in and out is the chat layer's business, except
+/// for stop strings, which need the tokenizer the scheduler was given).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// Tokens to generate at most (capped by the model's context).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first occurrence, which is not returned.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (like eos; the token counts but has no text).
+    pub stop_token_ids: Vec<u32>,
+    /// JSON output mode: the answer is constrained to one JSON object (needs the tokenizer).
+    pub json: Option<JsonMode>,
+}
+
+/// JSON output mode settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonMode {
+    /// The prompt opened `<think>`: the output reasons (unconstrained) until `</think>`.
+    pub in_reasoning: bool,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Request {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            json: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model's eos token.
+    Eos,
+    /// One of the request's stop token ids.
+    StopToken,
+    /// One of the request's stop strings.
+    StopString,
+    /// JSON mode: the object is complete.
+    JsonComplete,
+    /// `max_tokens` or the model's context.
+    Length,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: StopReason,
+    /// Text still held back at the end (the last incomplete characters, a stop-string prefix
+    /// that did not complete); empty without a tokenizer.
+    pub text: String,
+    /// Every generated token, the final eos/stop token included.
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose cache came from an earlier request (prefix caching).
+    pub cached_tokens: usize,
+    pub time_to_first_token: Duration,
+    pub total_time: Duration,
+}
+
+/// What a request's receiver gets, in order: tokens, then exactly one `Finished` or `Error`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token and the text that became final with it (possibly empty: incomplete
+    /// characters and possible stop-string prefixes wait). Eos/stop tokens send no `Token`.
+    Token {
+        id: u32,
+        text: String,
+    },
+    Finished(Finish),
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Sequences decoding at once, at most.
+    pub max_running: usize,
+    /// Tokens per forward step: decode tokens first, the rest of the budget for prefill
+    /// chunks (at least one prompt token per step while a prompt waits).
+    pub step_tokens: usize,
+    /// KV cache pages the scheduler may reserve (a request reserves pages for its prompt plus
+    /// `max_tokens` when admitted). Keep it within the engine's `cache_tokens / PAGE_TOKENS`.
+    pub kv_pages: usize,
+    /// Needed for text in `Event::Token` and for stop strings.
+    pub tokenizer: Option<Tokenizer>,
+    /// KV pages finished sequences may keep for prefix caching (0: off). Counted within
+    /// `kv_pages`.
+    pub prefix_cache_pages: usize,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_running: 64,
+            step_tokens: 512,
+            kv_pages: (1 << 20) / PAGE_TOKENS,
+            tokenizer: None,
+            prefix_cache_pages: 0,
+        }
+    }
+}
+
+/// A snapshot for monitoring (`/metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Requests waiting to be admitted.
+    pub waiting: usize,
+    /// Requests in the running batch (prefilling or decoding).
+    pub running: usize,
+    /// Pages held by live sequences.
+    pub kv_pages_in_use: usize,
+    /// Pages held by the prefix cache (finished sequences kept for reuse).
+    pub kv_pages_cached: usize,
+    pub kv_pages_capacity: usize,
+    pub requests_total: u64,
+    pub requests_finished: u64,
+    pub requests_cancelled: u64,
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    pub prefix_cache_hit_tokens_total: u64,
+    pub steps_total: u64,
+    /// Generated tokens per second over the last few seconds.
+    pub generation_tokens_per_second: f64,
+    /// Prompt tokens prefilled per second over the last few seconds.
+    pub prompt_tokens_per_second: f64,
+}
+
+/// Facts about the model that front ends need to validate requests.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub vocab_size: usize,
+    pub max_context: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+struct Running {
+    id: RequestId,
+    req: Request,
+    /// `max_tokens` capped by the context.
+    limit: usize,
+    seq: Sequence,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached: usize,
+    generated: Vec<u32>,
+    rng: Rng,
+    decoder: Option<IncrementalDecoder>,
+    /// Decoded text held back because it might begin a stop string.
+    pending: String,
+    events: UnboundedSender<Event>,
+    pages: usize,
+    submitted: Instant,
+    first_token: Option<Duration>,
+    cancelled: bool,
+    json: Option<JsonConstraint>,
+}
+
+impl Running {
+    fn decoding(&self) -> bool {
+        self.prefilled == self.req.prompt.len()
+    }
+}
+
+/// The scheduling core: owns the engine and every request's state.
+pub struct Scheduler {
+    engine: Engine,
+    opts: SchedulerOptions,
+    info: ModelInfo,
+    waiting: VecDeque<Running>,
+    running: Vec<Running>,
+    next_id: RequestId,
+    reserved_pages: usize,
+    metrics: Arc<Mutex<Metrics>>,
+    /// (time, generated, prefilled) per step, for the rates.
+    recent: VecDeque<(Instant, usize, usize)>,
+    prefix_cache: Vec<CachedSeq>,
+    cached_pages: usize,
+    clock: u64,
+    /// Token bytes for JSON mode, built on first use.
+    token_bytes: Option<Arc<TokenBytes>>,
+}
+
+/// A finished sequence kept for prefix caching: its cache holds `tokens`.
+struct CachedSeq {
+    tokens: Vec<u32>,
+    seq: Sequence,
+    last_used: u64,
+}
+
+fn pages_for(tokens: usize) -> usize {
+    tokens.div_ceil(PAGE_TOKENS)
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Scheduler {
+    pub fn new(engine: Engine, opts: SchedulerOptions) -> Self {
+        let cfg = engine.config();
+        let info = ModelInfo {
+            vocab_size: cfg.vocab_size,
+            max_context: cfg.max_position_embeddings,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+        };
+        let metrics = Metrics {
+            kv_pages_capacity: opts.kv_pages,
+            ..Metrics::default()
+        };
+        Scheduler {
+            engine,
+            opts,
+            info,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 1,
+            reserved_pages: 0,
+            metrics: Arc::new(Mutex::new(metrics)),
+            recent: VecDeque::new(),
+            prefix_cache: Vec::new(),
+            cached_pages: 0,
+            clock: 0,
+            token_bytes: None,
+        }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Checks a request and queues it; its events go to `events`.
+    pub fn submit_with(
+        &mut self,
+        req: Request,
+        events: UnboundedSender<Event>,
+    ) -> Result<RequestId> {
+        let limit = validate(&self.info, &self.opts, &req)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let pages = (req.prompt.len() + limit).div_ceil(PAGE_TOKENS);
+        let decoder = self.opts.tokenizer.as_ref().map(|t| t.stream(true));
+        let json = match (req.json, &self.opts.tokenizer) {
+            (Some(mode), Some(tok)) => {
+                let vocab = self.info.vocab_size;
+                let table = self
+                    .token_bytes
+                    .get_or_insert_with(|| Arc::new(TokenBytes::from_tokenizer(tok, vocab)));
+                Some(JsonConstraint::new(
+                    Arc::clone(table),
+                    mode.in_reasoning,
+                    tok.token_to_id(THINK_OPEN),
+                    tok.token_to_id(THINK_CLOSE),
+                ))
+            }
+            _ => None,
+        };
+        let rng = Rng::new(req.sampling.seed);
+        self.waiting.push_back(Running {
+            id,
+            req,
+            limit,
+            seq: Sequence::default(),
+            prefilled: 0,
+            cached: 0,
+            generated: Vec::new(),
+            rng,
+            decoder,
+            pending: String::new(),
+            events,
+            pages,
+            submitted: Instant::now(),
+            first_token: None,
+            cancelled: false,
+            json,
+        });
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        m.requests_total += 1;
+        m.waiting = self.waiting.len();
+        Ok(id)
+    }
+
+    /// Queues a request; returns its id and its event receiver.
+    pub fn submit(&mut self, req: Request) -> Result<(RequestId, UnboundedReceiver<Event>)> {
+        let (tx, rx) = unbounded_channel();
+        let id = self.submit_with(req, tx)?;
+        Ok((id, rx))
+    }
+
+    /// Cancels a request (waiting or running); its cache pages are freed at the next step.
+    /// Dropping a request's receiver has the same effect.
+    pub fn cancel(&mut self, id: RequestId) {
+        for r in self.waiting.iter_mut().chain(self.running.iter_mut()) {
+            if r.id == id {
+                r.cancelled = true;
+            }
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn metrics_handle(&self) -> Arc<Mutex<Metrics>> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Drops cancelled requests and those whose receiver is gone, freeing their pages.
+    fn reap(&mut self) -> u64 {
+        let mut reaped = 0;
+        let mut i = 0;
+        while i < self.running.len() {
+            let r = &self.running[i];
+            if r.cancelled || r.events.is_closed() {
+                let mut r = self.running.remove(i);
+                self.engine.release(&mut r.seq);
+                self.reserved_pages -= r.pages;
+                let _ = r.events.send(Event::Error("cancelled".into()));
+                reaped += 1;
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|r| {
+            let keep = !(r.cancelled || r.events.is_closed());
+            if !keep {
+                let _ = r.events.send(Event::Error("cancelled".into()));
+            }
+            keep
+        });
+        reaped + (before - self.waiting.len()) as u64
+    }
+
+    /// Moves waiting requests into the batch while there is room (FIFO: a request that does
+    /// not fit blocks the ones behind it, so large requests are not starved). A request takes
+    /// over the cached sequence sharing the longest prefix with its prompt, if any.
+    fn admit(&mut self) {
+        while self.running.len() < self.opts.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let need = front.pages;
+            // The cached sequence this request would take over leaves the cache first (its
+            // pages count within the request's own reservation).
+            let taken = self.best_prefix(&front.req.prompt).map(|(i, len)| {
+                let c = self.prefix_cache.swap_remove(i);
+                self.cached_pages -= pages_for(c.tokens.len());
+                (c, len)
+            });
+            while self.reserved_pages + self.cached_pages + need > self.opts.kv_pages
+                && self.evict_lru()
+            {}
+            if self.reserved_pages + self.cached_pages + need > self.opts.kv_pages {
+                if let Some((c, _)) = taken {
+                    self.cached_pages += pages_for(c.tokens.len());
+                    self.prefix_cache.push(c);
+                }
+                break;
+            }
+            let mut r = self.waiting.pop_front().expect("front exists");
+            if let Some((mut c, len)) = taken {
+                self.engine.truncate(&mut c.seq, len);
+                r.seq = c.seq;
+                r.prefilled = len;
+                r.cached = len;
+                let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                m.prefix_cache_hit_tokens_total += len as u64;
+            }
+            self.reserved_pages += r.pages;
+            self.running.push(r);
+        }
+    }
+
+    /// The cached sequence sharing the longest prefix with `prompt` (leaving at least one
+    /// prompt token to run): (index, shared length).
+    fn best_prefix(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+        let max = prompt.len().saturating_sub(1);
+        self.prefix_cache
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let n = c
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, n.min(max))
+            })
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(i, n)| (n, self.prefix_cache[i].last_used))
+    }
+
+    /// Frees the least recently used cached sequence; false when none is left.
+    fn evict_lru(&mut self) -> bool {
+        let victim = self
+            .prefix_cache
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(i, _)| i);
+        let Some(i) = victim else {
+            return false;
+        };
+        let mut c = self.prefix_cache.swap_remove(i);
+        self.cached_pages -= pages_for(c.tokens.len());
+        self.engine.release(&mut c.seq);
+        true
+    }
+
+    /// Keeps a finished sequence for prefix caching, or frees it.
+    fn retire(&mut self, mut r: Running) {
+        self.reserved_pages -= r.pages;
+        let budget = self.opts.prefix_cache_pages;
+        // The cache holds the prompt and every generated token but the last (never fed).
+        let mut tokens = r.req.prompt.clone();
+        tokens.extend_from_slice(&r.generated[..r.generated.len().saturating_sub(1)]);
+        let pages = pages_for(tokens.len());
+        if budget == 0 || pages > budget || r.seq.len() != tokens.len() {
+            self.engine.release(&mut r.seq);
+            return;
+        }
+        // An entry that is a prefix of this one is redundant.
+        let mut i = 0;
+        while i < self.prefix_cache.len() {
+            let c = &self.prefix_cache[i];
+            if tokens.starts_with(&c.tokens) {
+                let mut c = self.prefix_cache.swap_remove(i);
+                self.cached_pages -= pages_for(c.tokens.len());
+                self.engine.release(&mut c.seq);
+            } else {
+                i += 1;
+            }
+        }
+        while self.cached_pages + pages > budget && self.evict_lru() {}
+        self.clock += 1;
+        self.cached_pages += pages;
+        self.prefix_cache.push(CachedSeq {
+            tokens,
+            seq: r.seq,
+            last_used: self.clock,
+        });
+    }
+
+    /// Frees every cached sequence.
+    pub fn clear_prefix_cache(&mut self) {
+        while self.evict_lru() {}
+    }
+
+    /// One forward step over the running batch. Returns whether work remains.
+    pub fn step(&mut self) -> bool {
+        let cancelled = self.reap();
+        self.admit();
+        if self.running.is_empty() {
+            self.publish(cancelled, 0, 0, 0);
+            return self.has_work();
+        }
+        let decodes = self.running.iter().filter(|r| r.decoding()).count();
+        let mut prefill_budget = self.opts.step_tokens.saturating_sub(decodes).max(1);
+        // Each running request's token range for this step (prefill chunk or last token).
+        let mut chunks: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        for r in &self.running {
+            if r.decoding() {
+                chunks.push((0, 1));
+            } else {
+                let n = (r.req.prompt.len() - r.prefilled).min(prefill_budget);
+                prefill_budget -= n;
+                chunks.push((r.prefilled, n));
+            }
+        }
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        let mut members: Vec<usize> = Vec::new();
+        for (i, (r, &(start, n))) in self.running.iter_mut().zip(&chunks).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let Running {
+                seq,
+                req,
+                generated,
+                ..
+            } = r;
+            let tokens: &[u32] = if generated.is_empty() {
+                &req.prompt[start..start + n]
+            } else {
+                &generated[generated.len() - 1..]
+            };
+            steps.push(Step { seq, tokens });
+            members.push(i);
+        }
+        let result = self.engine.forward_batch(&mut steps, LogitRows::Last);
+        drop(steps);
+        let outputs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                // The step failed as a whole: fail its members, free their pages.
+                let msg = e.to_string();
+                for &i in members.iter().rev() {
+                    let mut r = self.running.remove(i);
+                    self.engine.release(&mut r.seq);
+                    self.reserved_pages -= r.pages;
+                    let _ = r.events.send(Event::Error(msg.clone()));
+                }
+                self.publish(cancelled, 0, 0, 0);
+                return self.has_work();
+            }
+        };
+        let (mut generated, mut prefilled) = (0, 0);
+        let mut done: Vec<usize> = Vec::new();
+        for (&i, out) in members.iter().zip(outputs) {
+            let r = &mut self.running[i];
+            if !r.decoding() {
+                r.prefilled += chunks[i].1;
+                prefilled += chunks[i].1;
+                if !r.decoding() {
+                    continue;
+                }
+            }
+            generated += 1;
+            if let Some(finish) = self.advance(i, &out.logits) {
+                let r = &mut self.running[i];
+                let _ = r.events.send(Event::Finished(finish));
+                done.push(i);
+            }
+        }
+        let finished = done.len();
+        for &i in done.iter().rev() {
+            let r = self.running.remove(i);
+            self.retire(r);
+        }
+        self.publish(cancelled, finished, generated, prefilled);
+        self.has_work()
+    }
+
+    /// Samples request `i`'s next token from `logits`; returns its finish when it is done.
+    fn advance(&mut self, i: usize, logits: &[f32]) -> Option<Finish> {
+        let eos = &self.info.eos_token_ids;
+        let r = &mut self.running[i];
+        let token = match &r.json {
+            Some(c) if c.active() => {
+                constrained_sample(logits, &r.req.sampling, &mut r.rng, |t| c.allows(t))
+                    .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
+            }
+            _ => sample(logits, &r.req.sampling, &mut r.rng),
+        };
+        if let Some(c) = r.json.as_mut() {
+            c.accept(token);
+        }
+        r.generated.push(token);
+        if r.first_token.is_none() {
+            r.first_token = Some(r.submitted.elapsed());
+        }
+        let stop_reason = if !r.req.sampling.ignore_eos && eos.contains(&token) {
+            Some(StopReason::Eos)
+        } else if r.req.stop_token_ids.contains(&token) {
+            Some(StopReason::StopToken)
+        } else {
+            None
+        };
+        if let Some(reason) = stop_reason {
+            let text = r.flush_text();
+            return Some(r.finish(reason, text));
+        }
+        let mut text = match r.decoder.as_mut().map(|d| d.step(token)) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                let _ = r.events.send(Event::Error(e.to_string()));
+                r.cancelled = true;
+                return None;
+            }
+            None => String::new(),
+        };
+        let mut stopped = false;
+        if !r.req.stop.is_empty() {
+            r.pending.push_str(&text);
+            if let Some(pos) = earliest_stop(&r.pending, &r.req.stop) {
+                r.pending.truncate(pos);
+                text = std::mem::take(&mut r.pending);
+                stopped = true;
+            } else {
+                let hold = r
+                    .req
+                    .stop
+                    .iter()
+                    .map(|s| partial_suffix(&r.pending, s))
+                    .max()
+                    .unwrap_or(0);
+                let cut = r.pending.len() - hold;
+                text = r.pending[..cut].to_string();
+                r.pending.drain(..cut);
+            }
+        }
+        let _ = r.events.send(Event::Token { id: token, text });
+        if stopped {
+            return Some(r.finish(StopReason::StopString, String::new()));
+        }
+        if r.json.as_ref().is_some_and(JsonConstraint::complete) {
+            let text = r.flush_text();
+            return Some(r.finish(StopReason::JsonComplete, text));
+        }
+        if r.generated.len() >= r.limit {
+            let text = r.flush_text();
+            return Some(r.finish(StopReason::Length, text));
+        }
+        None
+    }
+
+    fn publish(&mut self, cancelled: u64, finished: usize, generated: usize, prefilled: usize) {
+        let now = Instant::now();
+        if generated + prefilled > 0 {
+            self.recent.push_back((now, generated, prefilled));
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let span = self
+            .recent
+            .front()
+            .map_or(0.0, |(t, _, _)| now.duration_since(*t).as_secs_f64())
+            .max(1.0);
+        let (g, p) = self
+            .recent
+            .iter()
+            .fold((0, 0), |(g, p), &(_, a, b)| (g + a, p + b));
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        m.waiting = self.waiting.len();
+        m.running = self.running.len();
+        m.kv_pages_cached = self.cached_pages;
+        m.kv_pages_in_use = self
+            .engine
+            .cache_pages_in_use()
+            .saturating_sub(self.cached_pages);
+        m.requests_finished += finished as u64;
+        m.requests_cancelled += cancelled;
+        m.generation_tokens_total += generated as u64;
+        m.prompt_tokens_total += prefilled as u64;
+        m.steps_total += 1;
+        m.generation_tokens_per_second = g as f64 / span;
+        m.prompt_tokens_per_second = p as f64 / span;
+    }
+
+    /// Steps until every request has finished.
+    pub fn run_until_idle(&mut self) {
+        while self.step() {}
+    }
+}
+
+impl Running {
+    /// Text still held back (incomplete characters, stop-string prefixes).
+    fn flush_text(&mut self) -> String {
+        let mut text = std::mem::take(&mut self.pending);
+        if let Some(d) = self.decoder.as_mut() {
+            text.push_str(&d.finish().unwrap_or_default());
+        }
+        if let Some(pos) = earliest_stop(&text, &self.req.stop) {
+            text.truncate(pos);
+        }
+        text
+    }
+
+    fn finish(&mut self, reason: StopReason, text: String) -> Finish {
+        Finish {
+            reason,
+            text,
+            tokens: self.generated.clone(),
+            prompt_tokens: self.req.prompt.len(),
+            cached_tokens: self.cached,
+            time_to_first_token: self.first_token.unwrap_or_default(),
+            total_time: self.submitted.elapsed(),
+        }
+    }
+}
+
+/// Samples among the tokens `allowed` accepts: greedy takes the best allowed token; sampling
+/// draws from the request's distribution restricted to allowed tokens (the best allowed token
+/// when none of the distribution's tokens is allowed). None when nothing is allowed.
+fn constrained_sample(
+    logits: &[f32],
+    p: &SamplingParams,
+    rng: &mut Rng,
+    allowed: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    let best_allowed = || {
+        let first = argmax(logits);
+        if allowed(first) {
+            return Some(first);
+        }
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        order.into_iter().find(|&t| allowed(t))
+    };
+    if p.temperature == 0.0 {
+        return best_allowed();
+    }
+    let kept: Vec<(u32, f64)> = distribution(logits, p)
+        .into_iter()
+        .filter(|&(t, _)| allowed(t))
+        .collect();
+    let total: f64 = kept.iter().map(|(_, q)| q).sum();
+    if kept.is_empty() || total <= 0.0 {
+        return best_allowed();
+    }
+    let mut u = rng.next_f64() * total;
+    for &(t, q) in &kept {
+        if u < q {
+            return Some(t);
+        }
+        u -= q;
+    }
+    kept.last().map(|&(t, _)| t)
+}
+
+fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Checks a request against the model; returns its effective token limit.
+fn validate(info: &ModelInfo, opts: &SchedulerOptions, req: &Request) -> Result<usize> {
+    req.sampling.validate().map_err(Error::Input)?;
+    if req.prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    if req.max_tokens == 0 {
+        return Err(Error::Input("max_tokens must be at least 1".into()));
+    }
+    if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the vocabulary (vocab_size {})",
+            info.vocab_size
+        )));
+    }
+    if req.prompt.len() >= info.max_context {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens; the model's context is {} tokens and must leave room for at least one generated token",
+            req.prompt.len(),
+            info.max_context
+        )));
+    }
+    if !req.stop.is_empty() && opts.tokenizer.is_none() {
+        return Err(Error::Input(
+            "stop strings need a tokenizer (this scheduler has none)".into(),
+        ));
+    }
+    if req.json.is_some() && opts.tokenizer.is_none() {
+        return Err(Error::Input(
+            "JSON mode needs a tokenizer (this scheduler has none)".into(),
+        ));
+    }
+    let limit = req.max_tokens.min(info.max_context - req.prompt.len());
+    let pages = (req.prompt.len() + limit).div_ceil(PAGE_TOKENS);
+    if pages > opts.kv_pages {
+        return Err(Error::Input(format!(
+            "the request needs {} KV cache pages (prompt {} + up to {limit} new tokens) but the cache has {}",
+            pages,
+            req.prompt.len(),
+            opts.kv_pages
+        )));
+    }
+    Ok(limit)
+}
+
+enum Command {
+    Submit(
+        Request,
+        UnboundedSender<Event>,
+        mpsc::Sender<Result<RequestId>>,
+    ),
+    Cancel(RequestId),
+}
+
+/// A submitted request: its id and its events.
+pub struct Submission {
+    pub id: RequestId,
+    pub events: UnboundedReceiver<Event>,
+}
+
+/// A scheduler running on its own thread; cheap to clone, usable from any thread or task.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Command>,
+    metrics: Arc<Mutex<Metrics>>,
+    info: ModelInfo,
+}
+
+impl SchedulerHandle {
+    /// Starts the engine thread: `load` builds the engine there (backends may bind resources
+    /// to the thread that creates them). Returns once the engine is loaded, or its error.
+    pub fn spawn<F>(load: F, opts: SchedulerOptions) -> Result<Self>
+    where
+        F: FnOnce() -> Result<Engine> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("r1-engine".into())
+            .spawn(move || {
+                let engine = match load() {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let sched = Scheduler::new(engine, opts);
+                let _ = ready_tx.send(Ok((sched.metrics_handle(), sched.info.clone())));
+                engine_loop(sched, rx);
+            })
+            .map_err(|e| Error::Backend {
+                backend: "scheduler".into(),
+                message: format!("cannot start the engine thread: {e}"),
+            })?;
+        let (metrics, info) = ready_rx.recv().map_err(|_| Error::Backend {
+            backend: "scheduler".into(),
+            message: "the engine thread died while loading".into(),
+        })??;
+        Ok(SchedulerHandle { tx, metrics, info })
+    }
+
+    /// Queues a request. Errors (bad input) come back here; after that everything arrives on
+    /// the receiver. Dropping the receiver cancels the request.
+    pub fn submit(&self, req: Request) -> Result<Submission> {
+        let (etx, erx) = unbounded_channel();
+        let (rtx, rrx) = mpsc::channel();
+        let gone = || Error::Backend {
+            backend: "scheduler".into(),
+            message: "the engine thread has stopped".into(),
+        };
+        self.tx
+            .send(Command::Submit(req, etx, rtx))
+            .map_err(|_| gone())?;
+        let id = rrx.recv().map_err(|_| gone())??;
+        Ok(Submission { id, events: erx })
+    }
+
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Cancel(id));
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+fn engine_loop(mut sched: Scheduler, rx: mpsc::Receiver<Command>) {
+    let handle = |sched: &mut Scheduler, cmd: Command| match cmd {
+        Command::Submit(req, events, reply) => {
+            let _ = reply.send(sched.submit_with(req, events));
+        }
+        Command::Cancel(id) => sched.cancel(id),
+    };
+    loop {
+        if !sched.has_work() {
+            match rx.recv() {
+                Ok(cmd) => handle(&mut sched, cmd),
+                Err(_) => return, // every handle dropped and nothing left to do
+            }
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut sched, cmd);
+        }
+        sched.step();
+    }
+}

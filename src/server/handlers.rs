@@ -1,0 +1,616 @@
+//! The endpoint handlers: request checks, prompt building, and turning scheduler events into
+//! OpenAI responses (whole, or server-sent events).
+
+use std::collections::hash_map::RandomState;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::Uri;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::api::{ChatCompletionRequest, CommonParams, CompletionPrompt, CompletionRequest};
+use super::error::ApiError;
+use super::{unix_now, AppState};
+use crate::chat::{Delta, OutputParser, RenderOptions, Thinking, ToolCallDelta};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::{Event, Finish, JsonMode, Request, StopReason};
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+fn random_u64() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(unix_now());
+    h.finish()
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}{:08x}", random_u64(), random_u64() as u32)
+}
+
+/// Parses a JSON body, answering malformed input with a 400 in OpenAI's format.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "the request body is not valid JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::invalid(format!("{what}: {e}"))
+    })
+}
+
+fn check_model(state: &AppState, model: &str) -> ApiResult<()> {
+    if model == state.options.model_name {
+        Ok(())
+    } else {
+        Err(ApiError::unknown_model(model, &state.options.model_name))
+    }
+}
+
+/// Sampling settings, stop strings and the token budget of a request.
+fn build_request(
+    state: &AppState,
+    common: &CommonParams,
+    prompt: Vec<u32>,
+    default_max: usize,
+) -> ApiResult<Request> {
+    if let Some(n) = common.n {
+        if n != 1 {
+            return Err(ApiError::invalid("only n = 1 is supported").param("n"));
+        }
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(
+            ApiError::invalid(format!("temperature must be in [0, 2], got {temperature}"))
+                .param("temperature"),
+        );
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(
+            ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"),
+        );
+    }
+    let top_k = match common.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(
+                ApiError::invalid(format!("top_k must be -1, 0 or positive, got {k}"))
+                    .param("top_k"),
+            )
+        }
+    };
+    let requested = common
+        .max_completion_tokens
+        .or(common.max_tokens)
+        .unwrap_or(default_max);
+    let limit = state.options.max_tokens_limit;
+    if requested == 0 || requested > limit {
+        return Err(ApiError::invalid(format!(
+            "max_tokens must be in [1, {limit}], got {requested}"
+        ))
+        .param("max_tokens"));
+    }
+    let context = state.scheduler.info().max_context;
+    if prompt.len() >= context {
+        return Err(ApiError::invalid(format!(
+            "This model's maximum context length is {context} tokens; the prompt has {} tokens",
+            prompt.len()
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    let stop = common
+        .stop
+        .clone()
+        .map(|s| s.into_vec())
+        .unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(ApiError::invalid("at most 16 stop sequences").param("stop"));
+    }
+    Ok(Request {
+        max_tokens: requested.min(context - prompt.len()),
+        prompt,
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: common.seed.unwrap_or_else(random_u64),
+            ignore_eos: common.ignore_eos,
+        },
+        stop,
+        stop_token_ids: Vec::new(),
+        json: None,
+    })
+}
+
+fn finish_reason(reason: StopReason, tool_calls: bool) -> &'static str {
+    match reason {
+        StopReason::Length => "length",
+        _ if tool_calls => "tool_calls",
+        _ => "stop",
+    }
+}
+
+fn usage(finish: &Finish, reasoning_tokens: usize) -> Value {
+    let completion = finish.tokens.len();
+    json!({
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": finish.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "prompt_cache_hit_tokens": finish.cached_tokens,
+        "prompt_cache_miss_tokens": finish.prompt_tokens - finish.cached_tokens,
+    })
+}
+
+/// Scheduler events to chat deltas, counting reasoning tokens.
+struct ChatOutput {
+    parser: OutputParser,
+    reasoning_tokens: usize,
+}
+
+impl ChatOutput {
+    fn token(&mut self, text: &str) -> Delta {
+        if self.parser.in_reasoning() {
+            self.reasoning_tokens += 1;
+        }
+        self.parser.push(text)
+    }
+
+    fn finish(&mut self, text: &str) -> Delta {
+        let mut d = self.parser.push(text);
+        let end = self.parser.finish();
+        d.reasoning.push_str(&end.reasoning);
+        d.content.push_str(&end.content);
+        d.tool_calls.extend(end.tool_calls);
+        d
+    }
+}
+
+fn engine_error(message: String) -> ApiError {
+    if message == "cancelled" {
+        ApiError::unavailable("the request was cancelled")
+    } else {
+        ApiError::internal(message)
+    }
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: ChatCompletionRequest = parse_body(&body)?;
+    check_model(&state, &req.model)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty").param("messages"));
+    }
+    if let Some(i) = req
+        .messages
+        .iter()
+        .position(|m| m.reasoning_content.is_some())
+    {
+        return Err(ApiError::invalid(format!(
+            "messages[{i}] carries `reasoning_content`: remove the reasoning of earlier turns before sending them back"
+        ))
+        .param("messages")
+        .code("invalid_request_error"));
+    }
+    if req.logprobs == Some(true) || req.top_logprobs.is_some() {
+        return Err(
+            ApiError::invalid("logprobs are not supported by this model")
+                .param("logprobs")
+                .code("unsupported_parameter"),
+        );
+    }
+    if let Some(f) = &req.response_format {
+        if f.kind != "text" && f.kind != "json_object" {
+            return Err(ApiError::invalid(format!(
+                "response_format type `{}` is not supported (text or json_object)",
+                f.kind
+            ))
+            .param("response_format"));
+        }
+    }
+    let tools_off = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
+    let tools = req.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
+    let options = RenderOptions {
+        tools,
+        add_generation_prompt: true,
+        thinking: if req.thinking == Some(true) {
+            Thinking::Force
+        } else {
+            Thinking::Auto
+        },
+    };
+    let prompt = state.chat.prompt(&req.messages, &options)?;
+    let mut request = build_request(
+        &state,
+        &req.common,
+        prompt.ids,
+        state.options.default_max_tokens,
+    )?;
+    if req
+        .response_format
+        .as_ref()
+        .is_some_and(|f| f.kind == "json_object")
+    {
+        request.json = Some(JsonMode {
+            in_reasoning: prompt.in_reasoning,
+        });
+    }
+    let id = random_id("chatcmpl-");
+    let call_prefix = format!("{:08x}", random_u64() as u32);
+    let output = ChatOutput {
+        parser: OutputParser::new(prompt.in_reasoning, tools.map(|_| call_prefix.as_str())),
+        reasoning_tokens: 0,
+    };
+    let sub = state.scheduler.submit(request)?;
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let meta = Meta {
+        id,
+        model: state.options.model_name.clone(),
+        created: unix_now(),
+    };
+    if req.common.stream {
+        Ok(stream_chat(meta, sub.events, output, include_usage).into_response())
+    } else {
+        whole_chat(meta, sub.events, output).await
+    }
+}
+
+struct Meta {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+async fn whole_chat(
+    meta: Meta,
+    mut events: UnboundedReceiver<Event>,
+    mut out: ChatOutput,
+) -> ApiResult<Response> {
+    let finish = loop {
+        match events.recv().await {
+            Some(Event::Token { text, .. }) => {
+                out.token(&text);
+            }
+            Some(Event::Finished(f)) => {
+                out.finish(&f.text);
+                break f;
+            }
+            Some(Event::Error(e)) => return Err(engine_error(e)),
+            None => return Err(ApiError::unavailable("the engine stopped")),
+        }
+    };
+    let parsed = out.parser.parsed().clone();
+    let has_calls = !parsed.tool_calls.is_empty();
+    let mut message = json!({
+        "role": "assistant",
+        "content": if has_calls && parsed.content.is_empty() { Value::Null } else { parsed.content.into() },
+        "reasoning_content": parsed.reasoning,
+    });
+    if has_calls {
+        message["tool_calls"] = serde_json::to_value(&parsed.tool_calls).unwrap_or(Value::Null);
+    }
+    let body = json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": concat!("r1-runtime-", env!("CARGO_PKG_VERSION")),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason(finish.reason, has_calls),
+        }],
+        "usage": usage(&finish, out.reasoning_tokens),
+    });
+    Ok(Json(body).into_response())
+}
+
+fn tool_call_json(d: &ToolCallDelta) -> Value {
+    let mut v = json!({"index": d.index, "function": {"arguments": d.arguments}});
+    if let Some(id) = &d.id {
+        v["id"] = id.clone().into();
+        v["type"] = "function".into();
+    }
+    if let Some(name) = &d.name {
+        v["function"]["name"] = name.clone().into();
+    }
+    v
+}
+
+fn chunk(meta: &Meta, object: &str, choice: Value) -> SseEvent {
+    let v = json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": concat!("r1-runtime-", env!("CARGO_PKG_VERSION")),
+        "choices": [choice],
+    });
+    SseEvent::default().data(v.to_string())
+}
+
+fn delta_json(d: &Delta) -> Value {
+    let mut v = json!({
+        "content": if d.content.is_empty() { Value::Null } else { d.content.clone().into() },
+        "reasoning_content": if d.reasoning.is_empty() { Value::Null } else { d.reasoning.clone().into() },
+    });
+    if !d.tool_calls.is_empty() {
+        v["tool_calls"] = d.tool_calls.iter().map(tool_call_json).collect();
+    }
+    v
+}
+
+type SseSender = UnboundedSender<Result<SseEvent, Infallible>>;
+
+/// Streams a chat completion. A task forwards scheduler events as SSE chunks; when the client
+/// goes away the stream is dropped, the task stops, and dropping its receiver cancels the
+/// request in the scheduler (its cache pages are freed).
+fn stream_chat(
+    meta: Meta,
+    mut events: UnboundedReceiver<Event>,
+    mut out: ChatOutput,
+    include_usage: bool,
+) -> impl IntoResponse {
+    let (tx, rx): (SseSender, _) = unbounded_channel();
+    tokio::spawn(async move {
+        let object = "chat.completion.chunk";
+        let first = json!({
+            "index": 0,
+            "delta": {"role": "assistant", "content": "", "reasoning_content": null},
+            "logprobs": null,
+            "finish_reason": null,
+        });
+        if tx.send(Ok(chunk(&meta, object, first))).is_err() {
+            return;
+        }
+        let mut calls = false;
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tx.closed() => return,
+            };
+            match ev {
+                Some(Event::Token { text, .. }) => {
+                    let d = out.token(&text);
+                    if d.is_empty() {
+                        continue;
+                    }
+                    calls |= !d.tool_calls.is_empty();
+                    let c = json!({"index": 0, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
+                    if tx.send(Ok(chunk(&meta, object, c))).is_err() {
+                        return;
+                    }
+                }
+                Some(Event::Finished(f)) => {
+                    let d = out.finish(&f.text);
+                    calls |= !d.tool_calls.is_empty();
+                    if !d.is_empty() {
+                        let c = json!({"index": 0, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
+                        let _ = tx.send(Ok(chunk(&meta, object, c)));
+                    }
+                    let c = json!({
+                        "index": 0,
+                        "delta": {},
+                        "logprobs": null,
+                        "finish_reason": finish_reason(f.reason, calls),
+                    });
+                    let _ = tx.send(Ok(chunk(&meta, object, c)));
+                    if include_usage {
+                        let mut last = json!({
+                            "id": meta.id,
+                            "object": object,
+                            "created": meta.created,
+                            "model": meta.model,
+                            "choices": [],
+                        });
+                        last["usage"] = usage(&f, out.reasoning_tokens);
+                        let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+                    }
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    return;
+                }
+                Some(Event::Error(e)) => {
+                    let _ = tx.send(Ok(
+                        SseEvent::default().data(engine_error(e).body().to_string())
+                    ));
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Sse::new(UnboundedReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completions_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: CompletionRequest = parse_body(&body)?;
+    check_model(&state, &req.model)?;
+    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(
+            ApiError::invalid("logprobs are not supported by this model")
+                .param("logprobs")
+                .code("unsupported_parameter"),
+        );
+    }
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported").param("echo"));
+    }
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid("suffix is not supported").param("suffix"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("only best_of = 1 is supported").param("best_of"));
+    }
+    let one = |n: usize| {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(ApiError::invalid("exactly one prompt per request is supported").param("prompt"))
+        }
+    };
+    let mut ids = match req.prompt {
+        CompletionPrompt::Text(t) => state.chat.tokenizer.encode(&t)?,
+        CompletionPrompt::Texts(v) => {
+            one(v.len())?;
+            state.chat.tokenizer.encode(&v[0])?
+        }
+        CompletionPrompt::Tokens(t) => t,
+        CompletionPrompt::TokenLists(v) => {
+            one(v.len())?;
+            v.into_iter().next().unwrap_or_default()
+        }
+    };
+    if let Some(bos) = state.bos_token_id {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    let request = build_request(&state, &req.common, ids, 16)?;
+    let sub = state.scheduler.submit(request)?;
+    let meta = Meta {
+        id: random_id("cmpl-"),
+        model: state.options.model_name.clone(),
+        created: unix_now(),
+    };
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let mut events = sub.events;
+    if !req.common.stream {
+        let mut text = String::new();
+        let finish = loop {
+            match events.recv().await {
+                Some(Event::Token { text: t, .. }) => text.push_str(&t),
+                Some(Event::Finished(f)) => {
+                    text.push_str(&f.text);
+                    break f;
+                }
+                Some(Event::Error(e)) => return Err(engine_error(e)),
+                None => return Err(ApiError::unavailable("the engine stopped")),
+            }
+        };
+        return Ok(Json(json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "text": text,
+                "index": 0,
+                "logprobs": null,
+                "finish_reason": finish_reason(finish.reason, false),
+            }],
+            "usage": usage(&finish, 0),
+        }))
+        .into_response());
+    }
+    let (tx, rx): (SseSender, _) = unbounded_channel();
+    tokio::spawn(async move {
+        let object = "text_completion";
+        let piece = |text: &str, finish: Option<&str>| json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish});
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tx.closed() => return,
+            };
+            match ev {
+                Some(Event::Token { text, .. }) => {
+                    if !text.is_empty()
+                        && tx
+                            .send(Ok(chunk(&meta, object, piece(&text, None))))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Event::Finished(f)) => {
+                    let reason = finish_reason(f.reason, false);
+                    let _ = tx.send(Ok(chunk(&meta, object, piece(&f.text, Some(reason)))));
+                    if include_usage {
+                        let last = json!({
+                            "id": meta.id, "object": object, "created": meta.created,
+                            "model": meta.model, "choices": [], "usage": usage(&f, 0),
+                        });
+                        let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+                    }
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    return;
+                }
+                Some(Event::Error(e)) => {
+                    let _ = tx.send(Ok(
+                        SseEvent::default().data(engine_error(e).body().to_string())
+                    ));
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(Sse::new(UnboundedReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let info = state.scheduler.info();
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.options.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "r1-runtime",
+            "max_model_len": info.max_context,
+        }],
+    }))
+    .into_response()
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "model": state.options.model_name,
+        "uptime_s": state.started.elapsed().as_secs(),
+    }))
+    .into_response()
+}
+
+pub async fn fallback(uri: Uri) -> Response {
+    ApiError::not_found(uri.path()).into_response()
+}

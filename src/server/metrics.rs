@@ -1,0 +1,115 @@
+//! `GET /metrics`: the scheduler's state in the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::engine::scheduler::Metrics;
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = state.scheduler.metrics();
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        render(&m, &state.options.model_name),
+    )
+        .into_response()
+}
+
+/// Prometheus exposition text of a metrics snapshot.
+pub fn render(m: &Metrics, model: &str) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name}{{model=\"{model}\"}} {value}");
+    };
+    metric(
+        "r1_requests_waiting",
+        "gauge",
+        "Requests queued, not yet admitted to the running batch.",
+        m.waiting as f64,
+    );
+    metric(
+        "r1_requests_running",
+        "gauge",
+        "Sequences in the running batch (prefilling or decoding).",
+        m.running as f64,
+    );
+    metric(
+        "r1_kv_cache_pages_in_use",
+        "gauge",
+        "KV cache pages (64 tokens each) held by live sequences.",
+        m.kv_pages_in_use as f64,
+    );
+    metric(
+        "r1_kv_cache_pages_cached",
+        "gauge",
+        "KV cache pages kept by the prefix cache.",
+        m.kv_pages_cached as f64,
+    );
+    metric(
+        "r1_kv_cache_pages_capacity",
+        "gauge",
+        "KV cache pages the scheduler may use.",
+        m.kv_pages_capacity as f64,
+    );
+    metric(
+        "r1_generation_tokens_per_second",
+        "gauge",
+        "Generated tokens per second over the last 10 s.",
+        m.generation_tokens_per_second,
+    );
+    metric(
+        "r1_prompt_tokens_per_second",
+        "gauge",
+        "Prompt tokens prefilled per second over the last 10 s.",
+        m.prompt_tokens_per_second,
+    );
+    metric(
+        "r1_requests_total",
+        "counter",
+        "Requests accepted.",
+        m.requests_total as f64,
+    );
+    metric(
+        "r1_requests_finished_total",
+        "counter",
+        "Requests that finished.",
+        m.requests_finished as f64,
+    );
+    metric(
+        "r1_requests_cancelled_total",
+        "counter",
+        "Requests cancelled or abandoned by their client.",
+        m.requests_cancelled as f64,
+    );
+    metric(
+        "r1_prompt_tokens_total",
+        "counter",
+        "Prompt tokens prefilled.",
+        m.prompt_tokens_total as f64,
+    );
+    metric(
+        "r1_generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        m.generation_tokens_total as f64,
+    );
+    metric(
+        "r1_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens served from the prefix cache.",
+        m.prefix_cache_hit_tokens_total as f64,
+    );
+    metric(
+        "r1_engine_steps_total",
+        "counter",
+        "Forward steps run by the scheduler.",
+        m.steps_total as f64,
+    );
+    out
+}

@@ -1,0 +1,261 @@
+//! The server over a scripted engine (the random checkpoint's config and weights, a backend
+//! that emits a chosen token sequence after `<｜Assistant｜>`): reasoning split, tool calls
+//! (whole and streamed, OpenAI shapes, finish_reason "tool_calls"), tool results fed back,
+//! multi-byte characters in streams.
+
+mod chat_support;
+mod server_support;
+
+use r1_runtime::chat::Tokenizer;
+use serde_json::{json, Value};
+use server_support::{scripted_engine, TestServer, MODEL};
+
+const ASSISTANT: u32 = 128804;
+
+fn scripted(text: &str) -> Option<(tempfile::TempDir, TestServer)> {
+    let (tmp, dir) = server_support::checkpoint(4096, false)?;
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let script = tok.encode(text).unwrap();
+    let d = dir.clone();
+    let s = TestServer::with_engine(&dir, move || Ok(scripted_engine(&d, ASSISTANT, script)));
+    Some((tmp, s))
+}
+
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {
+            "name": "get_time", "description": "Time in a zone",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+    ])
+}
+
+struct Streamed {
+    reasoning: String,
+    content: String,
+    calls: Vec<Value>,
+    finish: String,
+    chunks: Vec<Value>,
+}
+
+fn assemble(data: &[String]) -> Streamed {
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut s = Streamed {
+        reasoning: String::new(),
+        content: String::new(),
+        calls: Vec::new(),
+        finish: String::new(),
+        chunks: Vec::new(),
+    };
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        s.chunks.push(v.clone());
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        let delta = &c["delta"];
+        if let Some(r) = delta["reasoning_content"].as_str() {
+            assert!(!r.contains('\u{FFFD}'));
+            s.reasoning.push_str(r);
+        }
+        if let Some(t) = delta["content"].as_str() {
+            assert!(!t.contains('\u{FFFD}'));
+            s.content.push_str(t);
+        }
+        if let Some(calls) = delta["tool_calls"].as_array() {
+            for tc in calls {
+                let i = tc["index"].as_u64().unwrap() as usize;
+                if i == s.calls.len() {
+                    assert!(
+                        tc["id"].is_string(),
+                        "a call's first delta has its id: {tc}"
+                    );
+                    assert_eq!(tc["type"], "function");
+                    s.calls.push(json!({"id": tc["id"], "type": "function",
+                        "function": {"name": tc["function"]["name"], "arguments": ""}}));
+                }
+                let args = tc["function"]["arguments"].as_str().unwrap_or("");
+                let cur = s.calls[i]["function"]["arguments"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                s.calls[i]["function"]["arguments"] = json!(cur + args);
+            }
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            s.finish = f.into();
+        }
+    }
+    s
+}
+
+#[test]
+fn reasoning_and_answer_are_split() {
+    let text = "<think>\nLet me think about 6 × 7 — it is 42 🌍.\n</think>\n\nThe answer is **42** 🚀 数学.";
+    let Some((_tmp, s)) = scripted(text) else {
+        return;
+    };
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "6*7?"}]});
+    let v = s.post_json("/v1/chat/completions", &body).json();
+    let msg = &v["choices"][0]["message"];
+    assert_eq!(
+        msg["reasoning_content"],
+        "Let me think about 6 × 7 — it is 42 🌍."
+    );
+    assert_eq!(msg["content"], "The answer is **42** 🚀 数学.");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let u = &v["usage"];
+    let reasoning = u["completion_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!(reasoning > 5 && reasoning < completion, "{u}");
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let st = assemble(&s.post_json("/v1/chat/completions", &sb).sse_data());
+    assert_eq!(st.reasoning, msg["reasoning_content"].as_str().unwrap());
+    assert_eq!(st.content, msg["content"].as_str().unwrap());
+    assert_eq!(st.finish, "stop");
+    assert!(st.chunks.len() > 10, "streamed in many chunks");
+    for c in &st.chunks {
+        let d = &c["choices"][0]["delta"];
+        for part in ["content", "reasoning_content"] {
+            if let Some(t) = d[part].as_str() {
+                assert!(!t.contains("think>"), "tag leaked: {c}");
+            }
+        }
+    }
+}
+
+const CALLS: &str = "<think>\nThe user wants the weather; call the tools.\n</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\", \"unit\": \"celsius\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n{\"tz\": \"Europe/Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+
+#[test]
+fn tool_calls_whole_and_streamed() {
+    let Some((_tmp, s)) = scripted(CALLS) else {
+        return;
+    };
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather and time in Paris?"}],
+        "tools": tools(),
+    });
+    let r = s.post_json("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let msg = &choice["message"];
+    assert!(msg["content"].is_null());
+    assert_eq!(
+        msg["reasoning_content"],
+        "The user wants the weather; call the tools."
+    );
+    let calls = msg["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris", "unit": "celsius"}));
+    assert_eq!(calls[1]["function"]["name"], "get_time");
+    assert_ne!(calls[0]["id"], calls[1]["id"]);
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let st = assemble(&s.post_json("/v1/chat/completions", &sb).sse_data());
+    assert_eq!(st.finish, "tool_calls");
+    assert_eq!(st.content, "");
+    assert_eq!(st.calls.len(), 2);
+    for (a, b) in st.calls.iter().zip(calls) {
+        assert_eq!(a["function"], b["function"]);
+    }
+
+    // Without tools in the request the markup stays plain content.
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}),
+    );
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("get_weather"));
+
+    // The calls and their results go back as messages (role "tool").
+    let follow = json!({
+        "model": MODEL,
+        "tools": tools(),
+        "messages": [
+            {"role": "user", "content": "Weather and time in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": calls[0]["id"], "content": "{\"temp\": 21}"},
+            {"role": "tool", "tool_call_id": calls[1]["id"], "content": "{\"time\": \"12:00\"}"}
+        ],
+    });
+    let r = s.post_json("/v1/chat/completions", &follow);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let u = &r.json()["usage"];
+    assert!(u["prompt_tokens"].as_u64().unwrap() > v["usage"]["prompt_tokens"].as_u64().unwrap());
+}
+
+fn json_body(response_format: bool) -> Value {
+    let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "Reply in JSON."}], "max_tokens": 40});
+    if response_format {
+        b["response_format"] = json!({"type": "json_object"});
+    }
+    b
+}
+
+fn is_json_prefix(s: &str) -> bool {
+    r1_runtime::chat::json_mode::JsonValidator::default().feed(s.as_bytes())
+}
+
+/// JSON mode passes a valid object through and stops when it closes.
+#[test]
+fn json_mode_stops_at_the_end_of_the_object() {
+    let Some((_tmp, s)) = scripted(
+        "<think>\nThey want JSON.\n</think>\n\n{\"answer\": 42, \"ok\": true}\n\nAnything else?",
+    ) else {
+        return;
+    };
+    let v = s.post_json("/v1/chat/completions", &json_body(true)).json();
+    let msg = &v["choices"][0]["message"];
+    assert_eq!(msg["reasoning_content"], "They want JSON.");
+    // The closing token may carry trailing whitespace ("}\n\n" is one token).
+    let content = msg["content"].as_str().unwrap();
+    assert_eq!(content.trim_end(), "{\"answer\": 42, \"ok\": true}");
+    assert_eq!(
+        serde_json::from_str::<Value>(content).unwrap()["answer"],
+        42
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Without JSON mode the trailing text comes through.
+    let v = s
+        .post_json("/v1/chat/completions", &json_body(false))
+        .json();
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .ends_with("Anything else?"));
+}
+
+/// JSON mode steers an output that is not JSON into a valid JSON prefix.
+#[test]
+fn json_mode_constrains_non_json_output() {
+    let Some((_tmp, s)) = scripted("Sure! Here it is: {answer: 'forty two'} and more text") else {
+        return;
+    };
+    let mut body = json_body(true);
+    body["stream"] = json!(true);
+    let st = assemble(&s.post_json("/v1/chat/completions", &body).sse_data());
+    assert!(is_json_prefix(&st.content), "{:?}", st.content);
+    assert!(st.content.trim_start().starts_with('{'));
+    if st.finish == "stop" {
+        let v: Value = serde_json::from_str(&st.content).unwrap();
+        assert!(v.is_object());
+    }
+}
