@@ -1,7 +1,7 @@
 //! A minimal dataflow graph: nodes are operations (one kernel or a short fused sequence on a
 //! GPU) over named buffers. Graphs are built once from config.json and are independent of the
 //! number of tokens in a step: every buffer is `[rows, width]`, with rows counted in tokens or
-//! in sequences of the step's [`Batch`]. A [`Plan`] assigns buffers to reusable slots by
+//! in rows the step's [`Batch`] selects. A [`Plan`] assigns buffers to reusable slots by
 //! liveness; backends execute the nodes in order.
 
 use crate::model::weights::{MlpWeights, WeightId};
@@ -14,8 +14,8 @@ pub struct Buf(pub u32);
 pub enum Rows {
     /// One row per token of the step.
     Tokens,
-    /// One row per sequence of the step (its last token).
-    Sequences,
+    /// The rows the step selects: each sequence's last `logit_rows` tokens.
+    Selected,
 }
 
 /// Storage precision of a buffer's values.
@@ -97,8 +97,8 @@ pub enum Op {
         experts: Vec<MlpWeights>,
         out: Buf,
     },
-    /// out[s] = x[last token of sequence s].
-    LastTokenRows {
+    /// out = the selected rows of x (each sequence's last `logit_rows` tokens).
+    SelectRows {
         x: Buf,
         out: Buf,
     },
@@ -112,7 +112,7 @@ impl Op {
             Op::ZeroPositionZero { x } => (vec![x], vec![x]),
             Op::RmsNorm { x, out, .. }
             | Op::Linear { x, out, .. }
-            | Op::LastTokenRows { x, out }
+            | Op::SelectRows { x, out }
             | Op::MoeRouted { x, out, .. } => (vec![x], vec![out]),
             Op::Add { a, b, out } | Op::Concat { a, b, out } => (vec![a, b], vec![out]),
             Op::SiluMul { gate, up, out } => (vec![gate, up], vec![out]),

@@ -98,6 +98,9 @@ pub struct Segment {
     pub blocks: Vec<BlockId>,
     pub start_pos: usize,
     pub len: usize,
+    /// How many of its last tokens need logits in graphs that select rows (1 when decoding
+    /// or finishing a prefill, 1 + drafts when verifying, 0 for a prefill chunk mid-prompt).
+    pub logit_rows: usize,
 }
 
 /// The tokens of one forward step, grouped by sequence (consecutive in `tokens`).
@@ -117,16 +120,15 @@ impl Batch {
             .collect()
     }
 
-    /// Index of each segment's last token.
-    pub fn last_token_rows(&self) -> Vec<usize> {
+    /// Token indices whose rows are selected: each segment's last `logit_rows` tokens.
+    pub fn selected_rows(&self) -> Vec<usize> {
         let mut end = 0;
-        self.segments
-            .iter()
-            .map(|s| {
-                end += s.len;
-                end - 1
-            })
-            .collect()
+        let mut rows = Vec::new();
+        for s in &self.segments {
+            end += s.len;
+            rows.extend(end - s.logit_rows.min(s.len)..end);
+        }
+        rows
     }
 }
 

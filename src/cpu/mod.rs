@@ -181,11 +181,11 @@ impl CpuBackend {
                 precision: self.precision,
             }
             .run(&self.slots[plan.slot(*x)])?,
-            Op::LastTokenRows { x, .. } => {
+            Op::SelectRows { x, .. } => {
                 let h = width(*x);
                 let xs = &self.slots[plan.slot(*x)];
                 batch
-                    .last_token_rows()
+                    .selected_rows()
                     .into_iter()
                     .flat_map(|r| xs[r * h..(r + 1) * h].iter().copied())
                     .collect()
@@ -259,7 +259,7 @@ impl Backend for CpuBackend {
             .map(|(name, b)| {
                 let rows = match graph.desc(*b).rows {
                     Rows::Tokens => tokens,
-                    Rows::Sequences => batch.segments.len(),
+                    Rows::Selected => batch.selected_rows().len(),
                 };
                 let data = self.slots[plan.slot(*b)].clone();
                 debug_assert_eq!(data.len(), rows * graph.desc(*b).width);

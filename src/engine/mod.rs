@@ -229,17 +229,32 @@ impl Engine {
     }
 
     /// One forward step over several sequences at once (continuous batching): each appends
-    /// its tokens; results come back in the same order.
+    /// its tokens; results come back in the same order, with logits for every token
+    /// (`LogitRows::All`) or each sequence's last token.
     pub fn forward_batch(
         &mut self,
         steps: &mut [Step<'_>],
         rows: LogitRows,
     ) -> Result<Vec<Forward>> {
+        let logit_rows: Vec<usize> = match rows {
+            LogitRows::All => steps.iter().map(|s| s.tokens.len()).collect(),
+            LogitRows::Last => vec![1; steps.len()],
+        };
+        self.forward_batch_rows(steps, &logit_rows)
+    }
+
+    /// [`Engine::forward_batch`] with logits for the last `logit_rows[i]` tokens of step i
+    /// (0 for a prefill chunk that needs none, 1 + drafts when verifying speculation).
+    pub fn forward_batch_rows(
+        &mut self,
+        steps: &mut [Step<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<Forward>> {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
         let mut batch = Batch::default();
-        for step in steps.iter_mut() {
+        for (step, &rows) in steps.iter_mut().zip(logit_rows) {
             self.check_tokens(step.seq.len(), step.tokens)?;
             let start = step.seq.len();
             step.seq
@@ -250,11 +265,14 @@ impl Engine {
                 blocks: step.seq.blocks.blocks.clone(),
                 start_pos: start,
                 len: step.tokens.len(),
+                logit_rows: rows.min(step.tokens.len()),
             });
         }
-        let compiled = match rows {
-            LogitRows::All => &self.main_all,
-            LogitRows::Last => &self.main_last,
+        let every_token = batch.segments.iter().all(|s| s.logit_rows == s.len);
+        let compiled = if every_token {
+            &self.main_all
+        } else {
+            &self.main_last
         };
         let mut out = self
             .backend
@@ -263,17 +281,13 @@ impl Engine {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let (mut logit_row, mut token_row) = (0, 0);
         let mut results = Vec::with_capacity(steps.len());
-        for step in steps.iter_mut() {
+        for (step, seg) in steps.iter_mut().zip(&batch.segments) {
             let n = step.tokens.len();
-            let logit_rows = match rows {
-                LogitRows::All => n,
-                LogitRows::Last => 1,
-            };
             results.push(Forward {
-                logits: logits[logit_row * v..(logit_row + logit_rows) * v].to_vec(),
+                logits: logits[logit_row * v..(logit_row + seg.logit_rows) * v].to_vec(),
                 hidden: hidden[token_row * h..(token_row + n) * h].to_vec(),
             });
-            logit_row += logit_rows;
+            logit_row += seg.logit_rows;
             token_row += n;
             step.seq.blocks.len += n;
         }
@@ -331,6 +345,10 @@ impl Engine {
                 blocks: seq.blocks.blocks.clone(),
                 start_pos: from,
                 len: next_tokens.len(),
+                logit_rows: match rows {
+                    LogitRows::All => next_tokens.len(),
+                    LogitRows::Last => 1,
+                },
             }],
         };
         let mut out = self.backend.run(

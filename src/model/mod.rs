@@ -17,7 +17,8 @@ pub const LOGITS: &str = "logits";
 pub enum LogitRows {
     /// Every token (scoring a prompt).
     All,
-    /// The last token of each sequence (generation).
+    /// The rows each sequence selects ([`crate::kv_cache::Segment::logit_rows`]): its last
+    /// token by default, its last token and drafts when verifying.
     Last,
 }
 
@@ -111,17 +112,17 @@ fn head(
     let (x, out_rows) = match rows {
         LogitRows::All => (hidden, Rows::Tokens),
         LogitRows::Last => {
-            let last = g.buffer(
-                "last_hidden",
+            let rows = g.buffer(
+                "selected_hidden",
                 cfg.hidden_size,
-                Rows::Sequences,
+                Rows::Selected,
                 Storage::Activation,
             );
-            g.push(Op::LastTokenRows {
+            g.push(Op::SelectRows {
                 x: hidden,
-                out: last,
+                out: rows,
             });
-            (last, Rows::Sequences)
+            (rows, Rows::Selected)
         }
     };
     let logits = g.buffer("logits", cfg.vocab_size, out_rows, Storage::F32);
