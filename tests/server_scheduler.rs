@@ -356,3 +356,95 @@ fn prefix_cache_reuses_finished_sequences() {
     s.clear_prefix_cache();
     assert_eq!(s.engine().cache_pages_in_use(), 0);
 }
+
+/// MTP speculation inside continuous batching: every request, whatever its acceptance and
+/// whenever it joins, gets exactly its greedy output without speculation; metrics count the
+/// drafts; prefix reuse stays correct with speculation.
+#[test]
+fn speculative_scheduling_matches_plain_greedy() {
+    let mut e = engine();
+    let reqs: Vec<Request> = requests()
+        .into_iter()
+        .map(|mut r| {
+            r.max_tokens = 12;
+            r.sampling.ignore_eos = true;
+            r
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| solo(&mut e, r)).collect();
+    for (draft_tokens, step_tokens, prefix_cache_pages) in [(1, 16, 0), (2, 4, 0), (3, 512, 64)] {
+        let spec_engine = Engine::load(
+            &fixture(),
+            &EngineOptions {
+                draft_tokens,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap();
+        let mut s = Scheduler::new(
+            spec_engine,
+            SchedulerOptions {
+                step_tokens,
+                draft_tokens,
+                prefix_cache_pages,
+                ..Default::default()
+            },
+        );
+        // Twice the same requests: with a prefix cache the second round reuses the first's.
+        for round in 0..2 {
+            let mut rxs = Vec::new();
+            for (i, r) in reqs.iter().enumerate() {
+                rxs.push(s.submit(r.clone()).unwrap().1);
+                if i % 2 == 0 {
+                    s.step();
+                }
+            }
+            s.run_until_idle();
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                let (tokens, finish) = collect(rx);
+                assert_eq!(
+                    finish.tokens, want[i],
+                    "request {i}, k={draft_tokens}, round {round}"
+                );
+                assert_eq!(tokens, finish.tokens);
+            }
+        }
+        let m = s.metrics();
+        assert!(
+            m.draft_tokens_total > 0,
+            "k={draft_tokens}: drafts were proposed"
+        );
+        assert!(m.accepted_draft_tokens_total <= m.draft_tokens_total);
+        if prefix_cache_pages > 0 {
+            assert!(
+                m.prefix_cache_hit_tokens_total > 0,
+                "second round reused cached prefixes"
+            );
+        }
+        s.clear_prefix_cache();
+        assert_eq!(s.engine().cache_pages_in_use(), 0, "all pages back");
+    }
+}
+
+#[test]
+fn speculation_needs_an_mtp_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["num_nextn_predict_layers"] = 0.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let opts = EngineOptions {
+        draft_tokens: 2,
+        ..EngineOptions::default()
+    };
+    let err = Engine::load(tmp.path(), &opts)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("num_nextn_predict_layers is 0"), "{err}");
+}

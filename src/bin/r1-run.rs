@@ -60,12 +60,8 @@ enum Command {
         /// Keep generating past eos (for measuring decode speed).
         #[arg(long)]
         ignore_eos: bool,
-        /// Speculative decoding: `mtp` drafts with the checkpoint's MTP layer.
-        #[arg(long, value_parser = ["mtp"])]
-        speculative: Option<String>,
-        /// Drafts per step with --speculative.
-        #[arg(long, default_value_t = 1)]
-        draft_tokens: usize,
+        #[command(flatten)]
+        spec: SpecArgs,
         /// Print one JSON object (last stdout line) instead of text.
         #[arg(long)]
         json: bool,
@@ -81,6 +77,8 @@ enum Command {
 struct ChatArgs {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// Answer this one prompt and exit (otherwise read turns from stdin).
     #[arg(long)]
     prompt: Option<String>,
@@ -116,6 +114,8 @@ struct ChatArgs {
 struct ServeArgs {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// 0 picks a free port (printed on stderr).
@@ -133,6 +133,27 @@ struct ServeArgs {
     /// KV cache capacity in tokens, over all sequences.
     #[arg(long, default_value_t = 1 << 20)]
     cache_tokens: usize,
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    /// Speculative decoding: `mtp` drafts with the checkpoint's MTP layer.
+    #[arg(long, value_parser = ["mtp"])]
+    speculative: Option<String>,
+    /// Drafts per step with --speculative.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    draft_tokens: u32,
+}
+
+impl SpecArgs {
+    /// Drafts per step; 0 without --speculative.
+    fn drafts(&self) -> usize {
+        if self.speculative.is_some() {
+            self.draft_tokens as usize
+        } else {
+            0
+        }
+    }
 }
 
 #[derive(Args)]
@@ -176,11 +197,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(args: &RunArgs, with_mtp: bool) -> Result<Engine> {
+fn load(args: &RunArgs, with_mtp: bool, draft_tokens: usize) -> Result<Engine> {
     let options = EngineOptions {
         backend: args.backend,
         precision: args.precision,
         with_mtp,
+        draft_tokens,
         ..EngineOptions::default()
     };
     Engine::load(&args.model, &options)
@@ -192,7 +214,7 @@ fn run(command: Command) -> Result<()> {
         Command::Chat(a) => r1_runtime::chat::terminal::run(&chat_options(a)),
         Command::Serve(a) => r1_runtime::server::run(serve_options(a)),
         Command::Logits { run, tokens, out } => {
-            let mut engine = load(&run, true)?;
+            let mut engine = load(&run, true, 0)?;
             let vocab = engine.config().vocab_size;
             let (logits, mtp) = engine.score(&tokens.0)?;
             let t = tokens.0.len();
@@ -217,11 +239,10 @@ fn run(command: Command) -> Result<()> {
             top_p,
             seed,
             ignore_eos,
-            speculative,
-            draft_tokens,
+            spec,
             json,
         } => {
-            let mut engine = load(&run, speculative.is_some())?;
+            let mut engine = load(&run, false, spec.drafts())?;
             let sampling = SamplingParams {
                 temperature,
                 top_k,
@@ -229,8 +250,9 @@ fn run(command: Command) -> Result<()> {
                 seed,
                 ignore_eos,
             };
-            let (g, spec) = match speculative {
-                Some(_) => {
+            let (g, spec_stats) = match spec.drafts() {
+                0 => (engine.generate(&tokens.0, max_new_tokens, &sampling)?, None),
+                draft_tokens => {
                     let (g, s) = engine.generate_speculative(
                         &tokens.0,
                         max_new_tokens,
@@ -240,12 +262,12 @@ fn run(command: Command) -> Result<()> {
                     )?;
                     (g, Some(s))
                 }
-                None => (engine.generate(&tokens.0, max_new_tokens, &sampling)?, None),
             };
             let prefill_s = g.prefill.as_secs_f64();
             let decode_s = g.decode.as_secs_f64();
             let prefill_tps = tokens.0.len() as f64 / prefill_s.max(1e-9);
-            let decode_tps = g.decode_steps as f64 / decode_s.max(1e-9);
+            // Tokens after the first (which the prefill produced) per second of decoding.
+            let decode_tps = g.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
             let finish = match g.finish_reason {
                 FinishReason::Eos => "eos",
                 FinishReason::Length => "length",
@@ -263,7 +285,7 @@ fn run(command: Command) -> Result<()> {
                     "backend": engine.backend().name(),
                     "precision": format!("{:?}", engine.backend().precision()).to_lowercase(),
                 });
-                if let Some(s) = spec {
+                if let Some(s) = spec_stats {
                     value["spec"] = serde_json::json!({
                         "steps": s.steps,
                         "drafted": s.drafted,
@@ -374,18 +396,19 @@ fn human_bytes(b: usize) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-fn engine_options(run: &RunArgs, cache_tokens: usize) -> EngineOptions {
+fn engine_options(run: &RunArgs, spec: &SpecArgs, cache_tokens: usize) -> EngineOptions {
     EngineOptions {
         backend: run.backend,
         precision: run.precision,
         with_mtp: false,
         cache_tokens,
+        draft_tokens: spec.drafts(),
     }
 }
 
 fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
     r1_runtime::chat::terminal::ChatOptions {
-        engine: engine_options(&a.run, EngineOptions::default().cache_tokens),
+        engine: engine_options(&a.run, &a.spec, EngineOptions::default().cache_tokens),
         model_dir: a.run.model,
         prompt: a.prompt,
         system: a.system,
@@ -406,7 +429,7 @@ fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
 
 fn serve_options(a: ServeArgs) -> r1_runtime::server::ServeOptions {
     r1_runtime::server::ServeOptions {
-        engine: engine_options(&a.run, a.cache_tokens),
+        engine: engine_options(&a.run, &a.spec, a.cache_tokens),
         model_dir: a.run.model,
         host: a.host,
         port: a.port,

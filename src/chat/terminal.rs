@@ -49,6 +49,7 @@ pub fn run(opts: &ChatOptions) -> Result<()> {
             tokenizer: Some(chat.tokenizer.clone()),
             // Later turns reuse the conversation's cache.
             prefix_cache_pages: opts.engine.cache_tokens / PAGE_TOKENS / 2,
+            draft_tokens: opts.engine.draft_tokens,
             ..SchedulerOptions::default()
         },
     );

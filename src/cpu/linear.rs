@@ -15,6 +15,10 @@ const FEATURES_PER_TASK: usize = 16;
 pub fn linear(x: &[f32], w: &Weight, precision: Precision) -> Vec<f32> {
     let (n, k) = w.shape();
     let rows = x.len() / k;
+    if rows == 0 {
+        // A step may select no rows (prefill chunks that need no logits).
+        return Vec::new();
+    }
     // Computed feature-major ([n, rows]) so each task owns contiguous output, then transposed.
     let mut out_t = vec![0f32; n * rows];
     match w {

@@ -44,6 +44,9 @@ pub struct EngineOptions {
     pub with_mtp: bool,
     /// KV cache capacity in tokens, over all sequences.
     pub cache_tokens: usize,
+    /// MTP speculative decoding: drafts per step for front ends that decode with the
+    /// scheduler or `generate` (0: off). Loads the MTP layer; an error without one.
+    pub draft_tokens: usize,
 }
 
 impl Default for EngineOptions {
@@ -53,6 +56,7 @@ impl Default for EngineOptions {
             precision: Precision::Exact,
             with_mtp: true,
             cache_tokens: 1 << 20,
+            draft_tokens: 0,
         }
     }
 }
@@ -136,8 +140,15 @@ impl Engine {
     /// Opens `dir` (config.json + safetensors) and builds the backend.
     pub fn load(dir: &Path, options: &EngineOptions) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
+        if options.draft_tokens > 0 && !cfg.has_mtp() {
+            return Err(Error::Unsupported(format!(
+                "speculative decoding drafts with the MTP layer, but {} declares none (num_nextn_predict_layers is 0)",
+                dir.join("config.json").display()
+            )));
+        }
         let ckpt = Checkpoint::open(dir)?;
-        let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, options.with_mtp)?);
+        let with_mtp = options.with_mtp || options.draft_tokens > 0;
+        let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, with_mtp)?);
         let backend: Box<dyn Backend> = match options.backend {
             BackendKind::Cpu => Box::new(CpuBackend::new(
                 &cfg,
@@ -298,6 +309,12 @@ impl Engine {
     /// tokens that verification rejected; the freed pages return to the pool.
     pub fn truncate(&mut self, seq: &mut Sequence, len: usize) {
         seq.blocks.truncate(&mut self.alloc, len);
+        seq.mtp_len = seq.mtp_len.min(len);
+    }
+
+    /// Forgets the MTP layer's positions from `len` on (provisional draft entries); the main
+    /// model's positions stay.
+    pub fn truncate_mtp(&mut self, seq: &mut Sequence, len: usize) {
         seq.mtp_len = seq.mtp_len.min(len);
     }
 

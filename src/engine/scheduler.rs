@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
+use super::speculative::{judge, Draft, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
 use crate::chat::json_mode::{JsonConstraint, TokenBytes};
 use crate::chat::reasoning::partial_suffix;
@@ -29,7 +30,6 @@ use crate::chat::template::{THINK_CLOSE, THINK_OPEN};
 use crate::chat::{IncrementalDecoder, Tokenizer};
 use crate::error::{Error, Result};
 use crate::kv_cache::PAGE_TOKENS;
-use crate::model::LogitRows;
 
 pub type RequestId = u64;
 
@@ -127,6 +127,9 @@ pub struct SchedulerOptions {
     /// KV pages finished sequences may keep for prefix caching (0: off). Counted within
     /// `kv_pages`.
     pub prefix_cache_pages: usize,
+    /// MTP speculative decoding: drafts per step (0: off). Needs an engine loaded with its
+    /// MTP layer. JSON-mode requests decode without drafts.
+    pub draft_tokens: usize,
 }
 
 impl Default for SchedulerOptions {
@@ -137,6 +140,7 @@ impl Default for SchedulerOptions {
             kv_pages: (1 << 20) / PAGE_TOKENS,
             tokenizer: None,
             prefix_cache_pages: 0,
+            draft_tokens: 0,
         }
     }
 }
@@ -164,6 +168,9 @@ pub struct Metrics {
     pub generation_tokens_per_second: f64,
     /// Prompt tokens prefilled per second over the last few seconds.
     pub prompt_tokens_per_second: f64,
+    /// Speculative decoding: draft tokens proposed and accepted.
+    pub draft_tokens_total: u64,
+    pub accepted_draft_tokens_total: u64,
 }
 
 /// Facts about the model that front ends need to validate requests.
@@ -195,6 +202,18 @@ struct Running {
     first_token: Option<Duration>,
     cancelled: bool,
     json: Option<JsonConstraint>,
+    /// Speculative decoding state (None: this request decodes without drafts).
+    spec: Option<SpecState>,
+}
+
+/// What the MTP drafter has not yet seen: the tokens following positions `from ..` and the
+/// main model's final-normed states there, plus the drafts of the step in flight.
+#[derive(Default)]
+struct SpecState {
+    from: usize,
+    next_tokens: Vec<u32>,
+    hidden: Vec<f32>,
+    drafts: Vec<Draft>,
 }
 
 impl Running {
@@ -315,6 +334,7 @@ impl Scheduler {
             submitted: Instant::now(),
             first_token: None,
             cancelled: false,
+            spec: (self.opts.draft_tokens > 0 && json.is_none()).then(SpecState::default),
             json,
         });
         let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
@@ -409,7 +429,15 @@ impl Scheduler {
                 break;
             }
             let mut r = self.waiting.pop_front().expect("front exists");
-            if let Some((mut c, len)) = taken {
+            if let Some((mut c, mut len)) = taken {
+                if r.spec.is_some() {
+                    // The MTP layer must cover the reused positions too: reuse only those.
+                    len = len.min(c.seq.mtp_len());
+                    r.spec = Some(SpecState {
+                        from: len,
+                        ..SpecState::default()
+                    });
+                }
                 self.engine.truncate(&mut c.seq, len);
                 r.seq = c.seq;
                 r.prefilled = len;
@@ -506,69 +534,133 @@ impl Scheduler {
             self.publish(cancelled, 0, 0, 0);
             return self.has_work();
         }
+        if let Err(e) = self.draft() {
+            self.fail_running(&e.to_string(), &(0..self.running.len()).collect::<Vec<_>>());
+            self.publish(cancelled, 0, 0, 0);
+            return self.has_work();
+        }
         let decodes = self.running.iter().filter(|r| r.decoding()).count();
         let mut prefill_budget = self.opts.step_tokens.saturating_sub(decodes).max(1);
-        // Each running request's token range for this step (prefill chunk or last token).
-        let mut chunks: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
-        for r in &self.running {
+        // Each running request's tokens for this step (a prefill chunk, or the last token and
+        // its drafts) and how many trailing logit rows it needs.
+        let mut inputs: Vec<(usize, Vec<u32>, usize)> = Vec::with_capacity(self.running.len());
+        for (i, r) in self.running.iter().enumerate() {
             if r.decoding() {
-                chunks.push((0, 1));
+                let last = r.generated[r.generated.len() - 1];
+                let drafts = r.spec.as_ref().map_or(&[][..], |s| &s.drafts[..]);
+                let tokens: Vec<u32> = std::iter::once(last)
+                    .chain(drafts.iter().map(|d| d.token))
+                    .collect();
+                let rows = tokens.len();
+                inputs.push((i, tokens, rows));
             } else {
                 let n = (r.req.prompt.len() - r.prefilled).min(prefill_budget);
+                if n == 0 {
+                    continue;
+                }
                 prefill_budget -= n;
-                chunks.push((r.prefilled, n));
+                let end = r.prefilled + n;
+                let rows = usize::from(end == r.req.prompt.len());
+                inputs.push((i, r.req.prompt[r.prefilled..end].to_vec(), rows));
             }
         }
-        let mut steps: Vec<Step<'_>> = Vec::new();
-        let mut members: Vec<usize> = Vec::new();
-        for (i, (r, &(start, n))) in self.running.iter_mut().zip(&chunks).enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let Running {
-                seq,
-                req,
-                generated,
-                ..
-            } = r;
-            let tokens: &[u32] = if generated.is_empty() {
-                &req.prompt[start..start + n]
-            } else {
-                &generated[generated.len() - 1..]
-            };
-            steps.push(Step { seq, tokens });
-            members.push(i);
-        }
-        let result = self.engine.forward_batch(&mut steps, LogitRows::Last);
-        drop(steps);
+        let members: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
+        let rows: Vec<usize> = inputs.iter().map(|(_, _, n)| *n).collect();
+        let bases: Vec<usize> = members.iter().map(|&i| self.running[i].seq.len()).collect();
+        let result = {
+            let mut seqs: Vec<&mut Sequence> = self
+                .running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| members.contains(i))
+                .map(|(_, r)| &mut r.seq)
+                .collect();
+            let mut steps: Vec<Step<'_>> = seqs
+                .iter_mut()
+                .zip(&inputs)
+                .map(|(seq, (_, tokens, _))| Step { seq, tokens })
+                .collect();
+            self.engine.forward_batch_rows(&mut steps, &rows)
+        };
         let outputs = match result {
             Ok(o) => o,
             Err(e) => {
                 // The step failed as a whole: fail its members, free their pages.
-                let msg = e.to_string();
-                for &i in members.iter().rev() {
-                    let mut r = self.running.remove(i);
-                    self.engine.release(&mut r.seq);
-                    self.reserved_pages -= r.pages;
-                    let _ = r.events.send(Event::Error(msg.clone()));
-                }
+                self.fail_running(&e.to_string(), &members);
                 self.publish(cancelled, 0, 0, 0);
                 return self.has_work();
             }
         };
         let (mut generated, mut prefilled) = (0, 0);
         let mut done: Vec<usize> = Vec::new();
-        for (&i, out) in members.iter().zip(outputs) {
+        let vocab = self.info.vocab_size;
+        let h = self.engine.config().hidden_size;
+        for (((&i, out), (_, tokens, _)), base) in
+            members.iter().zip(outputs).zip(&inputs).zip(bases)
+        {
             let r = &mut self.running[i];
             if !r.decoding() {
-                r.prefilled += chunks[i].1;
-                prefilled += chunks[i].1;
+                let n = tokens.len();
+                if let Some(spec) = r.spec.as_mut() {
+                    // Prompt positions whose next token is known go to the drafter now; the
+                    // last one waits for the first generated token.
+                    let end = (r.prefilled + n + 1).min(r.req.prompt.len());
+                    spec.next_tokens
+                        .extend_from_slice(&r.req.prompt[r.prefilled + 1..end]);
+                    spec.hidden.extend_from_slice(&out.hidden);
+                }
+                r.prefilled += n;
+                prefilled += n;
                 if !r.decoding() {
                     continue;
                 }
             }
-            generated += 1;
-            if let Some(finish) = self.advance(i, &out.logits) {
+            let finish = match r.spec.as_mut() {
+                None => {
+                    generated += 1;
+                    self.advance(i, &out.logits)
+                }
+                Some(spec) => {
+                    let drafts = std::mem::take(&mut spec.drafts);
+                    let (accepted, bonus) =
+                        judge(&drafts, &out.logits, vocab, &r.req.sampling, &mut r.rng);
+                    let emitted: Vec<u32> = drafts[..accepted]
+                        .iter()
+                        .map(|d| d.token)
+                        .chain([bonus])
+                        .collect();
+                    if r.generated.is_empty() {
+                        // First token after the prefill: the drafter's pending input completes.
+                        spec.next_tokens.push(bonus);
+                    } else {
+                        if !drafts.is_empty() {
+                            // The drafter consumed its input; rejected drafts leave the cache.
+                            spec.from = base;
+                            spec.next_tokens.clear();
+                            spec.hidden.clear();
+                        }
+                        self.engine.truncate(&mut r.seq, base + 1 + accepted);
+                        spec.next_tokens.extend_from_slice(&emitted);
+                        spec.hidden
+                            .extend_from_slice(&out.hidden[..(accepted + 1) * h]);
+                    }
+                    {
+                        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                        m.draft_tokens_total += drafts.len() as u64;
+                        m.accepted_draft_tokens_total += accepted as u64;
+                    }
+                    let mut finish = None;
+                    for token in emitted {
+                        generated += 1;
+                        finish = self.emit(i, token);
+                        if finish.is_some() {
+                            break;
+                        }
+                    }
+                    finish
+                }
+            };
+            if let Some(finish) = finish {
                 let r = &mut self.running[i];
                 let _ = r.events.send(Event::Finished(finish));
                 done.push(i);
@@ -583,6 +675,48 @@ impl Scheduler {
         self.has_work()
     }
 
+    /// Proposes drafts for every decoding request that speculates, within its length limit.
+    fn draft(&mut self) -> Result<()> {
+        let k = self.opts.draft_tokens;
+        for r in self.running.iter_mut() {
+            if !r.decoding() || r.generated.is_empty() {
+                continue;
+            }
+            let Some(spec) = r.spec.as_mut() else {
+                continue;
+            };
+            let budget = r.limit.saturating_sub(r.generated.len() + 1).min(k);
+            if budget == 0 {
+                continue;
+            }
+            let verified = Verified {
+                index: 0,
+                first_pos: spec.from,
+                next_tokens: &spec.next_tokens,
+                hidden: &spec.hidden,
+            };
+            spec.drafts = MtpDrafter.propose(
+                &mut self.engine,
+                &mut r.seq,
+                &verified,
+                budget,
+                &r.req.sampling,
+                &mut r.rng,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ends the given running requests with an error and frees their pages.
+    fn fail_running(&mut self, msg: &str, members: &[usize]) {
+        for &i in members.iter().rev() {
+            let mut r = self.running.remove(i);
+            self.engine.release(&mut r.seq);
+            self.reserved_pages -= r.pages;
+            let _ = r.events.send(Event::Error(msg.to_string()));
+        }
+    }
+
     /// Samples request `i`'s next token from `logits`; returns its finish when it is done.
     fn advance(&mut self, i: usize, logits: &[f32]) -> Option<Finish> {
         let eos = &self.info.eos_token_ids;
@@ -594,6 +728,14 @@ impl Scheduler {
             }
             _ => sample(logits, &r.req.sampling, &mut r.rng),
         };
+        self.emit(i, token)
+    }
+
+    /// Appends `token` to request `i`'s output and streams it; returns the request's finish
+    /// when it is done.
+    fn emit(&mut self, i: usize, token: u32) -> Option<Finish> {
+        let eos = &self.info.eos_token_ids;
+        let r = &mut self.running[i];
         if let Some(c) = r.json.as_mut() {
             c.accept(token);
         }

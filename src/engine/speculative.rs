@@ -67,7 +67,10 @@ impl Drafter for MtpDrafter {
             verified.hidden,
             LogitRows::Last,
         )?;
-        let mut pos = verified.first_pos + verified.next_tokens.len();
+        // Positions below this hold the main model's states; chained drafts past it are
+        // provisional and rolled back before returning.
+        let verified_len = verified.first_pos + verified.next_tokens.len();
+        let mut pos = verified_len;
         let mut drafts = Vec::with_capacity(k);
         loop {
             let draft = draw(&out.logits, sampling, rng);
@@ -80,6 +83,7 @@ impl Drafter for MtpDrafter {
             out = engine.mtp_forward(seq, pos, &[token], &last_hidden, LogitRows::Last)?;
             pos += 1;
         }
+        engine.truncate_mtp(seq, verified_len);
         Ok(drafts)
     }
 }
@@ -363,7 +367,7 @@ impl Engine {
 
 /// How many drafts the verify logits accept (rows: after the last token, then after each
 /// draft) and the token the main model contributes after them.
-fn judge(
+pub(crate) fn judge(
     drafts: &[Draft],
     logits: &[f32],
     vocab: usize,

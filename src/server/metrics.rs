@@ -106,6 +106,18 @@ pub fn render(m: &Metrics, model: &str) -> String {
         m.prefix_cache_hit_tokens_total as f64,
     );
     metric(
+        "r1_spec_draft_tokens_total",
+        "counter",
+        "Speculative decoding: draft tokens proposed by the MTP layer.",
+        m.draft_tokens_total as f64,
+    );
+    metric(
+        "r1_spec_accepted_tokens_total",
+        "counter",
+        "Speculative decoding: draft tokens the main model accepted.",
+        m.accepted_draft_tokens_total as f64,
+    );
+    metric(
         "r1_engine_steps_total",
         "counter",
         "Forward steps run by the scheduler.",

@@ -133,6 +133,7 @@ pub fn load_state(
         tokenizer: Some(chat.tokenizer.clone()),
         // A quarter of the cache may keep finished conversations for prefix reuse.
         prefix_cache_pages: engine.cache_tokens / PAGE_TOKENS / 4,
+        draft_tokens: engine.draft_tokens,
     };
     let (dir_owned, engine) = (dir.to_path_buf(), engine.clone());
     let scheduler = SchedulerHandle::spawn(move || Engine::load(&dir_owned, &engine), opts)?;

@@ -344,6 +344,7 @@ impl TestServer {
                 kv_pages: (1 << 16) / PAGE_TOKENS,
                 tokenizer: Some(chat.tokenizer.clone()),
                 prefix_cache_pages: (1 << 16) / PAGE_TOKENS / 4,
+                draft_tokens: 0,
             },
         )
         .unwrap();
