@@ -14,12 +14,19 @@ pub fn round_bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+/// e^-x in f64 rounded to f32: the same value on every libm and in the CUDA kernels, so CPU
+/// and GPU routing decisions and SiLU outputs agree bit for bit.
+#[inline]
+fn exp_neg(x: f32) -> f32 {
+    (-f64::from(x)).exp() as f32
+}
+
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_neg(x))
 }
 
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_neg(x))
 }
