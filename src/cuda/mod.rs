@@ -31,4 +31,11 @@ pub use ops::{
     Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedActQuant, PreparedFp8Gemm, QuantizedActivations,
     Region,
 };
+pub use ops::{
+    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, Mla, MlaAttnArgs, MlaAttnDesc,
+    MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaKernel, MlaLayout, MlaQRopeArgs,
+    MlaQRopeDesc, MlaRope, MlaSchedule, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, MLA_BLOCK_M,
+    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS, MLA_SCHED_FIXED_OVERHEAD,
+    MLA_SCHED_MAX_BATCH,
+};
 pub use tma::{TensorMap2d, TmaElem};

@@ -6,9 +6,43 @@
 
 mod act_quant;
 mod fp8_gemm;
+mod mla;
+mod mla_attn;
+mod moe;
+mod moe_block;
+mod moe_gemm;
+mod moe_permute;
+mod moe_route;
 
 pub use act_quant::{ActQuantArgs, ActQuantDesc, PreparedActQuant, QuantizedActivations};
 pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedFp8Gemm};
+pub use mla::{
+    Mla, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaLayout, MlaQRopeArgs,
+    MlaQRopeDesc, MlaRope, PreparedMlaCacheWrite, PreparedMlaQRope, MLA_PAGE_TOKENS,
+};
+pub use mla_attn::{
+    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaAttnArgs, MlaAttnDesc, MlaKernel,
+    MlaSchedule, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, PreparedMlaAttn, MLA_BLOCK_M,
+    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
+};
+pub use moe::{
+    MoeFlags, MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_BLOCK_M,
+    MOE_FLAGS_LEN, MOE_MAX_EXPERTS, MOE_MAX_TOP_K,
+};
+pub use moe_block::{MoeBlockConfig, MoeBlockWeights, MoeGemmPath, MoeWorkspace};
+pub use moe_gemm::{
+    ExpertWeight, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmDesc, GroupedGemmKernel,
+    PreparedGroupedGemm,
+};
+pub use moe_permute::{
+    plan_host, sigmoid_gpu, silu_gpu, silu_quant_host, unpermute_host, GatherArgs, GatherDesc,
+    MoePlanBuffers, PermutedRows, PlanArgs, PlanDesc, PlanHost, SiluQuantArgs, SiluQuantDesc,
+    UnpermuteArgs, UnpermuteDesc,
+};
+pub use moe_route::{
+    route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
+    RouterLogitsDesc,
+};
 
 use super::error::{CudaError, Result};
 use super::sys;

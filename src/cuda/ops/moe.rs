@@ -1,0 +1,570 @@
+//! MoE on the GPU: the shared pieces of the `moe_*` launch wrappers.
+//!
+//! - [`MoeOps`]: the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu) loaded on a [`Device`]; every
+//!   `prepare_moe_*` / `moe_*` method lives on it. (The modules are loaded here rather than in
+//!   `Device::open` so this file owns them; loading takes a few milliseconds once.)
+//! - [`RouterConfig`], [`MoeLayout`] and [`MoeGeometry`]: routing hyper-parameters and the
+//!   permuted ("flat rows") buffers' shapes, as launch_params.h's MoE section defines them.
+//! - [`MoeFlags`]: the kernels' sticky error words, and the error they turn into.
+//! - [`PreparedMoeLaunch`]: one checked launch of one kernel (launch any number of times; safe
+//!   to record in a CUDA graph: it queues exactly one kernel node).
+//!
+//! The kernels themselves: `moe_route.rs` (router logits, router), `moe_permute.rs` (plan,
+//! gather, SiLU*up + quant, unpermute, with host models of each), `moe_gemm.rs` (grouped FP8
+//! GEMMs) and `moe_block.rs` (the whole routed + shared MoE block).
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::Checker;
+use crate::cuda::error::{CudaError, Result};
+use crate::cuda::sys::{self, R1MoeGatherParams, R1MoeGemmParams, R1MoeGemmRefParams};
+use crate::cuda::sys::{R1MoePlanParams, R1MoeRouterLogitsParams, R1MoeRouterParams};
+use crate::cuda::sys::{R1MoeSiluQuantParams, R1MoeUnpermuteParams};
+use crate::cuda::Device;
+
+// SAFETY: plain `#[repr(C)]` structs of integers, floats and opaque tensor-map blobs, laid out
+// like the C header the kernels are compiled against (bindgen's layout tests check offsets);
+// each MoE kernel takes exactly one of them by value.
+unsafe impl DeviceRepr for R1MoeRouterLogitsParams {}
+unsafe impl DeviceRepr for R1MoeRouterParams {}
+unsafe impl DeviceRepr for R1MoePlanParams {}
+unsafe impl DeviceRepr for R1MoeGatherParams {}
+unsafe impl DeviceRepr for R1MoeSiluQuantParams {}
+unsafe impl DeviceRepr for R1MoeUnpermuteParams {}
+unsafe impl DeviceRepr for R1MoeGemmRefParams {}
+unsafe impl DeviceRepr for R1MoeGemmParams {}
+
+/// Most experts the kernels take (R1_MOE_MAX_EXPERTS).
+pub const MOE_MAX_EXPERTS: usize = sys::R1_MOE_MAX_EXPERTS as usize;
+/// Most routed experts per token (R1_MOE_MAX_TOP_K).
+pub const MOE_MAX_TOP_K: usize = sys::R1_MOE_MAX_TOP_K as usize;
+/// The contiguous layout pads each expert's rows to this (R1_MOE_BLOCK_M).
+pub const MOE_BLOCK_M: usize = sys::R1_MOE_BLOCK_M as usize;
+/// Words in the error-flag buffer (R1_MOE_FLAGS_LEN).
+pub const MOE_FLAGS_LEN: usize = sys::R1_MOE_FLAGS_LEN as usize;
+
+/// Routing hyper-parameters (config.json), as [`crate::cpu::moe::Router`] holds them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterConfig {
+    pub experts: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub top_k: usize,
+    pub normalize: bool,
+    pub scaling: f32,
+}
+
+impl From<&crate::cpu::moe::Router> for RouterConfig {
+    fn from(r: &crate::cpu::moe::Router) -> Self {
+        RouterConfig {
+            experts: r.n_experts,
+            n_group: r.n_group,
+            topk_group: r.topk_group,
+            top_k: r.top_k,
+            normalize: r.normalize,
+            scaling: r.scaling,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// DeepSeek-V3 / R1 from a parsed config.json.
+    pub fn from_model(cfg: &crate::config::ModelConfig) -> Self {
+        RouterConfig::from(&crate::cpu::moe::Router::new(cfg))
+    }
+
+    /// The CPU router with the same parameters.
+    pub fn cpu(&self) -> crate::cpu::moe::Router {
+        crate::cpu::moe::Router {
+            n_experts: self.experts,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            top_k: self.top_k,
+            normalize: self.normalize,
+            scaling: self.scaling,
+        }
+    }
+
+    /// launch_params.h's moe_router requirements.
+    pub fn check(&self, kernel: &'static str) -> Result<()> {
+        let c = Checker { kernel };
+        let (e, g) = (self.experts, self.n_group);
+        c.req((1..=MOE_MAX_EXPERTS).contains(&e), || {
+            format!("experts = {e} must be in 1..={MOE_MAX_EXPERTS}")
+        })?;
+        c.req(g >= 1 && e % g == 0, || {
+            format!("n_group = {g} must divide experts = {e}")
+        })?;
+        c.req((1..=g).contains(&self.topk_group), || {
+            format!(
+                "topk_group = {} must be in 1..=n_group ({g})",
+                self.topk_group
+            )
+        })?;
+        c.req((1..=e.min(MOE_MAX_TOP_K)).contains(&self.top_k), || {
+            format!(
+                "top_k = {} must be in 1..=min(experts, {MOE_MAX_TOP_K})",
+                self.top_k
+            )
+        })?;
+        c.req(self.scaling.is_finite(), || {
+            format!("routed_scaling_factor = {} must be finite", self.scaling)
+        })
+    }
+}
+
+/// How the routed rows are laid out (launch_params.h, "Flat rows").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoeLayout {
+    /// Prefill: experts in order, each padded to [`MOE_BLOCK_M`] rows; block tables on device.
+    Contiguous,
+    /// Decode: `[experts][max_tokens_per_expert]` rows with per-expert counts on device.
+    Masked { max_tokens_per_expert: usize },
+}
+
+/// The permuted buffers' geometry for `tokens` tokens (a capacity: a call may route fewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeGeometry {
+    pub tokens: usize,
+    pub top_k: usize,
+    pub experts: usize,
+    pub layout: MoeLayout,
+}
+
+impl MoeGeometry {
+    pub fn entries(&self) -> usize {
+        self.tokens * self.top_k
+    }
+
+    /// Contiguous layout: enough blocks for any routing of `tokens` tokens:
+    /// ceil(T*K / 128) + min(E, T*K). (0 for the masked layout.)
+    pub fn max_blocks(&self) -> usize {
+        match self.layout {
+            MoeLayout::Contiguous => {
+                let n = self.entries();
+                n.div_ceil(MOE_BLOCK_M) + self.experts.min(n)
+            }
+            MoeLayout::Masked { .. } => 0,
+        }
+    }
+
+    /// Flat rows R of the permuted buffers.
+    pub fn rows(&self) -> usize {
+        match self.layout {
+            MoeLayout::Contiguous => self.max_blocks() * MOE_BLOCK_M,
+            MoeLayout::Masked {
+                max_tokens_per_expert,
+            } => self.experts * max_tokens_per_expert,
+        }
+    }
+
+    /// R rounded up to the SA layout's 4 (the scales' row stride).
+    pub fn r_pad(&self) -> usize {
+        super::act_scale_m_pad(self.rows().max(1))
+    }
+
+    pub(crate) fn layout_code(&self) -> i32 {
+        match self.layout {
+            MoeLayout::Contiguous => sys::R1_MOE_LAYOUT_CONTIGUOUS as i32,
+            MoeLayout::Masked { .. } => sys::R1_MOE_LAYOUT_MASKED as i32,
+        }
+    }
+
+    pub(crate) fn max_tokens_per_expert(&self) -> usize {
+        match self.layout {
+            MoeLayout::Contiguous => 0,
+            MoeLayout::Masked {
+                max_tokens_per_expert,
+            } => max_tokens_per_expert,
+        }
+    }
+
+    /// Shape rules shared by every kernel that uses the geometry.
+    pub fn check(&self, kernel: &'static str) -> Result<()> {
+        let c = Checker { kernel };
+        c.req(self.tokens >= 1 && self.top_k >= 1, || {
+            format!(
+                "tokens ({}) and top_k ({}) must be >= 1",
+                self.tokens, self.top_k
+            )
+        })?;
+        c.req((1..=MOE_MAX_EXPERTS).contains(&self.experts), || {
+            format!(
+                "experts = {} must be in 1..={MOE_MAX_EXPERTS}",
+                self.experts
+            )
+        })?;
+        c.req(self.top_k <= MOE_MAX_TOP_K, || {
+            format!("top_k = {} must be <= {MOE_MAX_TOP_K}", self.top_k)
+        })?;
+        if let MoeLayout::Masked {
+            max_tokens_per_expert,
+        } = self.layout
+        {
+            c.req(max_tokens_per_expert >= 1, || {
+                "max_tokens_per_expert must be >= 1".to_string()
+            })?;
+        }
+        let rows = self
+            .tokens
+            .checked_mul(self.top_k)
+            .and_then(|_| self.experts.checked_mul(self.max_tokens_per_expert()))
+            .map(|_| self.r_pad());
+        c.req(rows.is_some_and(|r| r <= i32::MAX as usize), || {
+            "tokens * top_k and the flat rows must fit in a 32-bit int".to_string()
+        })
+    }
+}
+
+/// The kernels' error words (launch_params.h, "Error flags").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MoeFlags {
+    /// OR of the `R1_MOE_FLAG_*` bits.
+    pub bits: u32,
+    /// Tokens whose router input held a NaN.
+    pub nan_tokens: u32,
+    /// The lowest such token.
+    pub first_nan_token: Option<u32>,
+    /// Entries dropped because an expert's masked rows were full.
+    pub dropped: u32,
+    /// Entries whose expert id was outside [-1, experts).
+    pub bad_ids: u32,
+}
+
+impl MoeFlags {
+    pub fn from_words(w: &[u32]) -> MoeFlags {
+        assert!(w.len() >= 5, "MoE flags hold {} words", w.len());
+        MoeFlags {
+            bits: w[0],
+            nan_tokens: w[1],
+            first_nan_token: (w[2] != 0).then(|| u32::MAX - w[2]),
+            dropped: w[3],
+            bad_ids: w[4],
+        }
+    }
+
+    pub fn is_clear(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Ok when no flag is set; else the error the host reports.
+    pub fn into_result(self) -> Result<()> {
+        if self.is_clear() {
+            return Ok(());
+        }
+        let mut what = Vec::new();
+        if self.bits & sys::R1_MOE_FLAG_NAN != 0 {
+            what.push(format!(
+                "NaN in the MoE router input of {} token(s) (first: token {}): the hidden \
+                 state diverged",
+                self.nan_tokens,
+                self.first_nan_token.map_or("?".into(), |t| t.to_string())
+            ));
+        }
+        if self.bits & sys::R1_MOE_FLAG_OVERFLOW != 0 {
+            what.push(format!(
+                "{} routed entries dropped: an expert received more tokens than its rows hold",
+                self.dropped
+            ));
+        }
+        if self.bits & sys::R1_MOE_FLAG_BAD_ID != 0 {
+            what.push(format!(
+                "{} routed entries name an expert outside the layer",
+                self.bad_ids
+            ));
+        }
+        Err(CudaError::requirement("moe", what.join("; ")))
+    }
+}
+
+/// The MoE kernels, loaded.
+pub(crate) struct MoeKernels {
+    pub router_logits: CudaFunction,
+    pub router: CudaFunction,
+    pub plan: CudaFunction,
+    pub gather: CudaFunction,
+    pub silu_quant: CudaFunction,
+    pub unpermute: CudaFunction,
+    pub gemm_ref: CudaFunction,
+    pub gemm_contig: CudaFunction,
+    pub gemm_masked: CudaFunction,
+    pub gemm_masked_m64: CudaFunction,
+}
+
+/// The MoE kernels loaded on one [`Device`] (all launches go on its stream).
+pub struct MoeOps<'d> {
+    pub(crate) dev: &'d Device,
+    pub(crate) k: MoeKernels,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+impl std::fmt::Debug for MoeOps<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeOps")
+            .field("device", &self.dev.info().name)
+            .finish()
+    }
+}
+
+impl<'d> MoeOps<'d> {
+    /// Loads cuda/moe.cu and cuda/moe_gemm.cu's cubins and raises the grouped GEMMs' dynamic
+    /// shared-memory limits.
+    pub fn load(dev: &'d Device) -> Result<Self> {
+        if !sys::KERNELS_BUILT {
+            return Err(CudaError::BuiltWithoutKernels);
+        }
+        dev.bind()?;
+        let mut modules = Vec::new();
+        let mut load = |module: &str| -> Result<Arc<CudaModule>> {
+            let (_, cubin) = sys::CUBINS
+                .iter()
+                .find(|(stem, _)| *stem == module)
+                .ok_or_else(|| {
+                    CudaError::Driver(format!(
+                        "cuda/{module}.cu is not among the embedded cubins (rebuild the crate)"
+                    ))
+                })?;
+            let m = dev
+                .context()
+                .load_module(Ptx::from_binary(cubin.to_vec()))
+                .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({module}.cubin)"), e))?;
+            modules.push(m.clone());
+            Ok(m)
+        };
+        let small = load("moe")?;
+        let gemm = load("moe_gemm")?;
+        let f = |m: &Arc<CudaModule>, name: &str| {
+            m.load_function(name)
+                .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
+        };
+        let k = MoeKernels {
+            router_logits: f(&small, "moe_router_logits")?,
+            router: f(&small, "moe_router")?,
+            plan: f(&small, "moe_plan")?,
+            gather: f(&small, "moe_gather")?,
+            silu_quant: f(&small, "moe_silu_quant")?,
+            unpermute: f(&small, "moe_unpermute")?,
+            gemm_ref: f(&gemm, "moe_gemm_ref")?,
+            gemm_contig: f(&gemm, "moe_gemm_contig_wgmma")?,
+            gemm_masked: f(&gemm, "moe_gemm_masked_wgmma")?,
+            gemm_masked_m64: f(&gemm, "moe_gemm_masked_wgmma_m64")?,
+        };
+        for (name, func, bytes) in [
+            (
+                "moe_gemm_contig_wgmma",
+                &k.gemm_contig,
+                sys::R1_MOE_GEMM_SMEM_BYTES,
+            ),
+            (
+                "moe_gemm_masked_wgmma",
+                &k.gemm_masked,
+                sys::R1_MOE_GEMM_SMEM_BYTES,
+            ),
+            (
+                "moe_gemm_masked_wgmma_m64",
+                &k.gemm_masked_m64,
+                sys::R1_MOE_GEMM_M64_SMEM_BYTES,
+            ),
+        ] {
+            let bytes = bytes as usize;
+            let static_smem = func
+                .shared_size_bytes()
+                .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
+            let total = bytes + usize::try_from(static_smem).unwrap_or(0);
+            let limit = dev.info().max_smem_per_block_optin;
+            if total > limit {
+                return Err(CudaError::requirement(
+                    name,
+                    format!(
+                        "needs {total} bytes of shared memory per block; {} allows {limit}",
+                        dev.info().name
+                    ),
+                ));
+            }
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| {
+                CudaError::driver(
+                    &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"),
+                    e,
+                )
+            })?;
+        }
+        Ok(MoeOps {
+            dev,
+            k,
+            _modules: modules,
+        })
+    }
+
+    pub fn device(&self) -> &'d Device {
+        self.dev
+    }
+
+    /// Reads the error words (waits for the stream: not inside a CUDA-graph capture).
+    pub fn read_flags(&self, flags: &crate::cuda::DeviceBuffer<u32>) -> Result<MoeFlags> {
+        Ok(MoeFlags::from_words(&self.dev.download(flags)?))
+    }
+
+    /// Zeroes the error words (asynchronously; capturable).
+    pub fn clear_flags(&self, flags: &mut crate::cuda::DeviceBuffer<u32>) -> Result<()> {
+        self.dev.memset(flags, 0)
+    }
+
+    /// A new zeroed flag buffer.
+    pub fn alloc_flags(&self) -> Result<crate::cuda::DeviceBuffer<u32>> {
+        self.dev.alloc_zeros(MOE_FLAGS_LEN)
+    }
+
+    pub(crate) fn launch<P: DeviceRepr>(
+        &self,
+        func: &'static str,
+        pick: fn(&MoeKernels) -> &CudaFunction,
+        params: P,
+        cfg: LaunchConfig,
+    ) -> PreparedMoeLaunch<'_, P> {
+        PreparedMoeLaunch {
+            func: pick(&self.k),
+            stream: self.dev.stream(),
+            name: func,
+            params,
+            cfg,
+            _buffers: PhantomData,
+        }
+    }
+}
+
+/// One checked launch of one MoE kernel; borrows its buffers (and the kernels) for `'a`.
+pub struct PreparedMoeLaunch<'a, P> {
+    func: &'a CudaFunction,
+    stream: &'a Arc<CudaStream>,
+    name: &'static str,
+    params: P,
+    cfg: LaunchConfig,
+    _buffers: PhantomData<&'a ()>,
+}
+
+impl<P: DeviceRepr> PreparedMoeLaunch<'_, P> {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn launch_config(&self) -> LaunchConfig {
+        self.cfg
+    }
+
+    pub fn params(&self) -> &P {
+        &self.params
+    }
+
+    /// Queues the kernel on the device's stream.
+    pub fn launch(&self) -> Result<()> {
+        // SAFETY: the parameters passed the kernel's *Desc::check (shapes, strides, alignment,
+        // buffer lengths) for buffers borrowed for this value's lifetime; every MoE kernel
+        // takes exactly one parameter struct by value; the GEMMs' dynamic shared memory was
+        // raised in MoeOps::load.
+        unsafe {
+            self.stream
+                .launch_builder(self.func)
+                .arg(&self.params)
+                .launch(self.cfg)
+        }
+        .map(|_| ())
+        .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({})", self.name), e))
+    }
+}
+
+/// Region helpers for the descs.
+pub(crate) fn opt_addr(r: Option<super::Region>) -> u64 {
+    r.map_or(0, |r| r.addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(tokens: usize, layout: MoeLayout) -> MoeGeometry {
+        MoeGeometry {
+            tokens,
+            top_k: 8,
+            experts: 256,
+            layout,
+        }
+    }
+
+    #[test]
+    fn contiguous_bound_covers_any_routing() {
+        // Worst case: every entry alone in its expert (padding 127 each) or all in one expert.
+        for tokens in [1, 2, 31, 32, 33, 100, 4096] {
+            let g = geometry(tokens, MoeLayout::Contiguous);
+            let n = g.entries();
+            let worst_spread = (n.min(256)) + (n.saturating_sub(256)).div_ceil(MOE_BLOCK_M);
+            let worst_hot = n.div_ceil(MOE_BLOCK_M);
+            assert!(g.max_blocks() >= worst_spread.max(worst_hot), "{tokens}");
+            assert_eq!(g.rows(), g.max_blocks() * MOE_BLOCK_M);
+            assert_eq!(g.r_pad() % 4, 0);
+        }
+        let g = geometry(
+            128,
+            MoeLayout::Masked {
+                max_tokens_per_expert: 128,
+            },
+        );
+        assert_eq!((g.rows(), g.max_blocks()), (256 * 128, 0));
+        g.check("t").unwrap();
+    }
+
+    #[test]
+    fn router_config_checks_name_the_rule() {
+        let ok = RouterConfig {
+            experts: 256,
+            n_group: 8,
+            topk_group: 4,
+            top_k: 8,
+            normalize: true,
+            scaling: 2.5,
+        };
+        ok.check("moe_router").unwrap();
+        let e = |c: RouterConfig| c.check("moe_router").unwrap_err().to_string();
+        assert!(e(RouterConfig { n_group: 7, ..ok }).contains("n_group = 7 must divide"));
+        assert!(e(RouterConfig {
+            topk_group: 9,
+            ..ok
+        })
+        .contains("topk_group = 9"));
+        assert!(e(RouterConfig { top_k: 33, ..ok }).contains("top_k = 33"));
+        assert!(e(RouterConfig {
+            experts: 1024,
+            n_group: 8,
+            ..ok
+        })
+        .contains("experts = 1024"));
+        assert_eq!(ok.cpu().n_experts, 256);
+    }
+
+    #[test]
+    fn flags_turn_into_errors() {
+        assert!(MoeFlags::from_words(&[0; 8]).into_result().is_ok());
+        let f = MoeFlags::from_words(&[1, 2, u32::MAX - 3, 0, 0, 0, 0, 0]);
+        assert_eq!(f.first_nan_token, Some(3));
+        let e = f.into_result().unwrap_err().to_string();
+        assert!(
+            e.contains("NaN in the MoE router input of 2 token(s) (first: token 3)"),
+            "{e}"
+        );
+        let e = MoeFlags::from_words(&[6, 0, 0, 5, 1, 0, 0, 0])
+            .into_result()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("5 routed entries dropped") && e.contains("1 routed entries name"));
+    }
+}
