@@ -8,8 +8,8 @@
 
 mod common;
 
-use common::{fail, Measurement, Rng, BENCH_M, H100_SXM_COPY_GBPS};
-use half::bf16;
+use common::gpu_support::{to_bf16, Rng};
+use common::{fail, Measurement, BENCH_M, H100_SXM_COPY_GBPS};
 use r1_runtime::cuda::{act_scale_m_pad, ActQuantArgs};
 
 const KS: [usize; 5] = [7168, 1536, 512, 16384, 2048];
@@ -22,18 +22,14 @@ fn main() {
     println!(
         "act_quant: anchor: >= 85% of a device-to-device copy (~{H100_SXM_COPY_GBPS} GB/s on H100 SXM)"
     );
-    let mut rng = Rng(0xAC7);
+    let mut rng = Rng::new(0xAC7);
     for &k in &KS {
         for &m in &BENCH_M {
             let id = format!("m{m}_k{k}");
             if !h.selected(&id) {
                 continue;
             }
-            let x: Vec<bf16> = rng
-                .uniform(m * k, -8.0, 8.0)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
+            let x = to_bf16(&rng.uniform(m * k, -8.0, 8.0));
             let x = dev.upload(&x).unwrap_or_else(|e| fail("upload x", e));
             let m_pad = act_scale_m_pad(m);
             let mut q = dev

@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::{fail, Measurement, Rng, BENCH_M, DEEPSEEK_NK};
+use common::gpu_support::{Rng, DEEPSEEK_NK};
+use common::{fail, Measurement, BENCH_M};
 use half::bf16;
 use r1_runtime::cuda::{act_scale_m_pad, DeviceBuffer, Fp8GemmArgs, GemmKernel};
 
@@ -19,7 +20,7 @@ fn main() {
         return;
     };
     let mut h = common::start(&dev, "fp8_gemm");
-    let mut rng = Rng(0x5EED);
+    let mut rng = Rng::new(0x5EED);
     for &(n, k) in &DEEPSEEK_NK {
         let ids: Vec<(usize, String)> = BENCH_M
             .iter()

@@ -15,7 +15,8 @@
 
 mod common;
 
-use common::{fail, Measurement, Rng};
+use common::gpu_support::{to_bf16, Rng};
+use common::{fail, Measurement};
 use half::bf16;
 use r1_runtime::cuda::{Device, MlaAttnArgs, MlaCache, MlaKernel, MlaLayout, MlaWorkspace};
 
@@ -81,7 +82,7 @@ fn main() {
         "mla_decode: anchors: h <= 64, s_q = 1: >= 2900 GB/s; h = 128, s_q = 2: >= 650 TFLOPS \
          (FlashMLA H800: 3000 GB/s, 660 TFLOPS); timed = mla_decode_wgmma + mla_combine"
     );
-    let mut rng = Rng(0x31A);
+    let mut rng = Rng::new(0x31A);
     for &s_k in &SK {
         for varlen in [false, true] {
             // The cache depends on the lengths only; s_q shifts nothing but the query count.
@@ -111,11 +112,7 @@ fn main() {
                     let layout = MlaLayout::decode(tables.clone(), kv.clone(), s_q);
                     let batch = layout.upload(&dev).unwrap_or_else(|e| fail(&id, e));
                     let rows = BATCH * s_q * heads;
-                    let q: Vec<bf16> = rng
-                        .uniform(rows * WIDTH, -1.0, 1.0)
-                        .into_iter()
-                        .map(bf16::from_f32)
-                        .collect();
+                    let q = to_bf16(&rng.uniform(rows * WIDTH, -1.0, 1.0));
                     let q = dev.upload(&q).unwrap_or_else(|e| fail("upload q", e));
                     let mut out = dev
                         .alloc::<bf16>(rows * KV_LORA)

@@ -22,12 +22,13 @@
 
 mod common;
 
-use common::{fail, Harness, Measurement, Rng};
+use common::gpu_support::{deepseek_router, route_ids, to_bf16, Rng};
+use common::{fail, Harness, Measurement};
 use half::bf16;
 use r1_runtime::cuda::ops::{
     GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel, MoeBlockConfig, MoeBlockWeights,
     MoeGemmPath, MoeGeometry, MoeLayout, MoeOps, MoePlanBuffers, MoeWorkspace, PermutedRows,
-    PlanArgs, RouterConfig,
+    PlanArgs,
 };
 use r1_runtime::cuda::{Device, DeviceBuffer};
 
@@ -40,7 +41,7 @@ fn main() {
     };
     let ops = MoeOps::load(&dev).unwrap_or_else(|e| fail("loading the MoE kernels", e));
     let mut h = common::start(&dev, "moe_gemm");
-    let mut rng = Rng(0x30E);
+    let mut rng = Rng::new(0x30E);
 
     for (groups, m) in [(4, 8192), (8, 4096)] {
         for (n, k) in PREFILL_NK {
@@ -260,14 +261,7 @@ fn decode(dev: &Device, ops: &MoeOps<'_>, h: &mut Harness<'_>, rng: &mut Rng) {
         return;
     }
     let cfg = MoeBlockConfig {
-        router: RouterConfig {
-            experts: 256,
-            n_group: 8,
-            topk_group: 4,
-            top_k: 8,
-            normalize: true,
-            scaling: 2.5,
-        },
+        router: deepseek_router(),
         hidden: 7168,
         inter: 2048,
         shared_inter: 2048,
@@ -276,17 +270,7 @@ fn decode(dev: &Device, ops: &MoeOps<'_>, h: &mut Harness<'_>, rng: &mut Rng) {
     let (e, top_k) = (cfg.router.experts, cfg.router.top_k);
     for &b in &wanted {
         // Random routing: each token 8 distinct experts.
-        let mut ids = Vec::with_capacity(b * top_k);
-        for _ in 0..b {
-            let mut chosen: Vec<i32> = Vec::new();
-            while chosen.len() < top_k {
-                let x = (rng.next_u64() % e as u64) as i32;
-                if !chosen.contains(&x) {
-                    chosen.push(x);
-                }
-            }
-            ids.extend(chosen);
-        }
+        let ids = route_ids(rng, b, top_k, e, None);
         for (w, (n, k)) in [
             (&weights.gate_up, PREFILL_NK[0]),
             (&weights.down, PREFILL_NK[1]),
@@ -348,11 +332,7 @@ fn deepseek_weights(dev: &Device, cfg: &MoeBlockConfig, rng: &mut Rng) -> MoeBlo
             k,
         }
     };
-    let router: Vec<bf16> = rng
-        .uniform(e * h, -0.05, 0.05)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
+    let router = to_bf16(&rng.uniform(e * h, -0.05, 0.05));
     let dense = |n: usize, k: usize, rng: &mut Rng| {
         r1_runtime::cuda::Fp8Weight::upload(
             dev,
@@ -398,11 +378,7 @@ fn bench_block(
     let layout = MoeLayout::auto(b);
     let mut ws =
         MoeWorkspace::new(dev, *cfg, b, layout, MoeGemmPath::Fast).unwrap_or_else(|x| fail(id, x));
-    let x: Vec<bf16> = rng
-        .uniform(b * hd, -2.0, 2.0)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
+    let x = to_bf16(&rng.uniform(b * hd, -2.0, 2.0));
     let x = dev.upload(&x).unwrap_or_else(|x| fail("upload x", x));
     let mut out: DeviceBuffer<bf16> = dev.alloc(b * hd).unwrap_or_else(|x| fail("alloc out", x));
     ops.moe_forward(&mut ws, w, &x, b, &mut out)

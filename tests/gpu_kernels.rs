@@ -3,7 +3,9 @@
 //! Without a usable device (no libcuda, no GPU, not sm_90, or built without nvcc) every GPU test
 //! prints `skipped: no CUDA device (<reason>) [<test>]` straight to stderr (past the test
 //! harness's capture, so the skip is visible in `cargo test` output) and returns. Set
-//! `R1_REQUIRE_GPU=1` (tools/gpu-suite does) to make that a failure instead.
+//! `R1_REQUIRE_GPU=1` (tools/gpu-suite does) to make that a failure instead. The harness
+//! (device, skipping, data, tolerance check) is tests/gpu_support, shared with the other GPU
+//! tests and the benches.
 //!
 //! What is compared, and how strictly:
 //! - act_quant: codes and scales bit-identical to `numerics::act_quant` (scales converted from
@@ -11,15 +13,14 @@
 //! - fp8_gemm_ref: bf16 bits identical to a CPU loop in the kernel's order (per K-block a
 //!   sequential `fmaf` over k ascending, then `acc = fmaf(part, sa * sb, acc)`), ragged K too.
 //! - fp8_gemm_wgmma / _m64: against `numerics::block_gemm_w8a8` rounded to bf16, with
-//!   [`TOLERANCE`]: elementwise |gpu - ref| <= 2^-6 |ref| + 5e-3 max|ref| and
+//!   [`TOLERANCE`] (gpu_support): elementwise |gpu - ref| <= 2^-6 |ref| + 5e-3 max|ref| and
 //!   rms(gpu - ref) <= 5e-3 rms(ref); every output finite; stores outside [M, N] (padding
 //!   columns of ldd, the row after M) untouched.
 //!
 //! Host-side checks (requirements named in errors) and the typed "no device" errors run on
 //! every machine.
 
-use std::io::Write as _;
-use std::sync::OnceLock;
+mod gpu_support;
 
 use half::bf16;
 use proptest::prelude::*;
@@ -30,95 +31,16 @@ use r1_runtime::cuda::{
     act_scale_m_pad, scales_to_sa, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs,
     Fp8GemmDesc, Fp8Weight, GemmKernel, QuantizedActivations, Region, TensorMap2d, TmaElem,
 };
-use r1_runtime::numerics::{self, e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
+use r1_runtime::numerics::{self, QuantizedRows, QUANT_BLOCK};
 
-/// The tolerance of the wgmma kernels, as documented above: (relative, of max|ref|, rms).
-const TOLERANCE: (f32, f32, f32) = (1.0 / 64.0, 5e-3, 5e-3);
-
-/// DeepSeek-V3's FP8 GEMM shapes (N, K): q_a+kv_a (fused), q_b, kv_b, dense/shared down,
-/// o_proj... (hidden 7168, q_lora 1536, kv_lora 512, 128 heads, moe_intermediate 2048).
-const DEEPSEEK_NK: [(usize, usize); 6] = [
-    (2112, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-];
-
-// ------------------------------------------------------------------------------------------
-// Device and skipping
-// ------------------------------------------------------------------------------------------
-
-fn require_gpu() -> bool {
-    std::env::var_os("R1_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Writes to the process's stderr directly: libtest captures `eprintln!`, not this.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// The shared device, or None after printing the skip line.
-fn gpu(test: &str) -> Option<&'static Device> {
-    static DEVICE: OnceLock<Result<Device, CudaError>> = OnceLock::new();
-    let dev = DEVICE.get_or_init(|| {
-        let r = Device::open(0);
-        if let Ok(d) = &r {
-            let i = d.info();
-            say(&format!(
-                "gpu_kernels: {} (sm_{}{}, {} SMs, {} MiB L2, driver {})",
-                i.name,
-                i.compute_capability.0,
-                i.compute_capability.1,
-                i.sm_count,
-                i.l2_bytes >> 20,
-                i.driver_version
-            ));
-        }
-        r
-    });
-    match dev {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                !require_gpu(),
-                "R1_REQUIRE_GPU is set but the GPU tests cannot run: {e}"
-            );
-            say(&format!("skipped: no CUDA device ({e}) [{test}]"));
-            None
-        }
-    }
-}
+use gpu_support::{
+    allow_no_device, check_close_at, err_of, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row,
+    widen, Rng, DEEPSEEK_NK, TOLERANCE,
+};
 
 // ------------------------------------------------------------------------------------------
 // Data
 // ------------------------------------------------------------------------------------------
-
-/// SplitMix64: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// Roughly normal (Irwin-Hall of 4), mean 0, sd 1.
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.unit()).sum();
-        (s - 2.0) * 3f32.sqrt()
-    }
-}
 
 /// Activations like a model's: per-row magnitude 10^[-3, 3], some all-zero 128-groups, a few
 /// outlier channels. Rounded to bf16.
@@ -141,36 +63,9 @@ fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<bf16> {
     x
 }
 
-fn widen(x: &[bf16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
-}
-
 /// CPU-quantized activations of random values (any K).
 fn quantized(rng: &mut Rng, m: usize, k: usize) -> QuantizedRows {
     numerics::act_quant(&widen(&activations(rng, m, k)), k)
-}
-
-/// A random FP8 weight in the checkpoint layout: codes [n][k] (finite), multipliers
-/// [ceil(n/128)][ceil(k/128)].
-fn weight(rng: &mut Rng, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-    let codes = (0..n * k)
-        .map(|_| f32_to_e4m3(rng.normal() * 64.0))
-        .collect();
-    let scales = (0..n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK))
-        .map(|_| 1e-3 * (0.5 + rng.unit()))
-        .collect();
-    (codes, scales)
-}
-
-/// One activation row as its own QuantizedRows (for per-row parallel references).
-fn row_of(a: &QuantizedRows, r: usize) -> QuantizedRows {
-    let kb = a.blocks_per_row();
-    QuantizedRows {
-        rows: 1,
-        cols: a.cols,
-        codes: a.codes[r * a.cols..(r + 1) * a.cols].to_vec(),
-        scales: a.scales[r * kb..(r + 1) * kb].to_vec(),
-    }
 }
 
 /// `numerics::block_gemm_w8a8` for the listed rows (in parallel), rounded to bf16:
@@ -178,12 +73,7 @@ fn row_of(a: &QuantizedRows, r: usize) -> QuantizedRows {
 fn cpu_w8a8(a: &QuantizedRows, rows: &[usize], codes: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
     let per_row: Vec<Vec<f32>> = rows
         .par_iter()
-        .map(|&r| {
-            numerics::block_gemm_w8a8(&row_of(a, r), codes, scales, n)
-                .into_iter()
-                .map(numerics::round_bf16)
-                .collect()
-        })
+        .map(|&r| w8a8_row(a, r, codes, scales, n))
         .collect();
     per_row.concat()
 }
@@ -196,19 +86,12 @@ fn cpu_ref_kernel(a: &QuantizedRows, codes: &[u8], scales: &[f32], n: usize) -> 
         .into_par_iter()
         .map(|r| {
             let arow = &a.codes[r * k..(r + 1) * k];
+            let sa = &a.scales[r * kb..(r + 1) * kb];
             (0..n)
                 .map(|j| {
                     let wrow = &codes[j * k..(j + 1) * k];
-                    let mut acc = 0f32;
-                    for b in 0..kb {
-                        let mut part = 0f32;
-                        for kk in b * QUANT_BLOCK..((b + 1) * QUANT_BLOCK).min(k) {
-                            part = e4m3_to_f32(arow[kk]).mul_add(e4m3_to_f32(wrow[kk]), part);
-                        }
-                        let scale = a.scales[r * kb + b] * scales[(j / QUANT_BLOCK) * kb + b];
-                        acc = part.mul_add(scale, acc);
-                    }
-                    bf16::from_f32(acc).to_bits()
+                    let sb = &scales[(j / QUANT_BLOCK) * kb..][..kb];
+                    bf16::from_f32(ref_kernel_dot(arow, wrow, sa, sb)).to_bits()
                 })
                 .collect()
         })
@@ -267,40 +150,12 @@ fn check_close(
     want: &[f32],
     what: &str,
 ) -> Result<(), String> {
-    let (rel, of_max, rms_rel) = TOLERANCE;
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let (mut err2, mut ref2) = (0f64, 0f64);
-    let mut worst: Option<(f32, usize, usize, f32, f32)> = None;
-    for (i, &r) in rows.iter().enumerate() {
-        for j in 0..n {
-            let g = got[r * n + j].to_f32();
-            let w = want[i * n + j];
-            if !g.is_finite() {
-                return Err(format!("{what}: D[{r}][{j}] = {g} is not finite (ref {w})"));
-            }
-            let d = (g - w).abs();
-            err2 += f64::from(d) * f64::from(d);
-            ref2 += f64::from(w) * f64::from(w);
-            let excess = d - (rel * w.abs() + of_max * max_ref);
-            if excess > 0.0 && worst.is_none_or(|x| excess > x.0) {
-                worst = Some((excess, r, j, g, w));
-            }
-        }
-    }
-    if let Some((_, r, j, g, w)) = worst {
-        return Err(format!(
-            "{what}: D[{r}][{j}] = {g}, reference {w} (max|ref| {max_ref}; tolerance \
-             {rel}|ref| + {of_max} max|ref|)"
-        ));
-    }
-    let count = (rows.len() * n) as f64;
-    let (e, s) = ((err2 / count).sqrt(), (ref2 / count).sqrt());
-    if e > f64::from(rms_rel) * s {
-        return Err(format!(
-            "{what}: rms error {e:.3e} exceeds {rms_rel} x rms reference {s:.3e}"
-        ));
-    }
-    Ok(())
+    let got = rows
+        .iter()
+        .flat_map(|&r| got[r * n..(r + 1) * n].iter().map(|v| v.to_f32()));
+    check_close_at(got, want, TOLERANCE, what, |i| {
+        format!("D[{}][{}]", rows[i / n], i % n)
+    })
 }
 
 fn fail(msg: String) -> TestCaseError {
@@ -351,13 +206,6 @@ fn desc(m: usize, n: usize, k: usize) -> Fp8GemmDesc {
             len: m * n,
         },
         ldd: n,
-    }
-}
-
-fn err_of(r: Result<GemmKernel, CudaError>) -> String {
-    match r {
-        Ok(k) => panic!("expected an error, got {k:?}"),
-        Err(e) => e.to_string(),
     }
 }
 
@@ -559,10 +407,7 @@ fn device_open_reports_typed_errors() {
             }
         }
         Err(e) => {
-            assert!(
-                !require_gpu(),
-                "R1_REQUIRE_GPU is set but Device::open(0) failed: {e}"
-            );
+            allow_no_device(&e);
             assert!(
                 matches!(
                     e,
@@ -581,7 +426,7 @@ fn device_open_reports_typed_errors() {
             if let CudaError::BuiltWithoutKernels = e {
                 assert!(e.to_string().contains("tools/install-cuda-toolchain"));
             }
-            say(&format!("skipped: no CUDA device ({e}) [device_open_reports_typed_errors: typed error checked]"));
+            skipped(&e, "device_open_reports_typed_errors: typed error checked");
         }
     }
 }
@@ -624,7 +469,7 @@ fn act_quant_matches_cpu_bit_exact() {
     let Some(dev) = gpu("act_quant_matches_cpu_bit_exact") else {
         return;
     };
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for (m, k) in [
         (1, 128),
         (3, 256),
@@ -640,7 +485,7 @@ fn act_quant_matches_cpu_bit_exact() {
             &(1usize..300, 1usize..=24, any::<u64>()),
             |(m, kb, seed)| {
                 let k = kb * QUANT_BLOCK;
-                let x = activations(&mut Rng(seed), m, k);
+                let x = activations(&mut Rng::new(seed), m, k);
                 check_act_quant(dev, &x, m, k).map_err(fail)
             },
         )
@@ -689,9 +534,9 @@ fn act_quant_special_values() {
 // ------------------------------------------------------------------------------------------
 
 fn check_ref_kernel(dev: &Device, m: usize, n: usize, k: usize, seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let a = quantized(&mut rng, m, k);
-    let (codes, scales) = weight(&mut rng, n, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
     let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
     let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
     let (ran, got) = gemm_on_gpu(dev, &ad, &wd, GemmKernel::Reference, n)?;
@@ -741,9 +586,9 @@ fn check_fast_kernels(
     extra_ld: usize,
     rows: Option<Vec<usize>>,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let a = quantized(&mut rng, m, k);
-    let (codes, scales) = weight(&mut rng, n, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
     let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
     let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
     let rows = rows.unwrap_or_else(|| (0..m).collect());
@@ -819,11 +664,11 @@ fn fp8_gemm_deepseek_shapes_m4096() {
     };
     let m = 4096;
     for (n, k) in [(7168, 16384), (2112, 7168)] {
-        let mut rng = Rng(n as u64 ^ k as u64);
+        let mut rng = Rng::new(n as u64 ^ k as u64);
         let mut rows = vec![0, 1, 63, 64, 127, 128, 129, 1023, 2047, 2048, 4094, 4095];
         rows.extend((0..28).map(|_| rng.below(m)));
         let a = quantized(&mut rng, m, k);
-        let (codes, scales) = weight(&mut rng, n, k);
+        let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
         let ad = QuantizedActivations::upload(dev, &a).unwrap();
         let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
         let want = cpu_w8a8(&a, &rows, &codes, &scales, n);
@@ -856,9 +701,9 @@ fn fp8_gemm_rejects_and_falls_back() {
         return;
     };
     let (m, n, k) = (9, 200, 100);
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let a = quantized(&mut rng, m, k);
-    let (codes, scales) = weight(&mut rng, n, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
     let ad = QuantizedActivations::upload(dev, &a).unwrap();
     let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
     for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
@@ -896,7 +741,7 @@ fn fp8_gemm_rejects_and_falls_back() {
     let a_codes = dev.upload(&padded).unwrap();
     let m_pad = act_scale_m_pad(m);
     let sa = dev.upload(&scales_to_sa(&q.scales, m, 2, m_pad)).unwrap();
-    let (codes, scales) = weight(&mut rng, n, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
     let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
     let mut d: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
     fn args<'a>(
@@ -948,13 +793,13 @@ fn sanitizer_smoke() {
         return;
     };
     let (m, n, k) = (70, 200, 384);
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let x = activations(&mut rng, m, k);
     check_act_quant(dev, &x, m, k).unwrap();
     let xd = dev.upload(&x).unwrap();
     let ad = dev.act_quant(&xd, m, k).unwrap();
     let a = numerics::act_quant(&widen(&x), k);
-    let (codes, scales) = weight(&mut rng, n, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
     let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
     let rows: Vec<usize> = (0..m).collect();
     let want = cpu_w8a8(&a, &rows, &codes, &scales, n);

@@ -2,8 +2,8 @@
 //!
 //! Without a usable device every GPU test prints `skipped: no CUDA device (<reason>) [<test>]`
 //! to stderr (past libtest's capture) and returns; `R1_REQUIRE_GPU=1` (tools/gpu-suite) makes
-//! that a failure. Host-only tests (scheduler coverage, host checks, the reference harness
-//! itself) run everywhere.
+//! that a failure (the shared harness: tests/gpu_support). Host-only tests (scheduler
+//! coverage, host checks, the reference harness itself) run everywhere.
 //!
 //! The CPU reference computes absorbed attention from (q_nope, q_pe) through kv_b_proj; the
 //! tests make it compute the bare latent attention the kernels do by choosing qk_nope = v =
@@ -23,7 +23,8 @@
 //! - the reference kernel is deterministic per row, so chunked prefill + decode must equal a
 //!   single prefill bit for bit on it; the fast path within the attention tolerance.
 
-use std::io::Write as _;
+mod gpu_support;
+
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -34,7 +35,7 @@ use rayon::prelude::*;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cpu::attention::{self as cpu_attn, Absorbed, LayerCache, MlaShape, Rope};
 use r1_runtime::cuda::{
-    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, CudaError, Device, Mla, MlaAttnArgs,
+    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, CudaError, Mla, MlaAttnArgs,
     MlaAttnDesc, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaKernel, MlaLayout,
     MlaQRopeArgs, MlaQRopeDesc, MlaRope, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, Region,
     MLA_SCHED_FIXED_OVERHEAD,
@@ -42,6 +43,8 @@ use r1_runtime::cuda::{
 use r1_runtime::kv_cache::{Batch, BlockId, Segment, PAGE_TOKENS};
 use r1_runtime::numerics::round_bf16;
 use r1_runtime::Precision;
+
+use gpu_support::{err_of, say, to_bf16, Rng};
 
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
@@ -51,46 +54,11 @@ const WIDTH: usize = KV_LORA + ROPE;
 // Device and skipping
 // ------------------------------------------------------------------------------------------
 
-fn require_gpu() -> bool {
-    std::env::var_os("R1_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Writes to the process's stderr directly: libtest captures `eprintln!`, not this.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// The shared device and its MLA kernels, or None after printing the skip line.
+/// The shared device's MLA kernels, or None after printing the skip line.
 fn gpu(test: &str) -> Option<&'static Mla<'static>> {
-    static DEVICE: OnceLock<Result<Device, CudaError>> = OnceLock::new();
     static MLA: OnceLock<Result<Mla<'static>, CudaError>> = OnceLock::new();
-    let dev = DEVICE.get_or_init(|| {
-        let r = Device::open(0);
-        if let Ok(d) = &r {
-            let i = d.info();
-            say(&format!(
-                "gpu_mla: {} (sm_{}{}, {} SMs, driver {})",
-                i.name,
-                i.compute_capability.0,
-                i.compute_capability.1,
-                i.sm_count,
-                i.driver_version
-            ));
-        }
-        r
-    });
-    let mla = match dev {
-        Ok(d) => MLA.get_or_init(|| d.mla()),
-        Err(e) => {
-            assert!(
-                !require_gpu(),
-                "R1_REQUIRE_GPU is set but the GPU tests cannot run: {e}"
-            );
-            say(&format!("skipped: no CUDA device ({e}) [{test}]"));
-            return None;
-        }
-    };
-    match mla {
+    let dev = gpu_support::gpu(test)?;
+    match MLA.get_or_init(|| dev.mla()) {
         Ok(m) => Some(m),
         Err(e) => panic!("the device opened but the MLA kernels did not load: {e}"),
     }
@@ -99,35 +67,6 @@ fn gpu(test: &str) -> Option<&'static Mla<'static>> {
 // ------------------------------------------------------------------------------------------
 // Data
 // ------------------------------------------------------------------------------------------
-
-/// SplitMix64: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    /// Roughly normal (Irwin-Hall of 4), mean 0, sd 1.
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.unit()).sum();
-        (s - 2.0) * 3f32.sqrt()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
 
 /// The released DeepSeek-R1 config.json (the fields that matter here).
 fn r1_config() -> ModelConfig {
@@ -176,10 +115,6 @@ fn identity_absorbed(heads: usize, kv_lora: usize) -> Absorbed {
         }
     }
     Absorbed { kv_b }
-}
-
-fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
 /// Distance in bf16 ulps (through zero counts the steps on both sides).
@@ -795,13 +730,6 @@ fn attn_desc(
     }
 }
 
-fn err_of<T: std::fmt::Debug>(r: Result<T, CudaError>) -> String {
-    match r {
-        Ok(k) => panic!("expected an error, got {k:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
 #[test]
 fn host_checks_choose_kernels_and_name_requirements() {
     let d = attn_desc(128, 128, 1, 64, 128 * 64);
@@ -1004,7 +932,7 @@ fn prefill_form_cost_model() {
 #[test]
 fn cpu_identity_absorption_is_latent_attention() {
     let cfg = r1_config();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let heads = 2;
     let p = problem(&mut rng, &cfg, heads, &[1, 65, 130, 64], &[1, 2, 7, 2]);
     let want = cpu_reference(&cfg, &p, &identity_absorbed(heads, KV_LORA));
@@ -1041,7 +969,7 @@ fn cache_write_matches_cpu() {
     };
     let dev = mla.device();
     let cfg = r1_config();
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     // Sequences at short, page-straddling and very long positions (YaRN's full range).
     let specs = [
         (0usize, 5usize),
@@ -1154,7 +1082,7 @@ fn q_rope_matches_cpu() {
     let dev = mla.device();
     let cfg = r1_config();
     let rope_cpu = Rope::new(&cfg);
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     let heads = 16;
     let layout = MlaLayout {
         tables: vec![vec![0; 2], vec![0; 2560]],
@@ -1249,7 +1177,7 @@ fn decode_matches_cpu_all_head_counts() {
         return;
     };
     let cfg = r1_config();
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     for heads in [128, 64, 32, 16] {
         let absorbed = identity_absorbed(heads, KV_LORA);
         for s_q in [1, 2] {
@@ -1282,7 +1210,7 @@ fn decode_random_batches() {
         return;
     };
     let cfg = r1_config();
-    let mut rng = Rng(22);
+    let mut rng = Rng::new(22);
     for case in 0..6 {
         let heads = [16, 32, 64, 128][case % 4];
         let s_q = 1 + case % 2;
@@ -1309,7 +1237,7 @@ fn prefill_chunks_match_cpu() {
         return;
     };
     let cfg = r1_config();
-    let mut rng = Rng(31);
+    let mut rng = Rng::new(31);
     for (case, heads) in [16usize, 16, 128, 32].into_iter().enumerate() {
         // (chunk, prefix) per sequence: from scratch, over a prefix, page-aligned or not.
         let n = 1 + rng.below(3);
@@ -1341,7 +1269,7 @@ fn prefill_then_decode_equals_single_prefill() {
     };
     let dev = mla.device();
     let cfg = r1_config();
-    let mut rng = Rng(41);
+    let mut rng = Rng::new(41);
     let heads = 16;
     let n = 230;
     let table: Vec<BlockId> = vec![5, 2, 7, 0];
@@ -1471,7 +1399,7 @@ fn sanitizer_smoke() {
         return;
     };
     let cfg = r1_config();
-    let mut rng = Rng(51);
+    let mut rng = Rng::new(51);
     let heads = 16;
     let p = problem(&mut rng, &cfg, heads, &[2, 65, 129, 300], &[2; 4]);
     let want = cpu_reference(&cfg, &p, &identity_absorbed(heads, KV_LORA));

@@ -3,7 +3,8 @@
 //! `unpermute_host`, `router_logits_host`).
 //!
 //! Without a usable device every GPU test prints `skipped: no CUDA device (<reason>) [<test>]`
-//! to stderr and returns; `R1_REQUIRE_GPU=1` (tools/gpu-suite) turns that into a failure.
+//! to stderr and returns; `R1_REQUIRE_GPU=1` (tools/gpu-suite) turns that into a failure (the
+//! shared harness: tests/gpu_support).
 //! The host-side model tests run everywhere (they are in the crate's unit tests and at the end
 //! of this file).
 //!
@@ -15,14 +16,15 @@
 //! - moe_plan, moe_gather, moe_silu_quant, moe_unpermute, moe_gemm_ref: bit-identical to the
 //!   host models / a CPU loop in the kernel's order; rows the layout leaves unused untouched.
 //! - wgmma grouped GEMMs: against `numerics::block_gemm_w8a8` rounded to bf16 with
-//!   [`TOLERANCE`] (as tests/gpu_kernels.rs): |gpu - ref| <= 2^-6 |ref| + 5e-3 max|ref|,
-//!   rms(gpu - ref) <= 5e-3 rms(ref).
+//!   [`TOLERANCE`] (gpu_support, as tests/gpu_kernels.rs): |gpu - ref| <= 2^-6 |ref| + 5e-3
+//!   max|ref|, rms(gpu - ref) <= 5e-3 rms(ref).
 //! - the whole block (routed + shared): against the CPU w8a8 `MoeCall` + shared MLP + add on
 //!   the r1-heads fixture's MoE layer, routing identical, outputs within [`BLOCK_TOLERANCE`]:
 //!   |gpu - ref| <= 2^-5 |ref| + 2e-2 max|ref| per token, rms <= 1e-2 rms(ref) (two GEMMs,
 //!   SiLU and three bf16 roundings: a 1-ulp bf16 difference before act_quant can move a code).
 
-use std::io::Write as _;
+mod gpu_support;
+
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -42,83 +44,31 @@ use r1_runtime::cuda::ops::{
 };
 use r1_runtime::cuda::{act_scale_m_pad, CudaError, Device, DeviceBuffer, QuantizedActivations};
 use r1_runtime::model::weights::{FfnWeights, ModelWeights, Weight};
-use r1_runtime::numerics::{
-    self, e4m3_to_f32, f32_to_e4m3, round_bf16, QuantizedRows, QUANT_BLOCK,
+use r1_runtime::numerics::{self, round_bf16, QuantizedRows, QUANT_BLOCK};
+
+use gpu_support::{
+    allow_no_device, check_close, deepseek_router, fp8_weights, or_skip, ref_kernel_dot, route_ids,
+    skipped, w8a8_row, widen, Rng, Tolerance, TOLERANCE,
 };
 
-/// The wgmma grouped GEMMs' tolerance: (relative, of max|ref|, rms).
-const TOLERANCE: (f32, f32, f32) = (1.0 / 64.0, 5e-3, 5e-3);
 /// The whole block's tolerance: (relative, of the token's max|ref|, rms).
-const BLOCK_TOLERANCE: (f32, f32, f32) = (1.0 / 32.0, 2e-2, 1e-2);
+const BLOCK_TOLERANCE: Tolerance = (1.0 / 32.0, 2e-2, 1e-2);
 
 // ------------------------------------------------------------------------------------------
 // Device and skipping
 // ------------------------------------------------------------------------------------------
 
-fn require_gpu() -> bool {
-    std::env::var_os("R1_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Writes to the process's stderr directly: libtest captures `eprintln!`, not this.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// The MoE kernels on the shared device, or None after printing the skip line.
+/// The MoE kernels on the shared device, or None after printing the skip line (kernels that
+/// do not load skip too).
 fn gpu(test: &str) -> Option<&'static MoeOps<'static>> {
-    static DEVICE: OnceLock<Result<Device, CudaError>> = OnceLock::new();
     static OPS: OnceLock<Result<MoeOps<'static>, CudaError>> = OnceLock::new();
-    let ops = OPS.get_or_init(|| {
-        let dev = DEVICE
-            .get_or_init(|| Device::open(0))
-            .as_ref()
-            .map_err(Clone::clone)?;
-        let i = dev.info();
-        say(&format!(
-            "gpu_moe: {} (sm_{}{}, {} SMs, driver {})",
-            i.name, i.compute_capability.0, i.compute_capability.1, i.sm_count, i.driver_version
-        ));
-        MoeOps::load(dev)
-    });
-    match ops {
-        Ok(o) => Some(o),
-        Err(e) => {
-            assert!(
-                !require_gpu(),
-                "R1_REQUIRE_GPU is set but the GPU tests cannot run: {e}"
-            );
-            say(&format!("skipped: no CUDA device ({e}) [{test}]"));
-            None
-        }
-    }
+    let ops = gpu_support::device().and_then(|dev| OPS.get_or_init(|| MoeOps::load(dev)).as_ref());
+    or_skip(ops, test)
 }
 
 // ------------------------------------------------------------------------------------------
 // Data
 // ------------------------------------------------------------------------------------------
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.unit()).sum();
-        (s - 2.0) * 3f32.sqrt()
-    }
-}
 
 /// bf16 activations with per-row magnitude 10^[-2, 2].
 fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<bf16> {
@@ -130,102 +80,13 @@ fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<bf16> {
     x
 }
 
-fn widen(x: &[bf16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
-}
-
-/// Random FP8 weights of `experts` experts, each codes [n][k] + multipliers.
-fn expert_weights(rng: &mut Rng, experts: usize, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-    let codes = (0..experts * n * k)
-        .map(|_| f32_to_e4m3(rng.normal() * 64.0))
-        .collect();
-    let scales = (0..experts * n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK))
-        .map(|_| 1e-3 * (0.5 + rng.unit()))
-        .collect();
-    (codes, scales)
-}
-
-/// Router-like ids: each token picks `top_k` distinct experts among the first `live` (the
-/// others get no token), expert `hot` (if any) by every token.
-fn route_ids(
-    rng: &mut Rng,
-    tokens: usize,
-    top_k: usize,
-    live: usize,
-    hot: Option<usize>,
-) -> Vec<i32> {
-    let mut out = Vec::with_capacity(tokens * top_k);
-    for _ in 0..tokens {
-        let mut chosen: Vec<i32> = hot.map(|h| vec![h as i32]).unwrap_or_default();
-        while chosen.len() < top_k {
-            let e = rng.below(live) as i32;
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        out.extend(chosen);
-    }
-    out
-}
-
-fn row_of(a: &QuantizedRows, r: usize) -> QuantizedRows {
-    let kb = a.blocks_per_row();
-    QuantizedRows {
-        rows: 1,
-        cols: a.cols,
-        codes: a.codes[r * a.cols..(r + 1) * a.cols].to_vec(),
-        scales: a.scales[r * kb..(r + 1) * kb].to_vec(),
-    }
-}
-
 fn s<T: std::fmt::Display>(e: T) -> String {
     e.to_string()
-}
-
-/// |got - want| <= rel |want| + of_max * max|want| elementwise, rms(got - want) <= rms_rel
-/// rms(want); every value finite.
-fn check_close(got: &[f32], want: &[f32], tol: (f32, f32, f32), what: &str) -> Result<(), String> {
-    let (rel, of_max, rms_rel) = tol;
-    assert_eq!(got.len(), want.len());
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let (mut e2, mut r2) = (0f64, 0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if !g.is_finite() {
-            return Err(format!("{what}: [{i}] = {g} is not finite (ref {w})"));
-        }
-        let d = (g - w).abs();
-        if d > rel * w.abs() + of_max * max_ref {
-            return Err(format!(
-                "{what}: [{i}] = {g}, reference {w} (max|ref| {max_ref}, tolerance {rel}|ref| + {of_max} max|ref|)"
-            ));
-        }
-        e2 += f64::from(d).powi(2);
-        r2 += f64::from(w).powi(2);
-    }
-    if e2.sqrt() > f64::from(rms_rel) * r2.sqrt() {
-        return Err(format!(
-            "{what}: rms error {:.3e} exceeds {rms_rel} x rms reference {:.3e}",
-            e2.sqrt(),
-            r2.sqrt()
-        ));
-    }
-    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
 // Router
 // ------------------------------------------------------------------------------------------
-
-fn deepseek_router() -> RouterConfig {
-    RouterConfig {
-        experts: 256,
-        n_group: 8,
-        topk_group: 4,
-        top_k: 8,
-        normalize: true,
-        scaling: 2.5,
-    }
-}
 
 /// (ids, weights, the flags as a result).
 type GpuRouting = (Vec<i32>, Vec<f32>, Result<(), CudaError>);
@@ -347,7 +208,7 @@ fn router_matches_cpu_on_random_logits() {
             scaling: 16.0,
         },
     ];
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for cfg in configs {
         for tokens in [1, 3, 300] {
             let logits: Vec<f32> = (0..tokens * cfg.experts)
@@ -463,7 +324,7 @@ fn router_nan_is_an_error_not_garbage() {
         return;
     };
     let cfg = deepseek_router();
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let tokens = 6;
     let mut logits: Vec<f32> = (0..tokens * cfg.experts).map(|_| rng.normal()).collect();
     logits[2 * cfg.experts + 77] = f32::NAN;
@@ -492,7 +353,7 @@ fn router_logits_bit_exact() {
         return;
     };
     let dev = ops.device();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for (tokens, experts, hidden) in [(1, 256, 7168), (5, 8, 256), (130, 256, 1024), (3, 100, 64)] {
         let x = activations(&mut rng, tokens, hidden);
         let w: Vec<bf16> = (0..experts * hidden)
@@ -562,7 +423,7 @@ fn plan_matches_host_model() {
     let Some(ops) = gpu("plan_matches_host_model") else {
         return;
     };
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let mut cases: Vec<(usize, usize, usize, Vec<i32>)> = Vec::new();
     for (tokens, top_k, experts) in [
         (1, 8, 256),
@@ -653,7 +514,7 @@ fn permutation_round_trip() {
         return;
     };
     let dev = ops.device();
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     for (tokens, top_k, experts, hidden, masked) in [
         (1, 8, 256, 7168, true),
         (37, 4, 16, 512, false),
@@ -780,7 +641,7 @@ fn silu_quant_matches_host_model() {
         return;
     };
     let dev = ops.device();
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for (rows, inter, mapped) in [
         (1, 2048, false),
         (70, 256, false),
@@ -883,7 +744,7 @@ impl GroupedProblem {
     ) -> Self {
         let ids = route_ids(rng, tokens, top_k, live, hot);
         let a = numerics::act_quant(&widen(&activations(rng, tokens, k)), k);
-        let (codes, scales) = expert_weights(rng, experts, n, k);
+        let (codes, scales) = fp8_weights(rng, experts, n, k);
         GroupedProblem {
             geom: MoeGeometry {
                 tokens,
@@ -985,7 +846,7 @@ fn grouped_gemm_ref_bit_exact() {
     let Some(ops) = gpu("grouped_gemm_ref_bit_exact") else {
         return;
     };
-    let mut rng = Rng(31);
+    let mut rng = Rng::new(31);
     for (tokens, top_k, experts, n, k, masked) in [
         (9, 2, 8, 200, 300, false),
         (50, 4, 16, 256, 256, true),
@@ -1016,16 +877,9 @@ fn grouped_gemm_ref_bit_exact() {
         for (i, &r) in dest.iter().enumerate() {
             let (t, e) = (i / top_k, p.ids[i] as usize);
             let (wc, ws) = p.expert(e);
+            let (arow, sa) = (&p.a.codes[t * k..][..k], &p.a.scales[t * kb..][..kb]);
             for j in 0..n {
-                let mut acc = 0f32;
-                for b in 0..kb {
-                    let mut part = 0f32;
-                    for kk in b * 128..((b + 1) * 128).min(k) {
-                        part = e4m3_to_f32(p.a.codes[t * k + kk])
-                            .mul_add(e4m3_to_f32(wc[j * k + kk]), part);
-                    }
-                    acc = part.mul_add(p.a.scales[t * kb + b] * ws[(j / 128) * kb + b], acc);
-                }
+                let acc = ref_kernel_dot(arow, &wc[j * k..][..k], sa, &ws[(j / 128) * kb..][..kb]);
                 let g = d[r as usize * n + j];
                 assert_eq!(
                     g.to_bits(),
@@ -1062,10 +916,7 @@ fn check_grouped_fast(
         .map(|&i| {
             let (t, e) = (i / p.geom.top_k, p.ids[i] as usize);
             let (wc, ws) = p.expert(e);
-            let want: Vec<f32> = numerics::block_gemm_w8a8(&row_of(&p.a, t), wc, ws, n)
-                .into_iter()
-                .map(round_bf16)
-                .collect();
+            let want = w8a8_row(&p.a, t, wc, ws, n);
             let r = dest[i] as usize;
             let got = widen(&d[r * n..(r + 1) * n]);
             check_close(
@@ -1087,7 +938,7 @@ fn grouped_gemm_wgmma_vs_cpu_w8a8() {
         return;
     };
     use GroupedGemmKernel as K;
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     // (tokens, top_k, experts, n, k, live experts, hot expert)
     let shapes = [
         (1, 8, 256, 256, 256, 256, None),
@@ -1134,7 +985,7 @@ fn grouped_gemm_deepseek_shapes() {
         return;
     };
     use GroupedGemmKernel as K;
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for (n, k) in [(4096, 7168), (7168, 2048)] {
         let p = GroupedProblem::new(&mut rng, 96, 2, 8, n, k, MoeLayout::Contiguous, 6, Some(2));
         check_grouped_fast(
@@ -1313,7 +1164,7 @@ fn moe_block_matches_cpu_moecall() {
     let f = fixture();
     let (cfg, w) = block_weights(ops);
     let h = cfg.hidden;
-    let mut rng = Rng(2024);
+    let mut rng = Rng::new(2024);
     for tokens in [1, 5, 40, 200] {
         let x = activations(&mut rng, tokens, h);
         let (want, cpu_routes) = cpu_block(f, &widen(&x));
@@ -1349,7 +1200,7 @@ fn moe_block_nan_input_is_an_error() {
         return;
     };
     let (cfg, w) = block_weights(ops);
-    let mut x = activations(&mut Rng(6), 4, cfg.hidden);
+    let mut x = activations(&mut Rng::new(6), 4, cfg.hidden);
     x[2 * cfg.hidden + 10] = bf16::from_f32(f32::NAN);
     for layout in [
         MoeLayout::Contiguous,
@@ -1386,7 +1237,7 @@ fn moe_block_is_capture_safe() {
     let dev = ops.device();
     let (cfg, w) = block_weights(ops);
     let tokens = 16;
-    let x = activations(&mut Rng(12), tokens, cfg.hidden);
+    let x = activations(&mut Rng::new(12), tokens, cfg.hidden);
     for layout in [
         MoeLayout::Contiguous,
         MoeLayout::Masked {
@@ -1432,7 +1283,7 @@ fn sanitizer_smoke() {
     };
     let (cfg, w) = block_weights(ops);
     let tokens = 13;
-    let x = activations(&mut Rng(13), tokens, cfg.hidden);
+    let x = activations(&mut Rng::new(13), tokens, cfg.hidden);
     let (want, _) = cpu_block(fixture(), &widen(&x));
     for layout in [
         MoeLayout::Contiguous,
@@ -1468,7 +1319,7 @@ fn fixture_moe_layer_fits_the_gpu_path() {
     };
     assert_eq!(moe.experts.len(), cfg.router.experts);
     // The CPU block runs (reference for the GPU test) and routes like the host model.
-    let x: Vec<f32> = widen(&activations(&mut Rng(1), 3, cfg.hidden));
+    let x: Vec<f32> = widen(&activations(&mut Rng::new(1), 3, cfg.hidden));
     let (out, routes) = cpu_block(f, &x);
     assert_eq!(out.len(), 3 * cfg.hidden);
     assert!(out.iter().all(|v| v.is_finite()));
@@ -1483,13 +1334,8 @@ fn moe_ops_report_typed_errors() {
             MoeOps::load(&dev).unwrap();
         }
         Err(e) => {
-            assert!(
-                !require_gpu(),
-                "R1_REQUIRE_GPU is set but Device::open(0) failed: {e}"
-            );
-            say(&format!(
-                "skipped: no CUDA device ({e}) [moe_ops_report_typed_errors: typed error checked]"
-            ));
+            allow_no_device(&e);
+            skipped(&e, "moe_ops_report_typed_errors: typed error checked");
         }
     }
 }

@@ -11,6 +11,9 @@
 //! runs once as a smoke test). A positional FILTER selects shapes by substring, for the summary
 //! and criterion alike. Environment: `R1_BENCH_ITERS` (timed calls per summary line, default
 //! 50), `R1_BENCH_CRITERION=0` (summary lines only), `R1_BENCH_JSON` (JSON-lines path).
+//!
+//! The generator, test data and shapes shared with the GPU tests come from tests/gpu_support
+//! (included here as [`gpu_support`]).
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
@@ -21,21 +24,16 @@ use criterion::Criterion;
 use r1_runtime::cuda::timing::{time_calls, L2Flush, Stats};
 use r1_runtime::cuda::{Device, Result};
 
+#[path = "../../tests/gpu_support/mod.rs"]
+pub mod gpu_support;
+
 /// H100 SXM dense FP8 tensor-core peak (TFLOPS) and HBM3 bandwidth (GB/s).
 pub const H100_SXM_FP8_TFLOPS: f64 = 1979.0;
 pub const H100_SXM_HBM_GBPS: f64 = 3350.0;
 /// A device-to-device copy on H100 SXM moves about this much (read + write, GB/s).
 pub const H100_SXM_COPY_GBPS: f64 = 3000.0;
 
-/// DeepSeek-V3's FP8 GEMM shapes (N, K) and the token counts benched.
-pub const DEEPSEEK_NK: [(usize, usize); 6] = [
-    (2112, 7168),
-    (24576, 1536),
-    (32768, 512),
-    (7168, 16384),
-    (4096, 7168),
-    (7168, 2048),
-];
+/// The token counts benched (with `gpu_support::DEEPSEEK_NK`'s shapes).
 pub const BENCH_M: [usize; 5] = [1, 16, 64, 128, 4096];
 
 pub struct Harness<'d> {
@@ -93,7 +91,7 @@ pub fn open_device() -> Option<Device> {
         Ok(d) => Some(d),
         Err(e) => {
             println!("skipped: no CUDA device ({e})");
-            if std::env::var_os("R1_REQUIRE_GPU").is_some_and(|v| !v.is_empty() && v != "0") {
+            if gpu_support::require_gpu() {
                 eprintln!("R1_REQUIRE_GPU is set: failing instead of skipping");
                 std::process::exit(1);
             }
@@ -285,38 +283,6 @@ impl Harness<'_> {
         if let Some((path, _)) = &self.json {
             println!("{}: JSON lines appended to {path}", self.bench);
         }
-    }
-}
-
-/// Deterministic bytes for operands (SplitMix64).
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Random finite e4m3 codes (never the NaN codes 0x7F / 0xFF).
-    pub fn fp8_codes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            for b in self.next_u64().to_le_bytes() {
-                out.push(if b & 0x7F == 0x7F { b ^ 1 } else { b });
-            }
-        }
-        out.truncate(len);
-        out
-    }
-
-    /// Values in [lo, hi).
-    pub fn uniform(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..len)
-            .map(|_| lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32))
-            .collect()
     }
 }
 

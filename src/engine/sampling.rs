@@ -61,14 +61,18 @@ impl Rng {
         Rng(seed)
     }
 
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
+    /// The next 64 bits of the SplitMix64 sequence.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1): the top 53 bits of [`Rng::next_u64`].
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -123,6 +127,22 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SplitMix64's published sequence for seed 0; next_f64 is the top 53 bits of next_u64.
+    #[test]
+    fn generator_is_splitmix64() {
+        let mut rng = Rng::new(0);
+        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..100 {
+            assert_eq!(
+                a.next_f64(),
+                (b.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+            );
+        }
+        assert_eq!(Rng::new(7).next_f64(), 0.3898297483912715);
+    }
 
     #[test]
     fn greedy_takes_first_maximum() {
