@@ -161,6 +161,7 @@ struct RunArgs {
     /// Checkpoint directory (config.json + safetensors shards).
     #[arg(long)]
     model: PathBuf,
+    /// cpu (rayon reference) or cuda (one Hopper GPU; needs --precision w8a8).
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
     /// exact (f32 reference) or w8a8 (the GPU recipe).

@@ -186,72 +186,27 @@ impl Device {
             .new_stream()
             .map_err(|e| CudaError::driver("cuStreamCreate", e))?;
 
-        let mut modules = Vec::new();
-        let mut load = |module: &str| -> Result<Arc<CudaModule>> {
-            let (_, cubin) = sys::CUBINS
-                .iter()
-                .find(|(stem, _)| *stem == module)
-                .ok_or_else(|| {
-                    CudaError::Driver(format!(
-                        "cuda/{module}.cu is not among the embedded cubins (rebuild the crate)"
-                    ))
-                })?;
-            let m = ctx
-                .load_module(Ptx::from_binary(cubin.to_vec()))
-                .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({module}.cubin)"), e))?;
-            modules.push(m.clone());
-            Ok(m)
-        };
-        let aq = load("act_quant")?;
-        let gemm = load("fp8_gemm")?;
-        let function = |m: &Arc<CudaModule>, name: &str| {
-            m.load_function(name)
-                .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
-        };
+        let aq = load_cubin(&ctx, "act_quant")?;
+        let gemm = load_cubin(&ctx, "fp8_gemm")?;
         let kernels = Kernels {
-            act_quant: function(&aq, "act_quant")?,
-            fp8_gemm_ref: function(&gemm, "fp8_gemm_ref")?,
-            fp8_gemm_wgmma: function(&gemm, "fp8_gemm_wgmma")?,
-            fp8_gemm_wgmma_m64: function(&gemm, "fp8_gemm_wgmma_m64")?,
+            act_quant: kernel(&aq, "act_quant")?,
+            fp8_gemm_ref: kernel(&gemm, "fp8_gemm_ref")?,
+            fp8_gemm_wgmma: kernel(&gemm, "fp8_gemm_wgmma")?,
+            fp8_gemm_wgmma_m64: kernel(&gemm, "fp8_gemm_wgmma_m64")?,
         };
-
-        // Kernels with more than 48 KiB of dynamic shared memory must opt in before launch.
-        for (name, func, bytes) in [
-            (
-                "fp8_gemm_wgmma",
-                &kernels.fp8_gemm_wgmma,
-                sys::R1_FP8_GEMM_SMEM_BYTES as usize,
-            ),
-            (
-                "fp8_gemm_wgmma_m64",
-                &kernels.fp8_gemm_wgmma_m64,
-                sys::R1_FP8_GEMM_M64_SMEM_BYTES as usize,
-            ),
-        ] {
-            let static_smem = func
-                .shared_size_bytes()
-                .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
-            let total = bytes + usize::try_from(static_smem).unwrap_or(0);
-            if total > info.max_smem_per_block_optin {
-                return Err(CudaError::requirement(
-                    name,
-                    format!(
-                        "needs {total} bytes of shared memory per block; {} allows {}",
-                        info.name, info.max_smem_per_block_optin
-                    ),
-                ));
-            }
-            func.set_attribute(
-                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(|e| {
-                CudaError::driver(
-                    &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"),
-                    e,
-                )
-            })?;
-        }
+        opt_in_smem(
+            &info,
+            "fp8_gemm_wgmma",
+            &kernels.fp8_gemm_wgmma,
+            sys::R1_FP8_GEMM_SMEM_BYTES as usize,
+        )?;
+        opt_in_smem(
+            &info,
+            "fp8_gemm_wgmma_m64",
+            &kernels.fp8_gemm_wgmma_m64,
+            sys::R1_FP8_GEMM_M64_SMEM_BYTES as usize,
+        )?;
+        let modules = vec![aq, gemm];
 
         Ok(Device {
             info,
@@ -275,6 +230,21 @@ impl Device {
         &self.ctx
     }
 
+    /// Loads the embedded cubin of `cuda/<stem>.cu` into this device's context.
+    pub(crate) fn load_cubin(&self, stem: &str) -> Result<Arc<CudaModule>> {
+        load_cubin(&self.ctx, stem)
+    }
+
+    /// Raises `func`'s dynamic shared-memory limit to `bytes` (see [`opt_in_smem`]).
+    pub(crate) fn opt_in_smem(
+        &self,
+        name: &'static str,
+        func: &CudaFunction,
+        bytes: usize,
+    ) -> Result<()> {
+        opt_in_smem(&self.info, name, func, bytes)
+    }
+
     /// Makes this device's context current on the calling thread (before raw driver calls).
     pub(crate) fn bind(&self) -> Result<()> {
         self.ctx
@@ -288,4 +258,58 @@ impl Device {
             .synchronize()
             .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
     }
+}
+
+/// Loads the embedded cubin of `cuda/<stem>.cu` (`cuModuleLoadData`).
+pub(crate) fn load_cubin(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>> {
+    let (_, cubin) = sys::CUBINS
+        .iter()
+        .find(|(s, _)| *s == stem)
+        .ok_or_else(|| {
+            CudaError::Driver(format!(
+                "cuda/{stem}.cu is not among the embedded cubins (rebuild the crate)"
+            ))
+        })?;
+    ctx.load_module(Ptx::from_binary(cubin.to_vec()))
+        .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({stem}.cubin)"), e))
+}
+
+/// Kernel `name` of a loaded module (`cuModuleGetFunction`).
+pub(crate) fn kernel(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+    module
+        .load_function(name)
+        .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
+}
+
+/// Kernels with more than 48 KiB of dynamic shared memory must opt in before launch: checks
+/// that `bytes` plus the kernel's static shared memory fit the device, then raises the limit.
+pub(crate) fn opt_in_smem(
+    info: &DeviceInfo,
+    name: &'static str,
+    func: &CudaFunction,
+    bytes: usize,
+) -> Result<()> {
+    let static_smem = func
+        .shared_size_bytes()
+        .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
+    let total = bytes + usize::try_from(static_smem).unwrap_or(0);
+    if total > info.max_smem_per_block_optin {
+        return Err(CudaError::requirement(
+            name,
+            format!(
+                "needs {total} bytes of shared memory per block; {} allows {}",
+                info.name, info.max_smem_per_block_optin
+            ),
+        ));
+    }
+    func.set_attribute(
+        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(|e| {
+        CudaError::driver(
+            &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"),
+            e,
+        )
+    })
 }

@@ -10,11 +10,14 @@
 //!   for large M, the BLOCK_M 64 variant for small M, the reference kernel explicitly and as
 //!   the fallback), each also as `prepare_*` + launch for benches and graph capture.
 //! - [`timing`]: CUDA-event timing with an L2 flush between calls (benches).
+//! - [`backend`]: [`CudaBackend`], the engine's `--backend cuda` (w8a8): every graph op on the
+//!   GPU with the kernels above, MLA, MoE and the small ops of cuda/small_ops.cu.
 //!
 //! cudarc loads libcuda at run time, so a binary built with this module starts on machines
 //! without a driver; [`Device::open`] then returns [`CudaError::NoDriver`] (or `NoDevice`, ...).
 //! Status: compiled here, not yet run on a GPU (tests/gpu_kernels.rs skips without one).
 
+pub mod backend;
 mod buffer;
 mod device;
 pub mod error;
@@ -23,6 +26,7 @@ mod sys;
 pub mod timing;
 mod tma;
 
+pub use backend::CudaBackend;
 pub use buffer::DeviceBuffer;
 pub use device::{kernels_built, Device, DeviceInfo};
 pub use error::{CudaError, Result};

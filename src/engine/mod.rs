@@ -24,6 +24,8 @@ use sampling::{sample, Rng, SamplingParams};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Cpu,
+    /// One Hopper GPU (w8a8 only).
+    Cuda,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -31,7 +33,8 @@ impl std::str::FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(BackendKind::Cpu),
-            other => Err(format!("unknown backend `{other}` (available: cpu)")),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(format!("unknown backend `{other}` (available: cpu, cuda)")),
         }
     }
 }
@@ -146,6 +149,15 @@ impl Engine {
                 dir.join("config.json").display()
             )));
         }
+        if options.backend == BackendKind::Cuda {
+            // Fail fast, before reading the weights: the recipe and the device.
+            if options.precision != Precision::W8a8 {
+                return Err(Error::Unsupported(
+                    "the CUDA backend runs the w8a8 recipe only: pass --precision w8a8".into(),
+                ));
+            }
+            crate::cuda::Device::probe(0)?;
+        }
         let ckpt = Checkpoint::open(dir)?;
         let with_mtp = options.with_mtp || options.draft_tokens > 0;
         let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, with_mtp)?);
@@ -155,6 +167,11 @@ impl Engine {
                 Arc::clone(&weights),
                 options.precision,
             )),
+            BackendKind::Cuda => Box::new(crate::cuda::CudaBackend::new(
+                &cfg,
+                Arc::clone(&weights),
+                options.precision,
+            )?),
         };
         Ok(Self::with_backend(
             cfg,

@@ -14,10 +14,18 @@ pub struct Reference {
 /// The committed fixtures and the number of new tokens their greedy reference asked for.
 pub const FIXTURES: [(&str, usize); 2] = [("r1-heads", 8), ("small-odd", 6)];
 
+/// A committed fixture: under the crate that built the test, or under the current directory
+/// (test binaries staged to another machine by tools/gpu-suite run from the repository root).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(name)
+        .join(name);
+    let here = Path::new("tests/fixtures").join(name);
+    if !built.exists() && here.exists() {
+        here
+    } else {
+        built
+    }
 }
 
 pub fn reference(name: &str) -> Reference {

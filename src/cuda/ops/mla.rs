@@ -15,13 +15,12 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use super::{Checker, Region};
 use crate::config::ModelConfig;
+use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::sys::{
     self, R1MlaAttnRefParams, R1MlaCacheWriteParams, R1MlaCombineParams, R1MlaDecodeParams,
@@ -70,23 +69,8 @@ impl std::fmt::Debug for Mla<'_> {
 impl Device {
     /// Loads cuda/mla.cu's kernels and raises the fast path's shared-memory limit.
     pub fn mla(&self) -> Result<Mla<'_>> {
-        let (_, cubin) = sys::CUBINS
-            .iter()
-            .find(|(stem, _)| *stem == "mla")
-            .ok_or_else(|| {
-                CudaError::Driver(
-                    "cuda/mla.cu is not among the embedded cubins (rebuild the crate)".into(),
-                )
-            })?;
-        let module = self
-            .context()
-            .load_module(Ptx::from_binary(cubin.to_vec()))
-            .map_err(|e| CudaError::driver("cuModuleLoadData(mla.cubin)", e))?;
-        let function = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
-        };
+        let module = self.load_cubin("mla")?;
+        let function = |name: &str| kernel(&module, name);
         let f = MlaFunctions {
             cache_write: function("mla_cache_write")?,
             q_rope: function("mla_q_rope")?,
@@ -95,35 +79,11 @@ impl Device {
             decode: function("mla_decode_wgmma")?,
             combine: function("mla_combine")?,
         };
-        let bytes = sys::R1_MLA_DECODE_SMEM_BYTES as usize;
-        let static_smem = f
-            .decode
-            .shared_size_bytes()
-            .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
-        let total = bytes + usize::try_from(static_smem).unwrap_or(0);
-        if total > self.info().max_smem_per_block_optin {
-            return Err(CudaError::requirement(
-                "mla_decode_wgmma",
-                format!(
-                    "needs {total} bytes of shared memory per block; {} allows {}",
-                    self.info().name,
-                    self.info().max_smem_per_block_optin
-                ),
-            ));
-        }
-        f.decode
-            .set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(|e| {
-                CudaError::driver(
-                    &format!(
-                        "cuFuncSetAttribute(mla_decode_wgmma, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"
-                    ),
-                    e,
-                )
-            })?;
+        self.opt_in_smem(
+            "mla_decode_wgmma",
+            &f.decode,
+            sys::R1_MLA_DECODE_SMEM_BYTES as usize,
+        )?;
         Ok(Mla {
             dev: self,
             f,

@@ -13,6 +13,7 @@ mod moe_block;
 mod moe_gemm;
 mod moe_permute;
 mod moe_route;
+mod small_ops;
 
 pub use act_quant::{ActQuantArgs, ActQuantDesc, PreparedActQuant, QuantizedActivations};
 pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedFp8Gemm};
@@ -42,6 +43,10 @@ pub use moe_permute::{
 pub use moe_route::{
     route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
     RouterLogitsDesc,
+};
+pub use small_ops::{
+    CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc,
+    PreparedSmallOp, RmsNormDesc, SmallActQuantDesc, SmallOps,
 };
 
 use super::error::{CudaError, Result};

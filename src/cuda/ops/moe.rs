@@ -16,13 +16,12 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::Ptx;
 
 use super::Checker;
+use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::sys::{self, R1MoeGatherParams, R1MoeGemmParams, R1MoeGemmRefParams};
 use crate::cuda::sys::{R1MoePlanParams, R1MoeRouterLogitsParams, R1MoeRouterParams};
@@ -321,29 +320,9 @@ impl<'d> MoeOps<'d> {
             return Err(CudaError::BuiltWithoutKernels);
         }
         dev.bind()?;
-        let mut modules = Vec::new();
-        let mut load = |module: &str| -> Result<Arc<CudaModule>> {
-            let (_, cubin) = sys::CUBINS
-                .iter()
-                .find(|(stem, _)| *stem == module)
-                .ok_or_else(|| {
-                    CudaError::Driver(format!(
-                        "cuda/{module}.cu is not among the embedded cubins (rebuild the crate)"
-                    ))
-                })?;
-            let m = dev
-                .context()
-                .load_module(Ptx::from_binary(cubin.to_vec()))
-                .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({module}.cubin)"), e))?;
-            modules.push(m.clone());
-            Ok(m)
-        };
-        let small = load("moe")?;
-        let gemm = load("moe_gemm")?;
-        let f = |m: &Arc<CudaModule>, name: &str| {
-            m.load_function(name)
-                .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
-        };
+        let small = dev.load_cubin("moe")?;
+        let gemm = dev.load_cubin("moe_gemm")?;
+        let f = kernel;
         let k = MoeKernels {
             router_logits: f(&small, "moe_router_logits")?,
             router: f(&small, "moe_router")?,
@@ -373,36 +352,12 @@ impl<'d> MoeOps<'d> {
                 sys::R1_MOE_GEMM_M64_SMEM_BYTES,
             ),
         ] {
-            let bytes = bytes as usize;
-            let static_smem = func
-                .shared_size_bytes()
-                .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
-            let total = bytes + usize::try_from(static_smem).unwrap_or(0);
-            let limit = dev.info().max_smem_per_block_optin;
-            if total > limit {
-                return Err(CudaError::requirement(
-                    name,
-                    format!(
-                        "needs {total} bytes of shared memory per block; {} allows {limit}",
-                        dev.info().name
-                    ),
-                ));
-            }
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(|e| {
-                CudaError::driver(
-                    &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"),
-                    e,
-                )
-            })?;
+            dev.opt_in_smem(name, func, bytes as usize)?;
         }
         Ok(MoeOps {
             dev,
             k,
-            _modules: modules,
+            _modules: vec![small, gemm],
         })
     }
 

@@ -1,0 +1,218 @@
+// Small ops of the model graph that no specialised kernel covers: simple, obviously-correct
+// CUDA-core kernels (one thread per element or a block per row), f32 arithmetic, one bf16
+// rounding on store. Contract (buffers, grids, numerics): cuda/launch_params.h, SMALL OPS.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+#include "launch_params.h"
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float ld(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // partial[] may still be read by a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+    float total = 0.0f;
+    for (int i = 0; i < warps; i++) total += partial[i];
+    return total;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+    float m = 0.0f;
+    for (int i = 0; i < warps; i++) m = fmaxf(m, partial[i]);
+    return m;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_embed(const R1SmallEmbedParams p) {
+    const int r = blockIdx.x;
+    if (r >= p.rows) return;
+    const int id = reinterpret_cast<const int32_t*>(p.ids)[r];
+    const bf16* table = reinterpret_cast<const bf16*>(p.table);
+    bf16* out = reinterpret_cast<bf16*>(p.out) + static_cast<int64_t>(r) * p.width;
+    const bool ok = id >= 0 && id < p.vocab;
+    for (int c = threadIdx.x; c < p.width; c += blockDim.x)
+        out[c] = ok ? table[static_cast<int64_t>(id) * p.width + c] : __float2bfloat16_rn(0.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_rms_norm(const R1SmallRmsNormParams p) {
+    const int r = blockIdx.x;
+    if (r >= p.rows) return;
+    const bf16* x = reinterpret_cast<const bf16*>(p.x) + static_cast<int64_t>(r) * p.width;
+    const bf16* w = reinterpret_cast<const bf16*>(p.w);
+    bf16* out = reinterpret_cast<bf16*>(p.out) + static_cast<int64_t>(r) * p.width;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < p.width; c += blockDim.x) {
+        const float v = ld(x, c);
+        ss += v * v;
+    }
+    const float mean = block_sum(ss) / static_cast<float>(p.width);
+    const float inv = 1.0f / sqrtf(mean + p.eps);
+    for (int c = threadIdx.x; c < p.width; c += blockDim.x) st(out, c, ld(x, c) * inv * ld(w, c));
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_add(const R1SmallEltwiseParams p) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    st(reinterpret_cast<bf16*>(p.out), i,
+       ld(reinterpret_cast<const bf16*>(p.a), i) + ld(reinterpret_cast<const bf16*>(p.b), i));
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_silu_mul(const R1SmallEltwiseParams p) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    const float g = ld(reinterpret_cast<const bf16*>(p.a), i);
+    const float u = ld(reinterpret_cast<const bf16*>(p.b), i);
+    st(reinterpret_cast<bf16*>(p.out), i, g / (1.0f + expf(-g)) * u);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_f32_to_bf16(const R1SmallEltwiseParams p) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.n) return;
+    st(reinterpret_cast<bf16*>(p.out), i, reinterpret_cast<const float*>(p.a)[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_copy_rows(const R1SmallCopyRowsParams p) {
+    const int r = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= p.rows || c >= p.cols) return;
+    const int sr = p.row_map ? reinterpret_cast<const int32_t*>(p.row_map)[r] : r;
+    const bf16* src = reinterpret_cast<const bf16*>(p.src);
+    bf16* dst = reinterpret_cast<bf16*>(p.dst);
+    dst[static_cast<int64_t>(r) * p.ldd + p.dst_col + c] =
+        src[static_cast<int64_t>(sr) * p.lds + p.src_col + c];
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_zero_pos0(const R1SmallZeroPos0Params p) {
+    const int r = blockIdx.x;
+    if (r >= p.rows || reinterpret_cast<const int32_t*>(p.positions)[r] != 0) return;
+    bf16* x = reinterpret_cast<bf16*>(p.x) + static_cast<int64_t>(r) * p.width;
+    for (int c = threadIdx.x; c < p.width; c += blockDim.x) x[c] = __float2bfloat16_rn(0.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_GEMM_TILE * R1_SMALL_GEMM_TILE)
+small_gemm_bf16(const R1SmallGemmBf16Params p) {
+    constexpr int T = R1_SMALL_GEMM_TILE;
+    __shared__ float xs[T][T + 1];
+    __shared__ float ws[T][T + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int row = blockIdx.y * T + ty;  // m
+    const int col = blockIdx.x * T + tx;  // n
+    const bf16* x = reinterpret_cast<const bf16*>(p.x);
+    const bf16* w = reinterpret_cast<const bf16*>(p.w);
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < p.k; k0 += T) {
+        const int xr = blockIdx.y * T + ty, xc = k0 + tx;
+        xs[ty][tx] = (xr < p.m && xc < p.k) ? ld(x, static_cast<int64_t>(xr) * p.ldx + xc) : 0.0f;
+        const int wr = blockIdx.x * T + ty, wc = k0 + tx;
+        ws[ty][tx] = (wr < p.n && wc < p.k) ? ld(w, static_cast<int64_t>(wr) * p.ldw + wc) : 0.0f;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < T; i++) acc += xs[ty][i] * ws[tx][i];
+        __syncthreads();
+    }
+    if (row >= p.m || col >= p.n) return;
+    const int64_t o = static_cast<int64_t>(row) * p.ldo + col;
+    if (p.out_f32)
+        reinterpret_cast<float*>(p.out)[o] = acc;
+    else
+        st(reinterpret_cast<bf16*>(p.out), o, acc);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_QUANT_BLOCK)
+small_act_quant(const R1SmallActQuantParams p) {
+    const int kb = blockIdx.x, row = blockIdx.y;
+    const int col = kb * R1_QUANT_BLOCK + threadIdx.x;
+    const bool in = col < p.k;
+    const float x = in ? ld(reinterpret_cast<const bf16*>(p.x), static_cast<int64_t>(row) * p.ldx + col)
+                       : 0.0f;
+    const float amax = block_max(fabsf(x));
+    const float s = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+    if (in) {
+        const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fdiv_rn(x, s), __NV_SATFINITE, __NV_E4M3);
+        reinterpret_cast<uint8_t*>(p.q)[static_cast<int64_t>(row) * p.ldq + col] = q;
+    }
+    if (threadIdx.x == 0)
+        reinterpret_cast<float*>(p.scales)[static_cast<int64_t>(kb) * p.m_pad + row] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_mla_absorb_q(const R1SmallMlaAbsorbParams p) {
+    const int t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+    if (t >= p.tokens) return;
+    const int qk = p.nope + p.rope;
+    const bf16* q = reinterpret_cast<const bf16*>(p.src) + (static_cast<int64_t>(t) * p.heads + h) * qk;
+    const bf16* wk = reinterpret_cast<const bf16*>(p.kv_b) +
+                     static_cast<int64_t>(h) * (p.nope + p.v) * p.kv_lora;
+    bf16* out = reinterpret_cast<bf16*>(p.dst) +
+                (static_cast<int64_t>(t) * p.heads + h) * (p.kv_lora + p.rope);
+    for (int l = threadIdx.x; l < p.kv_lora; l += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < p.nope; i++) acc += ld(q, i) * ld(wk, static_cast<int64_t>(i) * p.kv_lora + l);
+        st(out, l, acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_mla_absorb_o(const R1SmallMlaAbsorbParams p) {
+    const int t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+    if (t >= p.tokens) return;
+    const bf16* o = reinterpret_cast<const bf16*>(p.src) +
+                    (static_cast<int64_t>(t) * p.heads + h) * p.kv_lora;
+    const bf16* wv = reinterpret_cast<const bf16*>(p.kv_b) +
+                     (static_cast<int64_t>(h) * (p.nope + p.v) + p.nope) * p.kv_lora;
+    bf16* out = reinterpret_cast<bf16*>(p.dst) + (static_cast<int64_t>(t) * p.heads + h) * p.v;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int d = warp; d < p.v; d += warps) {
+        const bf16* row = wv + static_cast<int64_t>(d) * p.kv_lora;
+        float acc = 0.0f;
+        for (int l = lane; l < p.kv_lora; l += 32) acc += ld(o, l) * ld(row, l);
+        for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) st(out, d, acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_moe_accum(const R1SmallMoeAccumParams p) {
+    const int t = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= p.tokens || c >= p.width) return;
+    const int32_t* ids = reinterpret_cast<const int32_t*>(p.topk_ids) + static_cast<int64_t>(t) * p.top_k;
+    const float* ws = reinterpret_cast<const float*>(p.topk_weights) + static_cast<int64_t>(t) * p.top_k;
+    float w = 0.0f;
+    bool chosen = false;
+    for (int j = 0; j < p.top_k; j++)
+        if (ids[j] == p.expert) {
+            w = ws[j];
+            chosen = true;
+        }
+    if (!chosen) return;
+    const int64_t i = static_cast<int64_t>(t) * p.width + c;
+    reinterpret_cast<float*>(p.acc)[i] += w * ld(reinterpret_cast<const bf16*>(p.y), i);
+}
