@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use r1_runtime::engine::sampling::{Rng, SamplingParams};
-use r1_runtime::engine::speculative::{Draft, Drafter, MtpDrafter, Verified};
+use r1_runtime::engine::speculative::{Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use r1_runtime::engine::{Engine, EngineOptions, Sequence};
 use r1_runtime::Result;
 
@@ -68,20 +68,13 @@ struct Scripted {
     calls_with_drafts: usize,
 }
 
-impl Drafter for Scripted {
-    fn propose(
-        &mut self,
-        _: &mut Engine,
-        _: &mut Sequence,
-        v: &Verified<'_>,
-        k: usize,
-        _: &SamplingParams,
-        _: &mut Rng,
-    ) -> Result<Vec<Draft>> {
+impl Scripted {
+    /// Up to `k` drafts after the verified tokens, right or wrong as scripted.
+    fn drafts(&mut self, v: &Verified<'_>, k: usize) -> Vec<Draft> {
         self.calls_with_drafts += (k > 0) as usize;
         // The last verified token sits at position first_pos + len; drafts follow it.
         let next_pos = v.first_pos + v.next_tokens.len() + 1;
-        Ok((0..k)
+        (0..k)
             .map(|i| {
                 let truth = self.truth[next_pos + i - self.prompt_len];
                 let right = match self.script {
@@ -98,6 +91,19 @@ impl Drafter for Scripted {
                     dist: None,
                 }
             })
+            .collect()
+    }
+}
+
+impl Drafter for Scripted {
+    fn propose(
+        &mut self,
+        _: &mut Engine,
+        requests: &mut [DraftRequest<'_>],
+    ) -> Result<Vec<Vec<Draft>>> {
+        Ok(requests
+            .iter()
+            .map(|r| self.drafts(&r.verified, r.budget))
             .collect())
     }
 }
@@ -154,14 +160,13 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
     impl Drafter for PerSequence {
         fn propose(
             &mut self,
-            e: &mut Engine,
-            s: &mut Sequence,
-            v: &Verified<'_>,
-            k: usize,
-            p: &SamplingParams,
-            r: &mut Rng,
-        ) -> Result<Vec<Draft>> {
-            self.0[v.index].propose(e, s, v, k, p, r)
+            _: &mut Engine,
+            requests: &mut [DraftRequest<'_>],
+        ) -> Result<Vec<Vec<Draft>>> {
+            Ok(requests
+                .iter()
+                .map(|r| self.0[r.verified.index].drafts(&r.verified, r.budget))
+                .collect())
         }
     }
     let scripts = [Script::Right, Script::Wrong, Script::FirstRight];
@@ -199,4 +204,67 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
         assert_eq!(&g.tokens, truth);
     }
     assert_eq!(e.cache_pages_in_use(), 0);
+}
+
+/// The MTP drafter proposes the same tokens for a sequence whether it drafts alone or in a
+/// batch with others of different lengths (k = 3 chains on the layer's own states).
+#[test]
+fn mtp_drafts_are_the_same_batched_or_alone() {
+    use r1_runtime::engine::sampling::argmax;
+    use r1_runtime::model::LogitRows;
+    let r = reference("r1-heads");
+    let mut e = engine("r1-heads");
+    let prompts = [r.tokens.clone(), r.tokens[..7].to_vec()];
+    let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::default()).collect();
+    let mut verified_inputs = Vec::new();
+    for (seq, p) in seqs.iter_mut().zip(&prompts) {
+        let out = e.forward(seq, p, LogitRows::Last).unwrap();
+        let next: Vec<u32> = p[1..]
+            .iter()
+            .copied()
+            .chain([argmax(&out.logits)])
+            .collect();
+        verified_inputs.push((next, out.hidden));
+    }
+    let sampling = greedy();
+    let propose = |e: &mut Engine, seqs: &mut [Sequence], which: &[usize]| -> Vec<Vec<u32>> {
+        let mut rngs: Vec<Rng> = which.iter().map(|_| Rng::new(0)).collect();
+        let mut requests: Vec<DraftRequest> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| which.contains(i))
+            .zip(rngs.iter_mut())
+            .map(|((i, seq), rng)| DraftRequest {
+                seq,
+                verified: Verified {
+                    index: i,
+                    first_pos: 0,
+                    next_tokens: &verified_inputs[i].0,
+                    hidden: &verified_inputs[i].1,
+                },
+                budget: 3,
+                sampling: &sampling,
+                rng,
+            })
+            .collect();
+        let drafts = MtpDrafter.propose(e, &mut requests).unwrap();
+        drafts
+            .iter()
+            .map(|d| d.iter().map(|x| x.token).collect())
+            .collect()
+    };
+    let alone: Vec<Vec<u32>> = (0..2)
+        .map(|i| propose(&mut e, &mut seqs, &[i]).remove(0))
+        .collect();
+    let together = propose(&mut e, &mut seqs, &[0, 1]);
+    assert_eq!(together, alone);
+    assert!(alone.iter().all(|d| d.len() == 3));
+    for seq in &mut seqs {
+        assert_eq!(
+            seq.mtp_len(),
+            seq.len(),
+            "provisional draft entries rolled back"
+        );
+        e.release(seq);
+    }
 }

@@ -106,6 +106,14 @@ pub struct Step<'a> {
     pub tokens: &'a [u32],
 }
 
+/// One sequence's part of a batched MTP step (see [`Engine::mtp_forward`]).
+pub struct MtpStep<'a> {
+    pub seq: &'a mut Sequence,
+    pub from: usize,
+    pub next_tokens: &'a [u32],
+    pub hidden: &'a [f32],
+}
+
 /// Logits (rows as requested) and final-normed hidden states of every token of one forward.
 pub struct Forward {
     pub logits: Vec<f32>,
@@ -354,6 +362,22 @@ impl Engine {
         hidden: &[f32],
         rows: LogitRows,
     ) -> Result<Forward> {
+        let mut step = [MtpStep {
+            seq,
+            from,
+            next_tokens,
+            hidden,
+        }];
+        let mut out = self.mtp_forward_batch(&mut step, rows)?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Engine::mtp_forward`] for several sequences in one MTP forward.
+    pub fn mtp_forward_batch(
+        &mut self,
+        steps: &mut [MtpStep<'_>],
+        rows: LogitRows,
+    ) -> Result<Vec<Forward>> {
         let compiled = match rows {
             LogitRows::All => self.mtp_all.as_ref(),
             LogitRows::Last => self.mtp_last.as_ref(),
@@ -363,39 +387,62 @@ impl Engine {
                 "this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or it was not loaded)".into(),
             )
         })?;
-        if from > seq.mtp_len {
-            return Err(Error::Input(format!(
-                "MTP positions must be contiguous: {} cached, asked to start at {from}",
-                seq.mtp_len
-            )));
+        if steps.is_empty() {
+            return Ok(Vec::new());
         }
-        self.check_tokens(from, next_tokens)?;
-        // Draft positions may run ahead of the main model: make room in the shared table.
-        let end = from + next_tokens.len();
-        seq.blocks.reserve(&mut self.alloc, end)?;
-        let batch = Batch {
-            tokens: next_tokens.to_vec(),
-            segments: vec![Segment {
-                blocks: seq.blocks.blocks.clone(),
-                start_pos: from,
-                len: next_tokens.len(),
+        let h = self.cfg.hidden_size;
+        let mut batch = Batch::default();
+        let mut hidden = Vec::new();
+        for step in steps.iter_mut() {
+            if step.from > step.seq.mtp_len {
+                return Err(Error::Input(format!(
+                    "MTP positions must be contiguous: {} cached, asked to start at {}",
+                    step.seq.mtp_len, step.from
+                )));
+            }
+            if step.hidden.len() != step.next_tokens.len() * h {
+                return Err(Error::Input(format!(
+                    "the MTP layer needs one hidden state per token: {} values for {} tokens of width {h}",
+                    step.hidden.len(),
+                    step.next_tokens.len()
+                )));
+            }
+            self.check_tokens(step.from, step.next_tokens)?;
+            // Draft positions may run ahead of the main model: make room in the shared table.
+            let end = step.from + step.next_tokens.len();
+            step.seq.blocks.reserve(&mut self.alloc, end)?;
+            batch.tokens.extend_from_slice(step.next_tokens);
+            hidden.extend_from_slice(step.hidden);
+            batch.segments.push(Segment {
+                blocks: step.seq.blocks.blocks.clone(),
+                start_pos: step.from,
+                len: step.next_tokens.len(),
                 logit_rows: match rows {
-                    LogitRows::All => next_tokens.len(),
+                    LogitRows::All => step.next_tokens.len(),
                     LogitRows::Last => 1,
                 },
-            }],
-        };
+            });
+        }
         let mut out = self.backend.run(
             &compiled.graph,
             &compiled.plan,
             &batch,
-            &[(HIDDEN_IN, hidden)],
+            &[(HIDDEN_IN, &hidden)],
         )?;
-        seq.mtp_len = end;
-        Ok(Forward {
-            logits: take(&mut out, LOGITS)?,
-            hidden: take(&mut out, HIDDEN_OUT)?,
-        })
+        let (logits, states) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
+        let v = self.cfg.vocab_size;
+        let (mut logit_row, mut token_row) = (0, 0);
+        let mut results = Vec::with_capacity(steps.len());
+        for (step, seg) in steps.iter_mut().zip(&batch.segments) {
+            results.push(Forward {
+                logits: logits[logit_row * v..(logit_row + seg.logit_rows) * v].to_vec(),
+                hidden: states[token_row * h..(token_row + seg.len) * h].to_vec(),
+            });
+            logit_row += seg.logit_rows;
+            token_row += seg.len;
+            step.seq.mtp_len = step.from + seg.len;
+        }
+        Ok(results)
     }
 
     /// Scores a prompt: logits of every position and, with an MTP layer and at least two

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
-use super::speculative::{judge, Draft, Drafter, MtpDrafter, Verified};
+use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
 use crate::chat::json_mode::{JsonConstraint, TokenBytes};
 use crate::chat::reasoning::partial_suffix;
@@ -678,31 +678,43 @@ impl Scheduler {
     /// Proposes drafts for every decoding request that speculates, within its length limit.
     fn draft(&mut self) -> Result<()> {
         let k = self.opts.draft_tokens;
-        for r in self.running.iter_mut() {
-            if !r.decoding() || r.generated.is_empty() {
-                continue;
-            }
-            let Some(spec) = r.spec.as_mut() else {
-                continue;
-            };
+        let mut drafting: Vec<usize> = Vec::new();
+        let mut requests: Vec<DraftRequest> = Vec::new();
+        for (i, r) in self.running.iter_mut().enumerate() {
             let budget = r.limit.saturating_sub(r.generated.len() + 1).min(k);
-            if budget == 0 {
+            if !r.decoding() || r.generated.is_empty() || budget == 0 {
                 continue;
             }
-            let verified = Verified {
-                index: 0,
-                first_pos: spec.from,
-                next_tokens: &spec.next_tokens,
-                hidden: &spec.hidden,
+            let Running {
+                spec: Some(spec),
+                seq,
+                req,
+                rng,
+                ..
+            } = r
+            else {
+                continue;
             };
-            spec.drafts = MtpDrafter.propose(
-                &mut self.engine,
-                &mut r.seq,
-                &verified,
+            drafting.push(i);
+            requests.push(DraftRequest {
+                seq,
+                verified: Verified {
+                    index: i,
+                    first_pos: spec.from,
+                    next_tokens: &spec.next_tokens,
+                    hidden: &spec.hidden,
+                },
                 budget,
-                &r.req.sampling,
-                &mut r.rng,
-            )?;
+                sampling: &req.sampling,
+                rng,
+            });
+        }
+        let proposed = MtpDrafter.propose(&mut self.engine, &mut requests)?;
+        drop(requests);
+        for (i, drafts) in drafting.into_iter().zip(proposed) {
+            if let Some(spec) = self.running[i].spec.as_mut() {
+                spec.drafts = drafts;
+            }
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::LogitRows;
 
 use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
-use super::{Engine, FinishReason, Generation, Sequence, Step};
+use super::{Engine, FinishReason, Generation, MtpStep, Sequence, Step};
 
 /// What the main model just verified, for the drafter to continue from: the tokens that
 /// follow positions `first_pos ..` (one per position) and the main model's final-normed
@@ -31,59 +31,105 @@ pub struct Draft {
     pub dist: Option<Vec<(u32, f64)>>,
 }
 
+/// One sequence asking for drafts: what was verified, how many drafts at most, and its
+/// sampling settings and generator.
+pub struct DraftRequest<'a> {
+    pub seq: &'a mut Sequence,
+    pub verified: Verified<'a>,
+    pub budget: usize,
+    pub sampling: &'a SamplingParams,
+    pub rng: &'a mut Rng,
+}
+
+impl DraftRequest<'_> {
+    /// Positions the main model has verified: drafts follow them.
+    fn verified_len(&self) -> usize {
+        self.verified.first_pos + self.verified.next_tokens.len()
+    }
+}
+
 pub trait Drafter {
-    /// Proposes up to `k` tokens to follow `verified.next_tokens`' last token.
+    /// Proposes up to `budget` tokens for each request (in order), to follow its verified
+    /// tokens' last one.
     fn propose(
         &mut self,
         engine: &mut Engine,
-        seq: &mut Sequence,
-        verified: &Verified<'_>,
-        k: usize,
-        sampling: &SamplingParams,
-        rng: &mut Rng,
-    ) -> Result<Vec<Draft>>;
+        requests: &mut [DraftRequest<'_>],
+    ) -> Result<Vec<Vec<Draft>>>;
 }
 
 /// Drafts with the checkpoint's MTP layer: its own latent cache (sharing the sequence's block
 /// table), fed the main model's states for verified positions and, past the first draft, its
 /// own output states (k > 1 reuses the one layer on its own output, as vLLM and SGLang do).
+/// All requests draft together: one MTP forward per draft position, not per sequence.
 pub struct MtpDrafter;
 
 impl Drafter for MtpDrafter {
     fn propose(
         &mut self,
         engine: &mut Engine,
-        seq: &mut Sequence,
-        verified: &Verified<'_>,
-        k: usize,
-        sampling: &SamplingParams,
-        rng: &mut Rng,
-    ) -> Result<Vec<Draft>> {
+        requests: &mut [DraftRequest<'_>],
+    ) -> Result<Vec<Vec<Draft>>> {
         let h = engine.config().hidden_size;
-        let mut out = engine.mtp_forward(
-            seq,
-            verified.first_pos,
-            verified.next_tokens,
-            verified.hidden,
-            LogitRows::Last,
-        )?;
-        // Positions below this hold the main model's states; chained drafts past it are
-        // provisional and rolled back before returning.
-        let verified_len = verified.first_pos + verified.next_tokens.len();
-        let mut pos = verified_len;
-        let mut drafts = Vec::with_capacity(k);
-        loop {
-            let draft = draw(&out.logits, sampling, rng);
-            let token = draft.token;
-            drafts.push(draft);
-            if drafts.len() == k {
-                break;
+        let mut drafts: Vec<Vec<Draft>> = requests
+            .iter()
+            .map(|r| Vec::with_capacity(r.budget))
+            .collect();
+        // The first draft comes from the verified positions; later ones chain on the layer's
+        // own output state of the previous draft position.
+        let mut active: Vec<usize> = (0..requests.len())
+            .filter(|&i| requests[i].budget > 0)
+            .collect();
+        let mut inputs: Vec<(usize, Vec<u32>, Vec<f32>)> = Vec::new();
+        let mut round = 0;
+        while !active.is_empty() {
+            let mut steps: Vec<MtpStep> = Vec::with_capacity(active.len());
+            let mut input_of = inputs.iter();
+            for (i, r) in requests.iter_mut().enumerate() {
+                if !active.contains(&i) {
+                    continue;
+                }
+                let verified_len = r.verified_len();
+                steps.push(if round == 0 {
+                    MtpStep {
+                        seq: &mut *r.seq,
+                        from: r.verified.first_pos,
+                        next_tokens: r.verified.next_tokens,
+                        hidden: r.verified.hidden,
+                    }
+                } else {
+                    let (_, token, hidden) = input_of
+                        .next()
+                        .expect("one chained input per active request");
+                    MtpStep {
+                        seq: &mut *r.seq,
+                        from: verified_len + round - 1,
+                        next_tokens: token,
+                        hidden,
+                    }
+                });
             }
-            let last_hidden = out.hidden[out.hidden.len() - h..].to_vec();
-            out = engine.mtp_forward(seq, pos, &[token], &last_hidden, LogitRows::Last)?;
-            pos += 1;
+            let outs = engine.mtp_forward_batch(&mut steps, LogitRows::Last)?;
+            drop(steps);
+            let mut next_inputs = Vec::new();
+            for (&i, out) in active.iter().zip(outs) {
+                let r = &mut requests[i];
+                let draft = draw(&out.logits, r.sampling, r.rng);
+                let token = draft.token;
+                drafts[i].push(draft);
+                if drafts[i].len() < r.budget {
+                    next_inputs.push((i, vec![token], out.hidden[out.hidden.len() - h..].to_vec()));
+                }
+            }
+            active = next_inputs.iter().map(|(i, _, _)| *i).collect();
+            inputs = next_inputs;
+            round += 1;
         }
-        engine.truncate_mtp(seq, verified_len);
+        // Chained entries past the verified positions are provisional.
+        for r in requests.iter_mut() {
+            let verified_len = r.verified_len();
+            engine.truncate_mtp(r.seq, verified_len);
+        }
         Ok(drafts)
     }
 }
@@ -288,19 +334,25 @@ impl Engine {
             if active.is_empty() {
                 break;
             }
-            for st in active.iter_mut() {
-                let budget = (max_new_tokens - st.tokens.len()).saturating_sub(1).min(k);
-                st.drafts = if budget == 0 {
-                    Vec::new()
-                } else {
-                    let verified = Verified {
+            let mut requests: Vec<DraftRequest> = active
+                .iter_mut()
+                .map(|st| DraftRequest {
+                    budget: (max_new_tokens - st.tokens.len()).saturating_sub(1).min(k),
+                    verified: Verified {
                         index: st.index,
                         first_pos: st.first_pos,
                         next_tokens: &st.next_tokens,
                         hidden: &st.hidden,
-                    };
-                    drafter.propose(self, &mut st.seq, &verified, budget, sampling, &mut st.rng)?
-                };
+                    },
+                    seq: &mut st.seq,
+                    sampling,
+                    rng: &mut st.rng,
+                })
+                .collect();
+            let proposed = drafter.propose(self, &mut requests)?;
+            drop(requests);
+            for (st, drafts) in active.iter_mut().zip(proposed) {
+                st.drafts = drafts;
             }
             let inputs: Vec<Vec<u32>> = active
                 .iter()
