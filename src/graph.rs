@@ -4,6 +4,8 @@
 //! in rows the step's [`Batch`] selects. A [`Plan`] assigns buffers to reusable slots by
 //! liveness; backends execute the nodes in order.
 
+use crate::error::{Error, Result};
+use crate::kv_cache::Batch;
 use crate::model::weights::{MlpWeights, WeightId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -171,6 +173,39 @@ impl Graph {
             .iter()
             .find(|(n, _)| n == name)
             .map(|&(_, b)| b)
+    }
+
+    /// Checks a step before any backend runs it: at least one token, segments covering every
+    /// token, and each graph input provided with `[tokens, width]` values. Returns the inputs
+    /// by buffer.
+    pub fn bind_inputs<'a>(
+        &self,
+        batch: &Batch,
+        inputs: &[(&str, &'a [f32])],
+    ) -> Result<Vec<(Buf, &'a [f32])>> {
+        let tokens = batch.tokens.len();
+        let counted: usize = batch.segments.iter().map(|s| s.len).sum();
+        if counted != tokens || tokens == 0 {
+            return Err(Error::Input(format!(
+                "a step needs at least one token and segments covering them all ({tokens} tokens, segments cover {counted})"
+            )));
+        }
+        self.inputs
+            .iter()
+            .map(|(name, buf)| {
+                let (_, data) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                    Error::Input(format!("graph input `{name}` was not provided"))
+                })?;
+                let expected = tokens * self.desc(*buf).width;
+                if data.len() != expected {
+                    return Err(Error::Input(format!(
+                        "graph input `{name}` has {} values, expected {expected}",
+                        data.len()
+                    )));
+                }
+                Ok((*buf, *data))
+            })
+            .collect()
     }
 }
 

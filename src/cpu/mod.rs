@@ -225,30 +225,14 @@ impl Backend for CpuBackend {
         batch: &Batch,
         inputs: &[(&str, &[f32])],
     ) -> Result<Outputs> {
+        let bound = graph.bind_inputs(batch, inputs)?;
         let tokens = batch.tokens.len();
-        let counted: usize = batch.segments.iter().map(|s| s.len).sum();
-        if counted != tokens || tokens == 0 {
-            return Err(Error::Input(format!(
-                "a step needs at least one token and segments covering them all ({tokens} tokens, segments cover {counted})"
-            )));
-        }
         self.ensure_pages(batch);
         self.slots.resize_with(plan.slots, Vec::new);
-        for (name, buf) in &graph.inputs {
-            let (_, data) = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| Error::Input(format!("graph input `{name}` was not provided")))?;
-            let expected = tokens * graph.desc(*buf).width;
-            if data.len() != expected {
-                return Err(Error::Input(format!(
-                    "graph input `{name}` has {} values, expected {expected}",
-                    data.len()
-                )));
-            }
+        for (buf, data) in bound {
             let mut v = data.to_vec();
-            self.round(graph.desc(*buf).storage, &mut v);
-            self.slots[plan.slot(*buf)] = v;
+            self.round(graph.desc(buf).storage, &mut v);
+            self.slots[plan.slot(buf)] = v;
         }
         for op in &graph.nodes {
             self.execute(op, graph, plan, batch)?;

@@ -885,13 +885,8 @@ impl Backend for CudaBackend {
     ) -> Result<Outputs> {
         let core = &self.core;
         let state = &mut self.state;
+        let bound = graph.bind_inputs(batch, inputs)?;
         let tokens = batch.tokens.len();
-        let counted: usize = batch.segments.iter().map(|s| s.len).sum();
-        if counted != tokens || tokens == 0 {
-            return Err(Error::Input(format!(
-                "a step needs at least one token and segments covering them all ({tokens} tokens, segments cover {counted})"
-            )));
-        }
         if let Some(&bad) = batch
             .tokens
             .iter()
@@ -920,20 +915,9 @@ impl Backend for CudaBackend {
         state
             .slots
             .resize_with(plan.slots.max(state.slots.len()), Slot::default);
-        for (name, buf) in &graph.inputs {
-            let (_, data) = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| Error::Input(format!("graph input `{name}` was not provided")))?;
-            let expected = tokens * graph.desc(*buf).width;
-            if data.len() != expected {
-                return Err(Error::Input(format!(
-                    "graph input `{name}` has {} values, expected {expected}",
-                    data.len()
-                )));
-            }
-            let slot = &mut state.slots[plan.slot(*buf)];
-            match graph.desc(*buf).storage {
+        for (buf, data) in bound {
+            let slot = &mut state.slots[plan.slot(buf)];
+            match graph.desc(buf).storage {
                 Storage::Activation => {
                     let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                     ensure(core.dev, &mut slot.bf, v.len())?;
