@@ -179,3 +179,48 @@ fn batched_forward_equals_separate_forwards() {
         assert!(err <= 2e-3 * mag, "row {row}: {err}");
     }
 }
+
+/// A fork shares its parent's cache pages: each side then writes its own continuation (the
+/// fork into the partly filled page it shares, which must be copied first) and each gets
+/// exactly the logits of a sequence that never shared anything.
+#[test]
+fn forked_sequences_continue_independently() {
+    use r1_runtime::engine::Sequence;
+    use r1_runtime::model::LogitRows;
+    let name = "r1-heads";
+    let mut e = engine(name, Precision::Exact);
+    let vocab = e.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..190u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let (prompt, fork_at) = (&tokens[..150], 100);
+    let (fork_more, parent_more) = (&tokens[150..180], &tokens[180..190]);
+    let solo = |e: &mut Engine, head: &[u32], tail: &[u32]| {
+        let mut s = Sequence::default();
+        e.forward(&mut s, head, LogitRows::Last).unwrap();
+        let out = e.forward(&mut s, tail, LogitRows::All).unwrap();
+        e.release(&mut s);
+        out.logits
+    };
+    let want_fork = solo(&mut e, &prompt[..fork_at], fork_more);
+    let want_parent = solo(&mut e, prompt, parent_more);
+    assert_eq!(e.cache_pages_in_use(), 0);
+
+    let mut parent = Sequence::default();
+    e.forward(&mut parent, prompt, LogitRows::Last).unwrap();
+    let pages = e.cache_pages_in_use();
+    let mut fork = e.fork(&parent, fork_at);
+    assert_eq!(fork.len(), fork_at);
+    assert_eq!(e.cache_pages_in_use(), pages, "a fork copies nothing");
+    let got_fork = e.forward(&mut fork, fork_more, LogitRows::All).unwrap();
+    // The shared page holding positions 64..128 was copied; 100 + 30 needs a third page.
+    assert_eq!(e.cache_pages_in_use(), pages + 2);
+    let got_parent = e.forward(&mut parent, parent_more, LogitRows::All).unwrap();
+    assert_eq!(got_fork.logits, want_fork, "fork");
+    assert_eq!(
+        got_parent.logits, want_parent,
+        "parent after the fork wrote"
+    );
+    e.release(&mut parent);
+    assert_eq!(e.cache_pages_in_use(), 3, "the fork's pages stay");
+    e.release(&mut fork);
+    assert_eq!(e.cache_pages_in_use(), 0);
+}

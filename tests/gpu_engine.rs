@@ -177,3 +177,49 @@ fn cuda_backend_errors_are_typed() {
         }
     }
 }
+
+/// Copy-on-write of shared cache pages on the device: a fork of a GPU sequence continues into
+/// the partly filled page it shares, the parent continues after it, and each gets the logits
+/// of a GPU sequence that never shared anything (same kernels, same batch layouts).
+#[test]
+fn cuda_forked_sequences_continue_independently() {
+    use r1_runtime::engine::Sequence;
+    use r1_runtime::model::LogitRows;
+    const TEST: &str = "gpu_engine::cuda_forked_sequences_continue_independently";
+    let Some(mut e) = cuda("r1-heads", TEST) else {
+        return;
+    };
+    let vocab = e.config().vocab_size;
+    let tokens: Vec<u32> = (0..190u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    let (prompt, fork_at) = (&tokens[..150], 100);
+    let (fork_more, parent_more) = (&tokens[150..180], &tokens[180..190]);
+    let solo = |e: &mut Engine, head: &[u32], tail: &[u32]| {
+        let mut s = Sequence::default();
+        e.forward(&mut s, head, LogitRows::Last)
+            .expect("cuda forward");
+        let out = e
+            .forward(&mut s, tail, LogitRows::All)
+            .expect("cuda forward");
+        e.release(&mut s);
+        out.logits
+    };
+    let want_fork = solo(&mut e, &prompt[..fork_at], fork_more);
+    let want_parent = solo(&mut e, prompt, parent_more);
+    let mut parent = Sequence::default();
+    e.forward(&mut parent, prompt, LogitRows::Last)
+        .expect("cuda forward");
+    let mut fork = e.fork(&parent, fork_at);
+    let got_fork = e.forward(&mut fork, fork_more, LogitRows::All).unwrap();
+    let got_parent = e.forward(&mut parent, parent_more, LogitRows::All).unwrap();
+    for (what, got, want) in [
+        ("fork", &got_fork.logits, &want_fork),
+        ("parent", &got_parent.logits, &want_parent),
+    ] {
+        let (err, mag) = max_err(got, want);
+        println!("{what}: max|d| {err:.3e} of max|ref| {mag:.3}");
+        assert!(err <= 1e-3 * mag, "{what}: max|d| {err} > 1e-3 * {mag}");
+    }
+    e.release(&mut parent);
+    e.release(&mut fork);
+    assert_eq!(e.cache_pages_in_use(), 0);
+}

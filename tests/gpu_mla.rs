@@ -236,6 +236,7 @@ fn cpu_batch(layout: &MlaLayout) -> Batch {
                 logit_rows: 1,
             })
             .collect(),
+        page_copies: Vec::new(),
     }
 }
 
@@ -891,6 +892,7 @@ fn layout_checks_and_positions() {
                 logit_rows: 1,
             },
         ],
+        page_copies: Vec::new(),
     };
     let l = MlaLayout::from_batch(&batch);
     assert_eq!(l.kv_lens, vec![72, 3]);

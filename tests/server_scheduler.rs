@@ -300,8 +300,9 @@ fn handle_serves_concurrent_threads() {
     assert!(handle.submit(Request::new(vec![], 1)).is_err());
 }
 
-/// Prefix caching: a finished sequence's cache is taken over by a later request sharing a
-/// prefix; results equal uncached runs; eviction under capacity pressure; clearing frees all.
+/// Prefix caching: later requests sharing a prefix with a finished sequence fork its cache
+/// (two at once here); results equal uncached runs; eviction under capacity pressure;
+/// clearing frees all.
 #[test]
 fn prefix_cache_reuses_finished_sequences() {
     let mut e = engine();
@@ -324,12 +325,16 @@ fn prefix_cache_reuses_finished_sequences() {
     assert_eq!(s.metrics().kv_pages_in_use, 0, "no live sequence");
     assert!(s.metrics().kv_pages_cached > 0);
 
-    // The same prompt again: everything but its last token comes from the cache.
-    let (_, mut rx) = s.submit(base.clone()).unwrap();
+    // The same prompt twice at once: both share the cached pages (the cached sequence stays)
+    // and run everything but the last prompt token from the cache.
+    let (_, mut rx1) = s.submit(base.clone()).unwrap();
+    let (_, mut rx2) = s.submit(base.clone()).unwrap();
     s.run_until_idle();
-    let (_, f) = collect(&mut rx);
-    assert_eq!(f.tokens, first);
-    assert_eq!(f.cached_tokens, base.prompt.len() - 1);
+    for rx in [&mut rx1, &mut rx2] {
+        let (_, f) = collect(rx);
+        assert_eq!(f.tokens, first);
+        assert_eq!(f.cached_tokens, base.prompt.len() - 1);
+    }
 
     // A continuation of the conversation: prompt + answer + more tokens.
     let mut next = base.prompt.clone();
@@ -344,7 +349,7 @@ fn prefix_cache_reuses_finished_sequences() {
     assert_eq!(f.cached_tokens, base.prompt.len() + first.len() - 1);
     assert_eq!(
         s.metrics().prefix_cache_hit_tokens_total,
-        (2 * base.prompt.len() + first.len() - 2) as u64
+        (3 * base.prompt.len() + first.len() - 3) as u64
     );
 
     // Capacity pressure: a request needing most of the cache evicts the cached sequences.

@@ -61,19 +61,20 @@ impl CpuBackend {
         }
     }
 
-    /// Grows every layer's page storage to cover the block ids the batch uses.
-    fn ensure_pages(&mut self, batch: &Batch) {
-        let pages = batch
-            .segments
-            .iter()
-            .flat_map(|s| s.blocks.iter())
-            .map(|&b| b as usize + 1)
-            .max()
-            .unwrap_or(0);
-        let len = pages * PAGE_TOKENS * self.cfg.kv_cache_width();
+    /// Grows every layer's page storage to cover the block ids the batch uses, then makes
+    /// the batch's page copies.
+    fn prepare_pages(&mut self, batch: &Batch) {
+        let page = PAGE_TOKENS * self.cfg.kv_cache_width();
+        let len = batch.pages_needed() * page;
         for layer in &mut self.cache {
             if layer.data.len() < len {
                 layer.data.resize(len, 0.0);
+            }
+            for c in &batch.page_copies {
+                let src = c.src as usize * page;
+                layer
+                    .data
+                    .copy_within(src..src + page, c.dst as usize * page);
             }
         }
     }
@@ -227,7 +228,7 @@ impl Backend for CpuBackend {
     ) -> Result<Outputs> {
         let bound = graph.bind_inputs(batch, inputs)?;
         let tokens = batch.tokens.len();
-        self.ensure_pages(batch);
+        self.prepare_pages(batch);
         self.slots.resize_with(plan.slots, Vec::new);
         for (buf, data) in bound {
             let mut v = data.to_vec();

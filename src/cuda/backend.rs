@@ -6,9 +6,11 @@
 //! - Linear on an FP8 weight: act_quant (cuda/act_quant.cu when K % 128 == 0, else the small
 //!   ragged-K kernel) + fp8_gemm (Auto: wgmma where it applies, the reference kernel
 //!   otherwise); on a dense weight (lm_head, eh_proj): the small bf16 GEMM (f32 logits).
-//! - MlaCacheWrite / MlaAttention: cuda/mla.cu's cache write, q RoPE and reference attention
-//!   over this backend's paged latent caches (grown as block ids appear), with the absorption
-//!   GEMMs (q_nope · W_UK, o_lat · W_UV^T) against kv_b_proj dequantized to bf16.
+//! - MlaCacheWrite / MlaAttention: cuda/mla.cu's cache write, q RoPE and attention (the
+//!   split-KV wgmma fast path, scheduled once per step, where the shapes apply; the reference
+//!   kernel otherwise) over this backend's paged latent caches (grown as block ids appear,
+//!   pages copied when a forked sequence writes into a shared one), with the absorption GEMMs
+//!   (q_nope · W_UK, o_lat · W_UV^T) against kv_b_proj dequantized to bf16.
 //! - MoeRouted: the fused MoE block (routed experts only; the shared expert is graph nodes)
 //!   where its shapes apply (hidden and moe_intermediate multiples of 128); otherwise a
 //!   simple fallback: the GPU router, then every expert's MLP over all tokens, accumulated
@@ -31,8 +33,8 @@ use super::ops::{
     SmallActQuantDesc, SmallOps, QUANT_BLOCK,
 };
 use super::{
-    Device, DeviceBuffer, Mla, MlaAttnArgs, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaKernel,
-    MlaLayout, MlaQRopeArgs, MlaRope,
+    mla_plan_parts, Device, DeviceBuffer, Mla, MlaAttnArgs, MlaBatch, MlaCache, MlaCacheWriteArgs,
+    MlaKernel, MlaLayout, MlaQRopeArgs, MlaRope, MlaWorkspace,
 };
 use crate::backend::{Backend, Outputs, Precision};
 use crate::config::ModelConfig;
@@ -116,7 +118,34 @@ struct State {
     q_attn: Option<DeviceBuffer<bf16>>,
     o_lat: Option<DeviceBuffer<bf16>>,
     lse: Option<DeviceBuffer<f32>>,
+    /// The MLA fast path's scratch, one per split count (decode and prefill steps plan
+    /// different splits); each grows to the largest step seen.
+    mla_ws: HashMap<usize, MlaWorkspace>,
+    /// Whether this step's split-KV schedule is already in its workspace (every layer of a
+    /// step shares the batch layout, so the first attention schedules for all).
+    mla_scheduled: bool,
     moe_ws: Option<MoeWorkspace>,
+}
+
+/// The workspace for `parts` splits, grown to hold a step of `batch` sequences with up to
+/// `max_q_len` queries of `heads` heads.
+fn mla_workspace<'s>(
+    dev: &Device,
+    spaces: &'s mut HashMap<usize, MlaWorkspace>,
+    parts: usize,
+    (batch, heads, max_q_len): (usize, usize, usize),
+) -> Result<&'s mut MlaWorkspace> {
+    let have = spaces.get(&parts).filter(|w| w.heads == heads);
+    if !have.is_some_and(|w| w.batch >= batch && w.max_q_len >= max_q_len) {
+        let (b, q) = have.map_or((batch, max_q_len), |w| {
+            (w.batch.max(batch), w.max_q_len.max(max_q_len))
+        });
+        let ws = MlaWorkspace::with_parts(dev, b, heads, q, parts)?;
+        spaces.insert(parts, ws);
+    }
+    spaces
+        .get_mut(&parts)
+        .ok_or_else(|| missing("the MLA workspace"))
 }
 
 /// Per-run device data of the step.
@@ -498,18 +527,28 @@ impl Core {
         }
     }
 
-    /// Grows every layer's cache to hold the batch's block ids (contents kept).
-    fn ensure_pages(&self, state: &mut State, batch: &Batch) -> Result<()> {
+    /// Grows every layer's cache to hold the batch's block ids (contents kept), then queues
+    /// the batch's page copies.
+    fn prepare_pages(&self, state: &mut State, batch: &Batch) -> Result<()> {
+        self.ensure_pages(state, batch.pages_needed().max(1))?;
+        for cache in &mut state.cache {
+            let page = PAGE_TOKENS * cache.width();
+            for c in &batch.page_copies {
+                self.dev.copy_within(
+                    &mut cache.data,
+                    c.src as usize * page,
+                    c.dst as usize * page,
+                    page,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows every layer's cache to at least `needed` pages (contents kept).
+    fn ensure_pages(&self, state: &mut State, needed: usize) -> Result<()> {
         let cfg = &self.cfg;
         let layers = self.cache_layers;
-        let needed = batch
-            .segments
-            .iter()
-            .flat_map(|s| s.blocks.iter())
-            .map(|&b| b as usize + 1)
-            .max()
-            .unwrap_or(0)
-            .max(1);
         let (kv_lora, rope) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
         let width = kv_lora + rope;
         let have = state.cache.first().map_or(0, |c| c.num_pages);
@@ -818,6 +857,15 @@ impl Core {
                     .cache
                     .get(*layer)
                     .ok_or_else(|| missing("the layer's latent cache"))?;
+                let parts = mla_plan_parts(dev.info().sm_count, heads, step.mla.max_q_len);
+                let workspace = mla_workspace(
+                    dev,
+                    &mut state.mla_ws,
+                    parts,
+                    (step.mla.batch, heads, step.mla.max_q_len),
+                )?;
+                // The fast path where its shapes apply (kv_lora 512, rope 64, batch within
+                // the scheduler's limit), else the reference kernel.
                 self.mla.attention(
                     MlaAttnArgs {
                         q: q_attn,
@@ -827,11 +875,12 @@ impl Core {
                         batch: &step.mla,
                         out: o_lat,
                         lse,
-                        workspace: None,
-                        schedule: false,
+                        workspace: Some(workspace),
+                        schedule: !state.mla_scheduled,
                     },
-                    MlaKernel::Reference,
+                    MlaKernel::Auto,
                 )?;
+                state.mla_scheduled = true;
                 let ob = out
                     .bf
                     .as_ref()
@@ -897,7 +946,8 @@ impl Backend for CudaBackend {
                 core.cfg.vocab_size
             )));
         }
-        core.ensure_pages(state, batch)?;
+        core.prepare_pages(state, batch)?;
+        state.mla_scheduled = false;
         let selected_rows = batch.selected_rows();
         let ids: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
         let select: Vec<i32> = selected_rows.iter().map(|&r| r as i32).collect();

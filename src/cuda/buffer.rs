@@ -111,6 +111,40 @@ impl Device {
         Ok(out)
     }
 
+    /// Copies elements `src..src + len` of `buf` to `dst..dst + len` (asynchronously, on the
+    /// stream); the ranges must not overlap.
+    pub fn copy_within<T>(
+        &self,
+        buf: &mut DeviceBuffer<T>,
+        src: usize,
+        dst: usize,
+        len: usize,
+    ) -> Result<()> {
+        let fits = |start: usize| start.checked_add(len).is_some_and(|end| end <= buf.len);
+        if !fits(src) || !fits(dst) || src.abs_diff(dst) < len {
+            return Err(CudaError::Driver(format!(
+                "copy of {len} elements from {src} to {dst} within a buffer of {}",
+                buf.len
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let size = std::mem::size_of::<T>();
+        self.bind()?;
+        // SAFETY: both ranges lie inside `buf`'s allocation (checked above) and do not
+        // overlap; the copy is ordered on the device's stream.
+        unsafe {
+            result::memcpy_dtod_async(
+                buf.addr() + (dst * size) as u64,
+                buf.addr() + (src * size) as u64,
+                len * size,
+                self.stream().cu_stream(),
+            )
+        }
+        .map_err(|e| CudaError::driver("cuMemcpyDtoDAsync", e))
+    }
+
     /// Sets every byte of `buf` to `byte` (asynchronously, on the stream).
     pub fn memset<T>(&self, buf: &mut DeviceBuffer<T>, byte: u8) -> Result<()> {
         self.memset_bytes(buf.addr(), buf.size_bytes(), byte)

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan};
-use crate::kv_cache::{Batch, BlockAllocator, Segment, SeqBlocks, PAGE_TOKENS};
+use crate::kv_cache::{Batch, BlockAllocator, PageCopy, Segment, SeqBlocks, PAGE_TOKENS};
 use crate::model::weights::ModelWeights;
 use crate::model::{self, LogitRows, HIDDEN_IN, HIDDEN_OUT, LOGITS};
 use sampling::{sample, Rng, SamplingParams};
@@ -106,12 +106,24 @@ pub struct Step<'a> {
     pub tokens: &'a [u32],
 }
 
+impl AsMut<Sequence> for Step<'_> {
+    fn as_mut(&mut self) -> &mut Sequence {
+        self.seq
+    }
+}
+
 /// One sequence's part of a batched MTP step (see [`Engine::mtp_forward`]).
 pub struct MtpStep<'a> {
     pub seq: &'a mut Sequence,
     pub from: usize,
     pub next_tokens: &'a [u32],
     pub hidden: &'a [f32],
+}
+
+impl AsMut<Sequence> for MtpStep<'_> {
+    fn as_mut(&mut self) -> &mut Sequence {
+        self.seq
+    }
 }
 
 /// Logits (rows as requested) and final-normed hidden states of every token of one forward.
@@ -290,12 +302,19 @@ impl Engine {
             return Ok(Vec::new());
         }
         let mut batch = Batch::default();
+        let mut copies = Vec::with_capacity(steps.len());
         for (step, &rows) in steps.iter_mut().zip(logit_rows) {
-            self.check_tokens(step.seq.len(), step.tokens)?;
             let start = step.seq.len();
-            step.seq
-                .blocks
-                .reserve(&mut self.alloc, start + step.tokens.len())?;
+            let unshared = self.check_tokens(start, step.tokens).and_then(|()| {
+                Self::make_writable(&mut self.alloc, step.seq, start, start + step.tokens.len())
+            });
+            match unshared {
+                Ok(c) => copies.push(c),
+                Err(e) => {
+                    Self::undo_unshare(&mut self.alloc, steps, &copies);
+                    return Err(e);
+                }
+            }
             batch.tokens.extend_from_slice(step.tokens);
             batch.segments.push(Segment {
                 blocks: step.seq.blocks.blocks.clone(),
@@ -310,9 +329,17 @@ impl Engine {
         } else {
             &self.main_last
         };
-        let mut out = self
+        batch.page_copies = copies.iter().flatten().copied().collect();
+        let mut out = match self
             .backend
-            .run(&compiled.graph, &compiled.plan, &batch, &[])?;
+            .run(&compiled.graph, &compiled.plan, &batch, &[])
+        {
+            Ok(out) => out,
+            Err(e) => {
+                Self::undo_unshare(&mut self.alloc, steps, &copies);
+                return Err(e);
+            }
+        };
         let (logits, hidden) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let (mut logit_row, mut token_row) = (0, 0);
@@ -328,6 +355,42 @@ impl Engine {
             step.seq.blocks.len += n;
         }
         Ok(results)
+    }
+
+    /// Makes room for positions `..end` of `seq` and gives it its own copy of every shared
+    /// page holding a position from `from` on (see [`Engine::fork`]); returns the copies the
+    /// step's backend must make.
+    fn make_writable(
+        alloc: &mut BlockAllocator,
+        seq: &mut Sequence,
+        from: usize,
+        end: usize,
+    ) -> Result<Vec<PageCopy>> {
+        seq.blocks.reserve(alloc, end)?;
+        seq.blocks.unshare_from(alloc, from)
+    }
+
+    /// Takes back the page copies of a step that did not run (`copies[i]` belongs to
+    /// `steps[i]`).
+    fn undo_unshare<S: AsMut<Sequence>>(
+        alloc: &mut BlockAllocator,
+        steps: &mut [S],
+        copies: &[Vec<PageCopy>],
+    ) {
+        for (step, c) in steps.iter_mut().zip(copies) {
+            step.as_mut().blocks.undo_unshare(alloc, c);
+        }
+    }
+
+    /// A new sequence holding positions `0..len` of `seq` (main model and MTP layer alike)
+    /// without copying them: the two share cache pages until one of them writes into a
+    /// shared page, which then gets its own copy. Prefix caching forks cached sequences.
+    pub fn fork(&mut self, seq: &Sequence, len: usize) -> Sequence {
+        let blocks = seq.blocks.fork(&mut self.alloc, len);
+        Sequence {
+            mtp_len: seq.mtp_len.min(blocks.len),
+            blocks,
+        }
     }
 
     /// Forgets a sequence's positions from `len` on (main model and MTP layer), e.g. draft
@@ -393,6 +456,7 @@ impl Engine {
         let h = self.cfg.hidden_size;
         let mut batch = Batch::default();
         let mut hidden = Vec::new();
+        let mut copies = Vec::with_capacity(steps.len());
         for step in steps.iter_mut() {
             if step.from > step.seq.mtp_len {
                 return Err(Error::Input(format!(
@@ -407,10 +471,18 @@ impl Engine {
                     step.next_tokens.len()
                 )));
             }
-            self.check_tokens(step.from, step.next_tokens)?;
             // Draft positions may run ahead of the main model: make room in the shared table.
             let end = step.from + step.next_tokens.len();
-            step.seq.blocks.reserve(&mut self.alloc, end)?;
+            let unshared = self
+                .check_tokens(step.from, step.next_tokens)
+                .and_then(|()| Self::make_writable(&mut self.alloc, step.seq, step.from, end));
+            match unshared {
+                Ok(c) => copies.push(c),
+                Err(e) => {
+                    Self::undo_unshare(&mut self.alloc, steps, &copies);
+                    return Err(e);
+                }
+            }
             batch.tokens.extend_from_slice(step.next_tokens);
             hidden.extend_from_slice(step.hidden);
             batch.segments.push(Segment {
@@ -423,12 +495,20 @@ impl Engine {
                 },
             });
         }
-        let mut out = self.backend.run(
+        batch.page_copies = copies.iter().flatten().copied().collect();
+        let run = self.backend.run(
             &compiled.graph,
             &compiled.plan,
             &batch,
             &[(HIDDEN_IN, &hidden)],
-        )?;
+        );
+        let mut out = match run {
+            Ok(out) => out,
+            Err(e) => {
+                Self::undo_unshare(&mut self.alloc, steps, &copies);
+                return Err(e);
+            }
+        };
         let (logits, states) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
         let v = self.cfg.vocab_size;
         let (mut logit_row, mut token_row) = (0, 0);

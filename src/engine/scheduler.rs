@@ -10,9 +10,11 @@
 //!
 //! Prefix caching (opt-in, [`SchedulerOptions::prefix_cache_pages`]): a finished sequence's
 //! cache stays behind, keyed by its tokens; a later request whose prompt shares a prefix with
-//! one takes it over (the pages are not shared: one request per cached sequence), truncates it
-//! to the common prefix and prefills only the rest. Multi-turn chats and repeated prompts hit;
-//! least recently used entries are evicted when the budget or the KV capacity needs room.
+//! one forks it ([`Engine::fork`]: the pages are shared, and the page the request first
+//! writes to is copied) and prefills only the rest. Any number of running requests can share
+//! one cached sequence, which stays cached. Multi-turn chats, repeated prompts and common
+//! system prompts hit; least recently used entries are evicted when the budget or the KV
+//! capacity needs room.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
@@ -403,43 +405,49 @@ impl Scheduler {
     }
 
     /// Moves waiting requests into the batch while there is room (FIFO: a request that does
-    /// not fit blocks the ones behind it, so large requests are not starved). A request takes
-    /// over the cached sequence sharing the longest prefix with its prompt, if any.
+    /// not fit blocks the ones behind it, so large requests are not starved). A request forks
+    /// the cached sequence sharing the longest prefix with its prompt, if any: it shares that
+    /// sequence's pages (which stays cached for others) and copies only a page it writes to.
     fn admit(&mut self) {
         while self.running.len() < self.opts.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
             let need = front.pages;
-            // The cached sequence this request would take over leaves the cache first (its
-            // pages count within the request's own reservation).
-            let taken = self.best_prefix(&front.req.prompt).map(|(i, len)| {
-                let c = self.prefix_cache.swap_remove(i);
-                self.cached_pages -= pages_for(c.tokens.len());
-                (c, len)
+            let speculative = front.spec.is_some();
+            let hit = self.best_prefix(&front.req.prompt).and_then(|(i, len)| {
+                let c = &mut self.prefix_cache[i];
+                // With speculation the MTP layer must cover the reused positions too.
+                let len = if speculative {
+                    len.min(c.seq.mtp_len())
+                } else {
+                    len
+                };
+                self.clock += 1;
+                c.last_used = self.clock;
+                (len > 0).then(|| (self.engine.fork(&c.seq, len), len))
             });
+            // Shared pages stay counted with the cached sequence and in the request's own
+            // reservation: the count never falls below the pages really in use, whichever of
+            // the two goes first.
             while self.reserved_pages + self.cached_pages + need > self.opts.kv_pages
                 && self.evict_lru()
             {}
             if self.reserved_pages + self.cached_pages + need > self.opts.kv_pages {
-                if let Some((c, _)) = taken {
-                    self.cached_pages += pages_for(c.tokens.len());
-                    self.prefix_cache.push(c);
+                if let Some((mut seq, _)) = hit {
+                    self.engine.release(&mut seq);
                 }
                 break;
             }
             let mut r = self.waiting.pop_front().expect("front exists");
-            if let Some((mut c, mut len)) = taken {
+            if let Some((seq, len)) = hit {
                 if r.spec.is_some() {
-                    // The MTP layer must cover the reused positions too: reuse only those.
-                    len = len.min(c.seq.mtp_len());
                     r.spec = Some(SpecState {
                         from: len,
                         ..SpecState::default()
                     });
                 }
-                self.engine.truncate(&mut c.seq, len);
-                r.seq = c.seq;
+                r.seq = seq;
                 r.prefilled = len;
                 r.cached = len;
                 let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
