@@ -51,6 +51,90 @@ impl GemmKernel {
 /// Auto picks the BLOCK_M 64 kernel up to this M.
 pub const AUTO_M64_MAX_M: usize = sys::R1_FP8_GEMM_M64_BLOCK_M as usize;
 
+/// The operands of the wgmma pipeline (cuda/fp8_gemm_pipeline.cuh), shared by the dense and
+/// the grouped MoE kernels: A `[a_rows][lda]` fp8 with SA scales `[K/128][sa_pad]`, B
+/// `[b_rows][ldb]` fp8 (K-major), D bf16 with row stride `ldd`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PipelineOperands {
+    pub block_m: u32,
+    pub k: usize,
+    pub a: Region,
+    pub a_rows: usize,
+    pub lda: usize,
+    pub sa: Region,
+    pub sa_pad: usize,
+    pub b: Region,
+    pub b_rows: usize,
+    pub ldb: usize,
+    pub d: Region,
+    pub ldd: usize,
+}
+
+impl PipelineOperands {
+    /// K in whole 128-blocks, TMA strides and alignments, paired bf16 stores, and the tensor
+    /// maps themselves.
+    pub fn check(&self, kernel: &'static str) -> Result<()> {
+        let c = Checker { kernel };
+        let k = self.k;
+        c.req(k % QUANT_BLOCK == 0, || {
+            format!("K must be a multiple of 128 (K = {k})")
+        })?;
+        for (name, ld) in [("lda", self.lda), ("ldb", self.ldb)] {
+            c.req(ld % 16 == 0, || {
+                format!("{name} must be a multiple of 16 (TMA row stride in bytes; {name} = {ld})")
+            })?;
+        }
+        c.aligned("A", self.a, 16)?;
+        c.aligned("B", self.b, 16)?;
+        c.aligned("sa", self.sa, 16)?;
+        c.aligned("D", self.d, 4)?;
+        c.req(self.ldd % 2 == 0, || {
+            format!(
+                "ldd must be even (bf16 pairs are stored together; ldd = {})",
+                self.ldd
+            )
+        })?;
+        for map in self.tensor_maps() {
+            map.check(kernel)?;
+        }
+        Ok(())
+    }
+
+    /// tmap_a, tmap_b, tmap_sa exactly as launch_params.h documents them.
+    pub fn tensor_maps(&self) -> [TensorMap2d; 3] {
+        let (k, a_rows) = (self.k as u64, self.a_rows as u64);
+        [
+            TensorMap2d {
+                name: "tmap_a",
+                elem: TmaElem::U8,
+                addr: self.a.addr,
+                dims: [k, a_rows],
+                stride_bytes: self.lda as u64,
+                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, self.block_m],
+                swizzle_128b: true,
+            },
+            TensorMap2d {
+                name: "tmap_b",
+                elem: TmaElem::U8,
+                addr: self.b.addr,
+                dims: [k, self.b_rows as u64],
+                stride_bytes: self.ldb as u64,
+                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, sys::R1_FP8_GEMM_BLOCK_N],
+                swizzle_128b: true,
+            },
+            TensorMap2d {
+                name: "tmap_sa",
+                elem: TmaElem::F32,
+                addr: self.sa.addr,
+                dims: [a_rows, k / QUANT_BLOCK as u64],
+                stride_bytes: self.sa_pad as u64 * 4,
+                box_dims: [self.block_m, 1],
+                swizzle_128b: false,
+            },
+        ]
+    }
+}
+
 /// A GEMM call as plain numbers (checkable without a GPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8GemmDesc {
@@ -162,74 +246,24 @@ impl Fp8GemmDesc {
 
     /// The wgmma kernels' extra requirements (launch_params.h), tensor maps included.
     fn check_fast(&self, kernel: GemmKernel) -> Result<()> {
-        let c = Checker {
-            kernel: kernel.name(),
-        };
-        let k = self.k;
-        c.req(k % QUANT_BLOCK == 0, || {
-            format!("K must be a multiple of 128 (K = {k})")
-        })?;
-        c.req(self.lda % 16 == 0, || {
-            format!(
-                "lda must be a multiple of 16 (TMA row stride in bytes; lda = {})",
-                self.lda
-            )
-        })?;
-        c.req(self.ldb % 16 == 0, || {
-            format!(
-                "ldb must be a multiple of 16 (TMA row stride in bytes; ldb = {})",
-                self.ldb
-            )
-        })?;
-        c.aligned("A", self.a, 16)?;
-        c.aligned("B", self.b, 16)?;
-        c.aligned("sa", self.sa, 16)?;
-        c.aligned("D", self.d, 4)?;
-        c.req(self.ldd % 2 == 0, || {
-            format!(
-                "ldd must be even (bf16 pairs are stored together; ldd = {})",
-                self.ldd
-            )
-        })?;
-        for map in self.tensor_maps(kernel) {
-            map.check(kernel.name())?;
-        }
-        Ok(())
+        self.pipeline_operands(kernel).check(kernel.name())
     }
 
-    /// tmap_a, tmap_b, tmap_sa exactly as launch_params.h documents them.
-    fn tensor_maps(&self, kernel: GemmKernel) -> [TensorMap2d; 3] {
-        let bm = kernel.block_m() as u32;
-        let (m, n, k) = (self.m as u64, self.n as u64, self.k as u64);
-        [
-            TensorMap2d {
-                name: "tmap_a",
-                elem: TmaElem::U8,
-                addr: self.a.addr,
-                dims: [k, m],
-                stride_bytes: self.lda as u64,
-                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, bm],
-                swizzle_128b: true,
-            },
-            TensorMap2d {
-                name: "tmap_b",
-                elem: TmaElem::U8,
-                addr: self.b.addr,
-                dims: [k, n],
-                stride_bytes: self.ldb as u64,
-                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, sys::R1_FP8_GEMM_BLOCK_N],
-                swizzle_128b: true,
-            },
-            TensorMap2d {
-                name: "tmap_sa",
-                elem: TmaElem::F32,
-                addr: self.sa.addr,
-                dims: [m, k / QUANT_BLOCK as u64],
-                stride_bytes: self.m_pad as u64 * 4,
-                box_dims: [bm, 1],
-                swizzle_128b: false,
-            },
-        ]
+    fn pipeline_operands(&self, kernel: GemmKernel) -> PipelineOperands {
+        PipelineOperands {
+            block_m: kernel.block_m() as u32,
+            k: self.k,
+            a: self.a,
+            a_rows: self.m,
+            lda: self.lda,
+            sa: self.sa,
+            sa_pad: self.m_pad,
+            b: self.b,
+            b_rows: self.n,
+            ldb: self.ldb,
+            d: self.d,
+            ldd: self.ldd,
+        }
     }
 
     /// Output tiles of a wgmma kernel: ceil(M/BLOCK_M) * ceil(N/128).
@@ -421,7 +455,7 @@ impl Device {
                 (Launch::Reference(p), cfg)
             }
             GemmKernel::Wgmma | GemmKernel::WgmmaM64 => {
-                let [ta, tb, tsa] = desc.tensor_maps(kernel);
+                let [ta, tb, tsa] = desc.pipeline_operands(kernel).tensor_maps();
                 let name = kernel.name();
                 let p = Box::new(R1Fp8GemmParams {
                     tmap_a: ta.encode(name)?,

@@ -10,12 +10,12 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
+use super::fp8_gemm::PipelineOperands;
 use super::moe::{MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch};
 use super::moe_permute::{MoePlanBuffers, PermutedRows};
 use super::{Checker, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::sys::{self, R1MoeGemmParams, R1MoeGemmRefParams};
-use crate::cuda::tma::{TensorMap2d, TmaElem};
 use crate::cuda::{Device, DeviceBuffer};
 
 /// Which kernel runs a grouped GEMM.
@@ -178,26 +178,10 @@ impl GroupedGemmDesc {
         let c = Checker {
             kernel: kernel.name(),
         };
-        let (n, k) = (self.n, self.k);
+        let n = self.n;
         c.req(n % 128 == 0, || {
             format!("N must be a multiple of 128 (N = {n})")
         })?;
-        c.req(k % QUANT_BLOCK == 0, || {
-            format!("K must be a multiple of 128 (K = {k})")
-        })?;
-        c.req(self.lda % 16 == 0, || {
-            format!(
-                "lda must be a multiple of 16 (TMA row stride in bytes; lda = {})",
-                self.lda
-            )
-        })?;
-        c.req(self.ldd % 2 == 0, || {
-            format!("ldd must be even (ldd = {})", self.ldd)
-        })?;
-        c.aligned("A", self.a, 16)?;
-        c.aligned("B", self.b, 16)?;
-        c.aligned("sa", self.sa, 16)?;
-        c.aligned("D", self.d, 4)?;
         match self.geom.layout {
             MoeLayout::Contiguous => {
                 let mb = self.geom.max_blocks();
@@ -209,46 +193,25 @@ impl GroupedGemmDesc {
                 c.holds("counts", self.counts, self.geom.experts, "[experts]")?;
             }
         }
-        for map in self.tensor_maps(kernel) {
-            map.check(kernel.name())?;
-        }
-        Ok(())
+        self.pipeline_operands(kernel).check(kernel.name())
     }
 
-    /// tmap_a, tmap_b, tmap_sa as launch_params.h documents them.
-    fn tensor_maps(&self, kernel: GroupedGemmKernel) -> [TensorMap2d; 3] {
-        let bm = kernel.block_m();
-        let (n, k) = (self.n as u64, self.k as u64);
-        let rows = self.geom.rows() as u64;
-        [
-            TensorMap2d {
-                name: "tmap_a",
-                elem: TmaElem::U8,
-                addr: self.a.addr,
-                dims: [k, rows],
-                stride_bytes: self.lda as u64,
-                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, bm],
-                swizzle_128b: true,
-            },
-            TensorMap2d {
-                name: "tmap_b",
-                elem: TmaElem::U8,
-                addr: self.b.addr,
-                dims: [k, self.geom.experts as u64 * n],
-                stride_bytes: k,
-                box_dims: [sys::R1_FP8_GEMM_BLOCK_K, sys::R1_FP8_GEMM_BLOCK_N],
-                swizzle_128b: true,
-            },
-            TensorMap2d {
-                name: "tmap_sa",
-                elem: TmaElem::F32,
-                addr: self.sa.addr,
-                dims: [rows, k / QUANT_BLOCK as u64],
-                stride_bytes: self.geom.r_pad() as u64 * 4,
-                box_dims: [bm, 1],
-                swizzle_128b: false,
-            },
-        ]
+    /// The flat rows against every expert's weight rows stacked: B `[E * N][K]`.
+    fn pipeline_operands(&self, kernel: GroupedGemmKernel) -> PipelineOperands {
+        PipelineOperands {
+            block_m: kernel.block_m(),
+            k: self.k,
+            a: self.a,
+            a_rows: self.geom.rows(),
+            lda: self.lda,
+            sa: self.sa,
+            sa_pad: self.geom.r_pad(),
+            b: self.b,
+            b_rows: self.geom.experts * self.n,
+            ldb: self.k,
+            d: self.d,
+            ldd: self.ldd,
+        }
     }
 
     /// Upper bound of the wgmma kernels' tiles (the device finds the real count).
@@ -467,7 +430,7 @@ impl MoeOps<'_> {
             )));
         }
         let name = kernel.name();
-        let [ta, tb, tsa] = d.tensor_maps(kernel);
+        let [ta, tb, tsa] = d.pipeline_operands(kernel).tensor_maps();
         let p = R1MoeGemmParams {
             tmap_a: ta.encode(name)?,
             tmap_b: tb.encode(name)?,
