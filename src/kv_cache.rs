@@ -70,6 +70,11 @@ impl BlockAllocator {
         self.refs.get(block as usize).copied().unwrap_or(0)
     }
 
+    /// Most pages this allocator hands out.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Pages with at least one owner.
     pub fn in_use(&self) -> usize {
         self.refs.len() - self.free.len()
@@ -127,6 +132,19 @@ impl SeqBlocks {
             alloc.share(b);
         }
         SeqBlocks { blocks, len }
+    }
+
+    /// Pages a write of positions `from..end` takes from the allocator: new pages past the
+    /// table's end plus copies of shared pages ([`SeqBlocks::unshare_from`]).
+    pub fn pages_to_write(&self, alloc: &BlockAllocator, from: usize, end: usize) -> usize {
+        let grow = end.div_ceil(PAGE_TOKENS).saturating_sub(self.blocks.len());
+        let shared = self
+            .blocks
+            .iter()
+            .skip(from / PAGE_TOKENS)
+            .filter(|&&b| alloc.owners(b) > 1)
+            .count();
+        grow + shared
     }
 
     /// Before writing positions `pos..`: gives this table its own copy of every page it
@@ -251,11 +269,13 @@ mod tests {
         n: usize,
     ) -> Result<()> {
         let end = seq.len + n;
+        let (want, before) = (seq.pages_to_write(alloc, seq.len, end), alloc.in_use());
         seq.reserve(alloc, end)?;
         for c in seq.unshare_from(alloc, seq.len)? {
             let page = pages.get(&c.src).copied().unwrap_or([None; PAGE_TOKENS]);
             pages.insert(c.dst, page);
         }
+        assert_eq!(alloc.in_use() - before, want, "pages_to_write");
         for pos in seq.len..end {
             let (b, off) = slot(&seq.blocks, pos);
             pages.entry(b).or_insert([None; PAGE_TOKENS])[off] = Some((t, pos));

@@ -83,6 +83,9 @@ fn health_models_metrics() {
             "{name}"
         );
     }
+    for name in ["r1_preemptions_total", "r1_prefix_cache_hit_tokens_total"] {
+        assert!(r.body.contains(&format!("# TYPE {name} counter")), "{name}");
+    }
     let r = s.get("/v1/nothing");
     assert_eq!(r.status, 404);
     assert!(r.json()["error"]["message"].is_string());

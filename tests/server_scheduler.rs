@@ -453,3 +453,81 @@ fn speculation_needs_an_mtp_layer() {
         .to_string();
     assert!(err.contains("num_nextn_predict_layers is 0"), "{err}");
 }
+
+/// A cache too small for every request's whole output at once: requests are admitted on
+/// their prompts, the newest are pre-empted when decoding runs out of pages and recomputed
+/// later, and every request still gets exactly its solo output (greedy and seeded sampling,
+/// with and without prefix caching; greedy with speculation, where sampling draws differ by
+/// design); all pages come back.
+#[test]
+fn preempted_requests_resume_exactly() {
+    let mut e = engine();
+    let reqs: Vec<Request> = (0..6)
+        .map(|i| {
+            let mut r = Request::new(prompt(i, 20 + 13 * i), 150);
+            r.sampling.ignore_eos = true;
+            if i % 2 == 1 {
+                r.sampling = SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.9,
+                    seed: 7 + i as u64,
+                    ignore_eos: true,
+                    ..SamplingParams::default()
+                };
+            }
+            r
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| solo(&mut e, r)).collect();
+    for (draft_tokens, prefix_cache_pages) in [(0, 0), (2, 0), (0, 4)] {
+        let engine = Engine::load(
+            &fixture(),
+            &EngineOptions {
+                with_mtp: draft_tokens > 0,
+                ..EngineOptions::default()
+            },
+        )
+        .unwrap();
+        // Each request ends at 170..=235 tokens (3 or 4 pages); 5 pages hold one or two.
+        let mut s = Scheduler::new(
+            engine,
+            SchedulerOptions {
+                kv_pages: 5,
+                step_tokens: 64,
+                draft_tokens,
+                prefix_cache_pages,
+                ..Default::default()
+            },
+        );
+        let mut rxs: Vec<_> = reqs
+            .iter()
+            .map(|r| s.submit(r.clone()).unwrap().1)
+            .collect();
+        s.run_until_idle();
+        let what = format!("k={draft_tokens}, prefix cache {prefix_cache_pages}");
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let (tokens, finish) = collect(rx);
+            assert_eq!(
+                tokens, finish.tokens,
+                "request {i}: each token streamed once"
+            );
+            if draft_tokens > 0 && reqs[i].sampling.temperature > 0.0 {
+                assert_eq!(
+                    finish.tokens.len(),
+                    reqs[i].max_tokens,
+                    "request {i}, {what}"
+                );
+            } else {
+                assert_eq!(finish.tokens, want[i], "request {i}, {what}");
+            }
+        }
+        let m = s.metrics();
+        println!("{what}: {} pre-emptions", m.preemptions_total);
+        assert!(
+            m.preemptions_total > 0,
+            "{what}: the cache forced pre-emptions"
+        );
+        s.clear_prefix_cache();
+        assert_eq!(s.engine().cache_pages_in_use(), 0, "{what}: all pages back");
+    }
+}

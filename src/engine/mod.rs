@@ -411,6 +411,17 @@ impl Engine {
         self.alloc.in_use()
     }
 
+    /// Pages the KV cache holds at most (`cache_tokens` / [`PAGE_TOKENS`]).
+    pub fn cache_pages_capacity(&self) -> usize {
+        self.alloc.capacity()
+    }
+
+    /// Pages that writing `seq`'s positions `from..end` (main model or MTP layer) would take
+    /// from the cache: pages past its end plus copies of pages it shares.
+    pub fn pages_to_write(&self, seq: &Sequence, from: usize, end: usize) -> usize {
+        seq.blocks.pages_to_write(&self.alloc, from, end)
+    }
+
     /// Runs the MTP layer for positions `from ..` (forgetting any MTP cache entries at or past
     /// `from`, e.g. earlier drafts): `next_tokens[i]` is the token after position `from + i`
     /// and `hidden` holds the state at that position — the main model's final-normed state,

@@ -3,6 +3,11 @@
 //! running streams keep decoding; each request has its own sampling settings, stop strings,
 //! stop tokens and length limit; a cancelled (or abandoned) request frees its cache pages.
 //!
+//! Cache pages are taken as sequences grow, not reserved for `max_tokens` up front: a request
+//! is admitted when its prompt fits, and when the running batch needs more pages than are
+//! free the newest requests are pre-empted (pages freed, prompt + generated tokens
+//! recomputed on re-admission) so that the oldest always make progress.
+//!
 //! [`Scheduler`] is the single-threaded core (deterministic, testable step by step);
 //! [`SchedulerHandle::spawn`] runs one on a dedicated thread (the engine is not `Sync`, and a
 //! GPU context belongs to one thread) and talks to it over channels, so any number of threads
@@ -121,8 +126,11 @@ pub struct SchedulerOptions {
     /// Tokens per forward step: decode tokens first, the rest of the budget for prefill
     /// chunks (at least one prompt token per step while a prompt waits).
     pub step_tokens: usize,
-    /// KV cache pages the scheduler may reserve (a request reserves pages for its prompt plus
-    /// `max_tokens` when admitted). Keep it within the engine's `cache_tokens / PAGE_TOKENS`.
+    /// KV cache pages the scheduler may use (capped by the engine's `cache_tokens /
+    /// PAGE_TOKENS`). A request is admitted when its prompt fits beside the running ones;
+    /// when decoding needs more pages than are free, the newest running requests are
+    /// pre-empted (their pages freed, their context recomputed later) so older ones finish.
+    /// One request must fit alone: prompt + `max_tokens` within this.
     pub kv_pages: usize,
     /// Needed for text in `Event::Token` and for stop strings.
     pub tokenizer: Option<Tokenizer>,
@@ -173,6 +181,8 @@ pub struct Metrics {
     /// Speculative decoding: draft tokens proposed and accepted.
     pub draft_tokens_total: u64,
     pub accepted_draft_tokens_total: u64,
+    /// Running requests pre-empted to free cache pages (recomputed later).
+    pub preemptions_total: u64,
 }
 
 /// Facts about the model that front ends need to validate requests.
@@ -189,7 +199,10 @@ struct Running {
     /// `max_tokens` capped by the context.
     limit: usize,
     seq: Sequence,
-    /// Prompt tokens already in the cache.
+    /// The tokens to prefill: the prompt, or after a pre-emption the prompt and every
+    /// generated token but the last (which the next decode step feeds).
+    context: Vec<u32>,
+    /// Context tokens already in the cache.
     prefilled: usize,
     /// Prompt tokens that came from the prefix cache.
     cached: usize,
@@ -199,7 +212,6 @@ struct Running {
     /// Decoded text held back because it might begin a stop string.
     pending: String,
     events: UnboundedSender<Event>,
-    pages: usize,
     submitted: Instant,
     first_token: Option<Duration>,
     cancelled: bool,
@@ -220,7 +232,7 @@ struct SpecState {
 
 impl Running {
     fn decoding(&self) -> bool {
-        self.prefilled == self.req.prompt.len()
+        self.prefilled == self.context.len()
     }
 }
 
@@ -232,7 +244,6 @@ pub struct Scheduler {
     waiting: VecDeque<Running>,
     running: Vec<Running>,
     next_id: RequestId,
-    reserved_pages: usize,
     metrics: Arc<Mutex<Metrics>>,
     /// (time, generated, prefilled) per step, for the rates.
     recent: VecDeque<(Instant, usize, usize)>,
@@ -257,7 +268,8 @@ fn pages_for(tokens: usize) -> usize {
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Scheduler {
-    pub fn new(engine: Engine, opts: SchedulerOptions) -> Self {
+    pub fn new(engine: Engine, mut opts: SchedulerOptions) -> Self {
+        opts.kv_pages = opts.kv_pages.min(engine.cache_pages_capacity());
         let cfg = engine.config();
         let info = ModelInfo {
             vocab_size: cfg.vocab_size,
@@ -275,7 +287,6 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 1,
-            reserved_pages: 0,
             metrics: Arc::new(Mutex::new(metrics)),
             recent: VecDeque::new(),
             prefix_cache: Vec::new(),
@@ -302,7 +313,6 @@ impl Scheduler {
         let limit = validate(&self.info, &self.opts, &req)?;
         let id = self.next_id;
         self.next_id += 1;
-        let pages = (req.prompt.len() + limit).div_ceil(PAGE_TOKENS);
         let decoder = self.opts.tokenizer.as_ref().map(|t| t.stream(true));
         let json = match (req.json, &self.opts.tokenizer) {
             (Some(mode), Some(tok)) => {
@@ -320,11 +330,13 @@ impl Scheduler {
             _ => None,
         };
         let rng = Rng::new(req.sampling.seed);
+        let context = req.prompt.clone();
         self.waiting.push_back(Running {
             id,
             req,
             limit,
             seq: Sequence::default(),
+            context,
             prefilled: 0,
             cached: 0,
             generated: Vec::new(),
@@ -332,7 +344,6 @@ impl Scheduler {
             decoder,
             pending: String::new(),
             events,
-            pages,
             submitted: Instant::now(),
             first_token: None,
             cancelled: false,
@@ -386,7 +397,6 @@ impl Scheduler {
             if r.cancelled || r.events.is_closed() {
                 let mut r = self.running.remove(i);
                 self.engine.release(&mut r.seq);
-                self.reserved_pages -= r.pages;
                 let _ = r.events.send(Event::Error("cancelled".into()));
                 reaped += 1;
             } else {
@@ -405,17 +415,19 @@ impl Scheduler {
     }
 
     /// Moves waiting requests into the batch while there is room (FIFO: a request that does
-    /// not fit blocks the ones behind it, so large requests are not starved). A request forks
-    /// the cached sequence sharing the longest prefix with its prompt, if any: it shares that
-    /// sequence's pages (which stays cached for others) and copies only a page it writes to.
+    /// not fit blocks the ones behind it, so large requests are not starved; pre-empted
+    /// requests wait at the front). Room means free pages for the request's whole context
+    /// beside what the running requests still need for theirs, plus one page per running
+    /// sequence for decoding. A request forks the cached sequence sharing the longest prefix
+    /// with its context, if any: it shares that sequence's pages (which stays cached for
+    /// others) and copies only a page it writes to.
     fn admit(&mut self) {
         while self.running.len() < self.opts.max_running {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let need = front.pages;
             let speculative = front.spec.is_some();
-            let hit = self.best_prefix(&front.req.prompt).and_then(|(i, len)| {
+            let hit = self.best_prefix(&front.context).and_then(|(i, len)| {
                 let c = &mut self.prefix_cache[i];
                 // With speculation the MTP layer must cover the reused positions too.
                 let len = if speculative {
@@ -427,13 +439,15 @@ impl Scheduler {
                 c.last_used = self.clock;
                 (len > 0).then(|| (self.engine.fork(&c.seq, len), len))
             });
-            // Shared pages stay counted with the cached sequence and in the request's own
-            // reservation: the count never falls below the pages really in use, whichever of
-            // the two goes first.
-            while self.reserved_pages + self.cached_pages + need > self.opts.kv_pages
-                && self.evict_lru()
-            {}
-            if self.reserved_pages + self.cached_pages + need > self.opts.kv_pages {
+            let context = front.context.len();
+            let need = match &hit {
+                Some((seq, len)) => self.engine.pages_to_write(seq, *len, context),
+                None => context.div_ceil(PAGE_TOKENS),
+            } + self.prefill_pages()
+                + self.running.len()
+                + 1;
+            while self.free_pages() < need && self.evict_lru() {}
+            if self.free_pages() < need {
                 if let Some((mut seq, _)) = hit {
                     self.engine.release(&mut seq);
                 }
@@ -449,12 +463,85 @@ impl Scheduler {
                 }
                 r.seq = seq;
                 r.prefilled = len;
-                r.cached = len;
-                let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-                m.prefix_cache_hit_tokens_total += len as u64;
+                if r.generated.is_empty() {
+                    r.cached = len;
+                    let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                    m.prefix_cache_hit_tokens_total += len as u64;
+                }
             }
-            self.reserved_pages += r.pages;
             self.running.push(r);
+        }
+    }
+
+    /// Pages of the cache no sequence holds.
+    fn free_pages(&self) -> usize {
+        self.opts
+            .kv_pages
+            .saturating_sub(self.engine.cache_pages_in_use())
+    }
+
+    /// Pages the running requests still need to prefill the rest of their contexts.
+    fn prefill_pages(&self) -> usize {
+        self.running
+            .iter()
+            .map(|r| {
+                self.engine
+                    .pages_to_write(&r.seq, r.seq.len(), r.context.len())
+            })
+            .sum()
+    }
+
+    /// Pages this step may take: the rest of every prefill, and for every decoding request
+    /// its next token and drafts (the MTP layer may write from behind the main model).
+    fn step_pages(&self) -> usize {
+        let k = self.opts.draft_tokens;
+        self.running
+            .iter()
+            .map(|r| {
+                let len = r.seq.len();
+                if r.decoding() {
+                    let from = if r.spec.is_some() {
+                        len.min(r.seq.mtp_len())
+                    } else {
+                        len
+                    };
+                    let drafts = if r.spec.is_some() { k } else { 0 };
+                    self.engine.pages_to_write(&r.seq, from, len + 1 + drafts)
+                } else {
+                    self.engine.pages_to_write(&r.seq, len, r.context.len())
+                }
+            })
+            .sum()
+    }
+
+    /// Makes room for this step: evicts cached sequences, then pre-empts the newest running
+    /// requests (never the oldest, so the batch always makes progress). A pre-empted request
+    /// frees its pages and waits at the front of the queue; when re-admitted it prefills its
+    /// prompt and generated tokens again (or forks them from the prefix cache) and goes on
+    /// where it stopped: its stream sees nothing of this.
+    fn make_room(&mut self) {
+        while self.step_pages() > self.free_pages() {
+            if self.evict_lru() {
+                continue;
+            }
+            if self.running.len() < 2 {
+                break;
+            }
+            let Some(mut r) = self.running.pop() else {
+                break;
+            };
+            self.engine.release(&mut r.seq);
+            let n = r.generated.len();
+            r.context = r.req.prompt.clone();
+            r.context
+                .extend_from_slice(&r.generated[..n.saturating_sub(1)]);
+            r.prefilled = 0;
+            if r.spec.is_some() {
+                r.spec = Some(SpecState::default());
+            }
+            self.waiting.push_front(r);
+            let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+            m.preemptions_total += 1;
         }
     }
 
@@ -497,7 +584,6 @@ impl Scheduler {
 
     /// Keeps a finished sequence for prefix caching, or frees it.
     fn retire(&mut self, mut r: Running) {
-        self.reserved_pages -= r.pages;
         let budget = self.opts.prefix_cache_pages;
         // The cache holds the prompt and every generated token but the last (never fed).
         let mut tokens = r.req.prompt.clone();
@@ -538,6 +624,7 @@ impl Scheduler {
     pub fn step(&mut self) -> bool {
         let cancelled = self.reap();
         self.admit();
+        self.make_room();
         if self.running.is_empty() {
             self.publish(cancelled, 0, 0, 0);
             return self.has_work();
@@ -562,14 +649,16 @@ impl Scheduler {
                 let rows = tokens.len();
                 inputs.push((i, tokens, rows));
             } else {
-                let n = (r.req.prompt.len() - r.prefilled).min(prefill_budget);
+                let n = (r.context.len() - r.prefilled).min(prefill_budget);
                 if n == 0 {
                     continue;
                 }
                 prefill_budget -= n;
                 let end = r.prefilled + n;
-                let rows = usize::from(end == r.req.prompt.len());
-                inputs.push((i, r.req.prompt[r.prefilled..end].to_vec(), rows));
+                // Logits for the last prompt token; a recomputed context already knows its
+                // next token (the last one generated).
+                let rows = usize::from(end == r.context.len() && r.generated.is_empty());
+                inputs.push((i, r.context[r.prefilled..end].to_vec(), rows));
             }
         }
         let members: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
@@ -612,14 +701,21 @@ impl Scheduler {
                 if let Some(spec) = r.spec.as_mut() {
                     // Prompt positions whose next token is known go to the drafter now; the
                     // last one waits for the first generated token.
-                    let end = (r.prefilled + n + 1).min(r.req.prompt.len());
+                    let end = (r.prefilled + n + 1).min(r.context.len());
                     spec.next_tokens
-                        .extend_from_slice(&r.req.prompt[r.prefilled + 1..end]);
+                        .extend_from_slice(&r.context[r.prefilled + 1..end]);
                     spec.hidden.extend_from_slice(&out.hidden);
                 }
                 r.prefilled += n;
                 prefilled += n;
                 if !r.decoding() {
+                    continue;
+                }
+                if let Some(&last) = r.generated.last() {
+                    // A recomputed context: decoding resumes with the last generated token.
+                    if let Some(spec) = r.spec.as_mut() {
+                        spec.next_tokens.push(last);
+                    }
                     continue;
                 }
             }
@@ -732,7 +828,6 @@ impl Scheduler {
         for &i in members.iter().rev() {
             let mut r = self.running.remove(i);
             self.engine.release(&mut r.seq);
-            self.reserved_pages -= r.pages;
             let _ = r.events.send(Event::Error(msg.to_string()));
         }
     }

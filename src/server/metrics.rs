@@ -118,6 +118,12 @@ pub fn render(m: &Metrics, model: &str) -> String {
         m.accepted_draft_tokens_total as f64,
     );
     metric(
+        "r1_preemptions_total",
+        "counter",
+        "Running requests pre-empted to free KV cache pages (recomputed later).",
+        m.preemptions_total as f64,
+    );
+    metric(
         "r1_engine_steps_total",
         "counter",
         "Forward steps run by the scheduler.",
