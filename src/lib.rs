@@ -3,9 +3,11 @@
 //! Layers, bottom up: [`numerics`] (FP8/bf16 formats, the w8a8 recipe), [`config`] and
 //! [`checkpoint`] (what is on disk), [`model`] (the network as a [`graph`]), backends that
 //! execute graphs ([`cpu`]), [`kv_cache`] bookkeeping, and the [`engine`] that drives
-//! generation.
+//! generation. Front ends: [`chat`], [`server`], and [`capi`] (the C ABI of
+//! `include/r1_runtime.h`).
 
 pub mod backend;
+pub mod capi;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
