@@ -531,3 +531,44 @@ fn preempted_requests_resume_exactly() {
         assert_eq!(s.engine().cache_pages_in_use(), 0, "{what}: all pages back");
     }
 }
+
+/// With prefix caching on, a request forks the part of a *running* request's prompt that is
+/// already prefilled (the same long system prompt arriving several times at once): it reports
+/// those tokens as cached, the running request is unaffected, and both equal their solo runs.
+#[test]
+fn requests_share_a_running_prompt_prefix() {
+    let mut e = engine();
+    let system = prompt(3, 150);
+    let mut first = Request::new(system.clone(), 8);
+    first.sampling.ignore_eos = true;
+    let mut later = first.clone();
+    later.prompt.extend_from_slice(&prompt(4, 10));
+    let want_first = solo(&mut e, &first);
+    let want_later = solo(&mut e, &later);
+    let mut s = Scheduler::new(
+        engine(),
+        SchedulerOptions {
+            step_tokens: 64,
+            prefix_cache_pages: 16,
+            ..Default::default()
+        },
+    );
+    let (_, mut rx1) = s.submit(first).unwrap();
+    s.step();
+    s.step();
+    // 128 of the first prompt's 150 tokens are in the cache now.
+    let (_, mut rx2) = s.submit(later.clone()).unwrap();
+    let (_, mut rx3) = s.submit(later).unwrap();
+    s.run_until_idle();
+    let (_, f1) = collect(&mut rx1);
+    assert_eq!(f1.tokens, want_first);
+    assert_eq!(f1.cached_tokens, 0);
+    let (_, f2) = collect(&mut rx2);
+    assert_eq!(f2.tokens, want_later);
+    assert_eq!(f2.cached_tokens, 128, "forked from the running request");
+    let (_, f3) = collect(&mut rx3);
+    assert_eq!(f3.tokens, want_later);
+    assert!(f3.cached_tokens >= 128, "{}", f3.cached_tokens);
+    s.clear_prefix_cache();
+    assert_eq!(s.engine().cache_pages_in_use(), 0);
+}

@@ -17,7 +17,8 @@
 //! cache stays behind, keyed by its tokens; a later request whose prompt shares a prefix with
 //! one forks it ([`Engine::fork`]: the pages are shared, and the page the request first
 //! writes to is copied) and prefills only the rest. Any number of running requests can share
-//! one cached sequence, which stays cached. Multi-turn chats, repeated prompts and common
+//! one cached sequence, which stays cached; a request can also fork the prefilled part of a
+//! running request's prompt (the same system prompt arriving many times at once). Multi-turn chats, repeated prompts and common
 //! system prompts hit; least recently used entries are evicted when the budget or the KV
 //! capacity needs room.
 
@@ -254,6 +255,13 @@ pub struct Scheduler {
     token_bytes: Option<Arc<TokenBytes>>,
 }
 
+/// Where a shared prefix comes from: an index into the prefix cache or the running batch.
+#[derive(Debug, Clone, Copy)]
+enum PrefixSource {
+    Cached(usize),
+    Running(usize),
+}
+
 /// A finished sequence kept for prefix caching: its cache holds `tokens`.
 struct CachedSeq {
     tokens: Vec<u32>,
@@ -427,17 +435,22 @@ impl Scheduler {
                 break;
             };
             let speculative = front.spec.is_some();
-            let hit = self.best_prefix(&front.context).and_then(|(i, len)| {
-                let c = &mut self.prefix_cache[i];
+            let hit = self.best_prefix(&front.context).and_then(|(source, len)| {
+                let seq = match source {
+                    PrefixSource::Cached(i) => {
+                        self.clock += 1;
+                        self.prefix_cache[i].last_used = self.clock;
+                        &self.prefix_cache[i].seq
+                    }
+                    PrefixSource::Running(i) => &self.running[i].seq,
+                };
                 // With speculation the MTP layer must cover the reused positions too.
                 let len = if speculative {
-                    len.min(c.seq.mtp_len())
+                    len.min(seq.mtp_len())
                 } else {
                     len
                 };
-                self.clock += 1;
-                c.last_used = self.clock;
-                (len > 0).then(|| (self.engine.fork(&c.seq, len), len))
+                (len > 0).then(|| (self.engine.fork(seq, len), len))
             });
             let context = front.context.len();
             let need = match &hit {
@@ -545,24 +558,40 @@ impl Scheduler {
         }
     }
 
-    /// The cached sequence sharing the longest prefix with `prompt` (leaving at least one
-    /// prompt token to run): (index, shared length).
-    fn best_prefix(&self, prompt: &[u32]) -> Option<(usize, usize)> {
-        let max = prompt.len().saturating_sub(1);
-        self.prefix_cache
+    /// The sequence sharing the longest prefix with `context` (leaving at least one token to
+    /// run): a cached one, or with prefix caching on a running request's prefilled context.
+    /// Returns where it is and the shared length.
+    fn best_prefix(&self, context: &[u32]) -> Option<(PrefixSource, usize)> {
+        let max = context.len().saturating_sub(1);
+        let shared = |tokens: &[u32]| {
+            let n = tokens
+                .iter()
+                .zip(context)
+                .take_while(|(a, b)| a == b)
+                .count();
+            n.min(max)
+        };
+        let cached = self
+            .prefix_cache
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let n = c
-                    .tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                (i, n.min(max))
-            })
-            .filter(|&(_, n)| n > 0)
-            .max_by_key(|&(i, n)| (n, self.prefix_cache[i].last_used))
+            .map(|(i, c)| ((shared(&c.tokens), c.last_used), PrefixSource::Cached(i)));
+        let running = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|_| self.opts.prefix_cache_pages > 0)
+            .map(|(i, r)| {
+                (
+                    (shared(&r.context[..r.prefilled]), 0),
+                    PrefixSource::Running(i),
+                )
+            });
+        cached
+            .chain(running)
+            .filter(|&((n, _), _)| n > 0)
+            .max_by_key(|&(key, _)| key)
+            .map(|((n, _), source)| (source, n))
     }
 
     /// Frees the least recently used cached sequence; false when none is left.
