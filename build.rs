@@ -21,7 +21,9 @@ const NVCC_FLAGS: &[&str] = &[
     "-O3",
     "-lineinfo",
     "-std=c++17",
-    "-Xptxas=--warn-on-spills,--warn-on-local-memory-usage",
+    // A kernel that spills or uses local memory fails the build (the fast paths are sized to
+    // avoid both; a regression should not land silently).
+    "-Xptxas=--warn-on-spills,--warn-on-local-memory-usage,--warning-as-error",
 ];
 
 type Result<T> = std::result::Result<T, String>;
