@@ -253,14 +253,17 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_error(&s.post_json("/v1/chat/completions", &b), 400);
     let b = json!({"model": MODEL, "prompt": "x", "logprobs": 3});
     assert_error(&s.post_json("/v1/completions", &b), 400);
-    // Limits: max_tokens above 64K, n > 1, bad temperature.
+    // Limits: max_tokens above 64K, n outside [1, 16], bad temperature.
     assert_error(
         &s.post_json("/v1/chat/completions", &chat_body("x", 65537)),
         400,
     );
-    let mut b = chat_body("x", 4);
-    b["n"] = json!(2);
-    assert_error(&s.post_json("/v1/chat/completions", &b), 400);
+    for n in [0, 17] {
+        let mut b = chat_body("x", 4);
+        b["n"] = json!(n);
+        let e = assert_error(&s.post_json("/v1/chat/completions", &b), 400);
+        assert_eq!(e["error"]["param"], "n");
+    }
     let mut b = chat_body("x", 4);
     b["temperature"] = json!(3.5);
     assert_error(&s.post_json("/v1/chat/completions", &b), 400);
@@ -469,4 +472,101 @@ fn disconnect_while_waiting_for_a_whole_response_frees_pages() {
         assert!(Instant::now() < deadline, "sequence not freed: {m:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `n` choices: greedy choices equal the single answer; sampled choice i equals a single
+/// request with seed + i; streamed choices (deltas tagged by index) equal the whole ones;
+/// usage counts the prompt once and sums the completions; the completions endpoint too.
+#[test]
+fn n_choices() {
+    let Some((_tmp, s)) = server() else { return };
+    let single = s
+        .post_json("/v1/chat/completions", &chat_body("Pick a word.", 8))
+        .json();
+    let mut body = chat_body("Pick a word.", 8);
+    body["n"] = json!(3);
+    let hits = s.state.scheduler.metrics().prefix_cache_hit_tokens_total;
+    let v = s.post_json("/v1/chat/completions", &body).json();
+    // Every choice forks the prompt (all but its last token) instead of prefilling it.
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let hits = s.state.scheduler.metrics().prefix_cache_hit_tokens_total - hits;
+    assert!(
+        hits >= 3 * (prompt - 1),
+        "{hits} prefix-cache hits for 3 x {prompt}"
+    );
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["message"], single["choices"][0]["message"],
+            "greedy choice {i}"
+        );
+    }
+    let one = single["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap(), 3 * one);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        single["usage"]["prompt_tokens"]
+    );
+
+    let mut sampled = chat_body("Pick a word.", 8);
+    sampled["temperature"] = json!(1.0);
+    sampled["seed"] = json!(41);
+    sampled["n"] = json!(2);
+    let v = s.post_json("/v1/chat/completions", &sampled).json();
+    for i in 0..2 {
+        let mut alone = sampled.clone();
+        alone["n"] = json!(1);
+        alone["seed"] = json!(41 + i);
+        let a = s.post_json("/v1/chat/completions", &alone).json();
+        assert_eq!(
+            v["choices"][i]["message"],
+            a["choices"][0]["message"],
+            "choice {i} = seed {}",
+            41 + i
+        );
+    }
+    sampled["stream"] = json!(true);
+    sampled["stream_options"] = json!({"include_usage": true});
+    let data = s.post_json("/v1/chat/completions", &sampled).sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut text = [String::new(), String::new()];
+    let mut finished = [false, false];
+    let mut usage = None;
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if !c["usage"].is_null() {
+            usage = Some(c["usage"].clone());
+        }
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            for k in ["reasoning_content", "content"] {
+                text[i].push_str(ch["delta"][k].as_str().unwrap_or(""));
+            }
+            finished[i] |= ch["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(finished, [true, true]);
+    for (i, t) in text.iter().enumerate() {
+        let m = &v["choices"][i]["message"];
+        let whole = format!(
+            "{}{}",
+            m["reasoning_content"].as_str().unwrap_or(""),
+            m["content"].as_str().unwrap_or("")
+        );
+        assert_eq!(t, &whole, "streamed choice {i}");
+    }
+    assert_eq!(
+        usage.unwrap()["completion_tokens"],
+        v["usage"]["completion_tokens"]
+    );
+
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 4, "temperature": 0, "n": 2});
+    let v = s.post_json("/v1/completions", &body).json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["text"], choices[1]["text"]);
+    assert_eq!(choices[1]["index"], 1);
+    s.wait_idle();
 }

@@ -113,6 +113,21 @@ if r.choices[0].finish_reason == "stop":
     assert isinstance(json.loads(text), dict)
 check("response_format json_object")
 
+# n choices: sampled with a seed, choice i equals a single request with seed + i.
+r = client.chat.completions.create(
+    model=model, messages=msgs, max_tokens=6, temperature=1.0, seed=7, n=2
+)
+assert [c.index for c in r.choices] == [0, 1]
+for i, c in enumerate(r.choices):
+    alone = client.chat.completions.create(
+        model=model, messages=msgs, max_tokens=6, temperature=1.0, seed=7 + i
+    ).choices[0].message
+    assert (c.message.content, getattr(c.message, "reasoning_content", None)) == (
+        alone.content,
+        getattr(alone, "reasoning_content", None),
+    ), (i, c.message, alone)
+check("n = 2 choices")
+
 # Raw completions.
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
 assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens <= 5

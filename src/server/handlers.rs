@@ -16,15 +16,20 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{StreamExt, StreamMap};
 
 use super::api::{ChatCompletionRequest, CommonParams, CompletionPrompt, CompletionRequest};
 use super::error::ApiError;
 use super::{unix_now, AppState};
 use crate::chat::{Delta, OutputParser, RenderOptions, Thinking, ToolCallDelta};
 use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::Submission;
 use crate::engine::scheduler::{Event, Finish, JsonMode, Request, StopReason};
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
 
 fn random_u64() -> u64 {
     let mut h = RandomState::new().build_hasher();
@@ -63,11 +68,6 @@ fn build_request(
     prompt: Vec<u32>,
     default_max: usize,
 ) -> ApiResult<Request> {
-    if let Some(n) = common.n {
-        if n != 1 {
-            return Err(ApiError::invalid("only n = 1 is supported").param("n"));
-        }
-    }
     let temperature = common.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(
@@ -135,6 +135,61 @@ fn build_request(
     })
 }
 
+/// The number of choices asked for (`n`, 1 by default).
+fn choice_count(common: &CommonParams) -> ApiResult<usize> {
+    match common.n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n),
+        n => Err(ApiError::invalid(format!("n must be in [1, {MAX_CHOICES}], got {n}")).param("n")),
+    }
+}
+
+/// Events of the `n` choices of one request, tagged with the choice index.
+type ChoiceEvents = UnboundedReceiver<(usize, Event)>;
+
+/// Submits the `n` choices of `request` (choice i samples with seed + i) and merges their
+/// events. Choice 0 goes first; the others once its first event arrives, when its prompt is in
+/// the KV cache: they fork it through the prefix cache instead of prefilling it again.
+/// Dropping the receiver cancels every choice.
+fn submit_choices(state: &Arc<AppState>, request: Request, n: usize) -> ApiResult<ChoiceEvents> {
+    let choice = |i: usize| {
+        let mut r = request.clone();
+        r.sampling.seed = r.sampling.seed.wrapping_add(i as u64);
+        r
+    };
+    let Submission { events, .. } = state.scheduler.submit(choice(0))?;
+    let (tx, rx) = unbounded_channel();
+    let mut streams = StreamMap::new();
+    streams.insert(0, UnboundedReceiverStream::new(events));
+    let mut later: Vec<Request> = (1..n).map(choice).collect();
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = streams.next() => next,
+                _ = tx.closed() => return,
+            };
+            // Every choice has sent its last event.
+            let Some((i, event)) = next else { return };
+            if i == 0 && !matches!(event, Event::Error(_)) {
+                for (c, req) in later.drain(..).enumerate() {
+                    match state.scheduler.submit(req) {
+                        Ok(sub) => {
+                            streams.insert(c + 1, UnboundedReceiverStream::new(sub.events));
+                        }
+                        Err(e) => {
+                            let _ = tx.send((c + 1, Event::Error(e.to_string())));
+                        }
+                    }
+                }
+            }
+            if tx.send((i, event)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 fn finish_reason(reason: StopReason, tool_calls: bool) -> &'static str {
     match reason {
         StopReason::Length => "length",
@@ -143,17 +198,45 @@ fn finish_reason(reason: StopReason, tool_calls: bool) -> &'static str {
     }
 }
 
-fn usage(finish: &Finish, reasoning_tokens: usize) -> Value {
-    let completion = finish.tokens.len();
+/// Usage of a request's choices: the prompt counted once (as the first choice saw it), the
+/// completions summed.
+fn usage(finishes: &[Finish], reasoning_tokens: usize) -> Value {
+    let (prompt, cached) = finishes
+        .first()
+        .map_or((0, 0), |f| (f.prompt_tokens, f.cached_tokens));
+    let completion: usize = finishes.iter().map(|f| f.tokens.len()).sum();
     json!({
-        "prompt_tokens": finish.prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": finish.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-        "prompt_cache_hit_tokens": finish.cached_tokens,
-        "prompt_cache_miss_tokens": finish.prompt_tokens - finish.cached_tokens,
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": prompt - cached,
     })
+}
+
+/// Waits for every choice: (per-choice callback on each event), then the finishes in order.
+async fn collect_choices(
+    events: &mut ChoiceEvents,
+    n: usize,
+    mut on_text: impl FnMut(usize, &str, bool),
+) -> ApiResult<Vec<Finish>> {
+    let mut finishes: Vec<Option<Finish>> = (0..n).map(|_| None).collect();
+    let mut left = n;
+    while left > 0 {
+        match events.recv().await {
+            Some((i, Event::Token { text, .. })) => on_text(i, &text, false),
+            Some((i, Event::Finished(f))) => {
+                on_text(i, &f.text, true);
+                finishes[i] = Some(f);
+                left -= 1;
+            }
+            Some((_, Event::Error(e))) => return Err(engine_error(e)),
+            None => return Err(ApiError::unavailable("the engine stopped")),
+        }
+    }
+    Ok(finishes.into_iter().flatten().collect())
 }
 
 /// Scheduler events to chat deltas, counting reasoning tokens.
@@ -256,12 +339,17 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
         });
     }
     let id = random_id("chatcmpl-");
-    let call_prefix = format!("{:08x}", random_u64() as u32);
-    let output = ChatOutput {
-        parser: OutputParser::new(prompt.in_reasoning, tools.map(|_| call_prefix.as_str())),
-        reasoning_tokens: 0,
-    };
-    let sub = state.scheduler.submit(request)?;
+    let n = choice_count(&req.common)?;
+    let outputs: Vec<ChatOutput> = (0..n)
+        .map(|_| {
+            let call_prefix = format!("{:08x}", random_u64() as u32);
+            ChatOutput {
+                parser: OutputParser::new(prompt.in_reasoning, tools.map(|_| call_prefix.as_str())),
+                reasoning_tokens: 0,
+            }
+        })
+        .collect();
+    let events = submit_choices(&state, request, n)?;
     let include_usage = req
         .common
         .stream_options
@@ -273,9 +361,9 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
         created: unix_now(),
     };
     if req.common.stream {
-        Ok(stream_chat(meta, sub.events, output, include_usage).into_response())
+        Ok(stream_chat(meta, events, outputs, include_usage).into_response())
     } else {
-        whole_chat(meta, sub.events, output).await
+        whole_chat(meta, events, outputs).await
     }
 }
 
@@ -287,45 +375,50 @@ struct Meta {
 
 async fn whole_chat(
     meta: Meta,
-    mut events: UnboundedReceiver<Event>,
-    mut out: ChatOutput,
+    mut events: ChoiceEvents,
+    mut outs: Vec<ChatOutput>,
 ) -> ApiResult<Response> {
-    let finish = loop {
-        match events.recv().await {
-            Some(Event::Token { text, .. }) => {
-                out.token(&text);
-            }
-            Some(Event::Finished(f)) => {
-                out.finish(&f.text);
-                break f;
-            }
-            Some(Event::Error(e)) => return Err(engine_error(e)),
-            None => return Err(ApiError::unavailable("the engine stopped")),
+    let finishes = collect_choices(&mut events, outs.len(), |i, text, last| {
+        if last {
+            outs[i].finish(text);
+        } else {
+            outs[i].token(text);
         }
-    };
-    let parsed = out.parser.parsed().clone();
-    let has_calls = !parsed.tool_calls.is_empty();
-    let mut message = json!({
-        "role": "assistant",
-        "content": if has_calls && parsed.content.is_empty() { Value::Null } else { parsed.content.into() },
-        "reasoning_content": parsed.reasoning,
-    });
-    if has_calls {
-        message["tool_calls"] = serde_json::to_value(&parsed.tool_calls).unwrap_or(Value::Null);
-    }
+    })
+    .await?;
+    let choices: Vec<Value> = outs
+        .iter()
+        .zip(&finishes)
+        .enumerate()
+        .map(|(i, (out, finish))| {
+            let parsed = out.parser.parsed().clone();
+            let has_calls = !parsed.tool_calls.is_empty();
+            let mut message = json!({
+                "role": "assistant",
+                "content": if has_calls && parsed.content.is_empty() { Value::Null } else { parsed.content.into() },
+                "reasoning_content": parsed.reasoning,
+            });
+            if has_calls {
+                message["tool_calls"] =
+                    serde_json::to_value(&parsed.tool_calls).unwrap_or(Value::Null);
+            }
+            json!({
+                "index": i,
+                "message": message,
+                "logprobs": null,
+                "finish_reason": finish_reason(finish.reason, has_calls),
+            })
+        })
+        .collect();
+    let reasoning = outs.iter().map(|o| o.reasoning_tokens).sum();
     let body = json!({
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": concat!("r1-runtime-", env!("CARGO_PKG_VERSION")),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": finish_reason(finish.reason, has_calls),
-        }],
-        "usage": usage(&finish, out.reasoning_tokens),
+        "choices": choices,
+        "usage": usage(&finishes, reasoning),
     });
     Ok(Json(body).into_response())
 }
@@ -367,60 +460,72 @@ fn delta_json(d: &Delta) -> Value {
 
 type SseSender = UnboundedSender<Result<SseEvent, Infallible>>;
 
-/// Streams a chat completion. A task forwards scheduler events as SSE chunks; when the client
-/// goes away the stream is dropped, the task stops, and dropping its receiver cancels the
-/// request in the scheduler (its cache pages are freed).
+/// Streams a chat completion (each chunk carries one choice's delta, tagged with its index).
+/// A task forwards scheduler events as SSE chunks; when the client goes away the stream is
+/// dropped, the task stops, and dropping its receiver cancels the choices in the scheduler
+/// (their cache pages are freed).
 fn stream_chat(
     meta: Meta,
-    mut events: UnboundedReceiver<Event>,
-    mut out: ChatOutput,
+    mut events: ChoiceEvents,
+    mut outs: Vec<ChatOutput>,
     include_usage: bool,
 ) -> impl IntoResponse {
     let (tx, rx): (SseSender, _) = unbounded_channel();
     tokio::spawn(async move {
         let object = "chat.completion.chunk";
-        let first = json!({
-            "index": 0,
-            "delta": {"role": "assistant", "content": "", "reasoning_content": null},
-            "logprobs": null,
-            "finish_reason": null,
-        });
-        if tx.send(Ok(chunk(&meta, object, first))).is_err() {
-            return;
+        let n = outs.len();
+        for i in 0..n {
+            let first = json!({
+                "index": i,
+                "delta": {"role": "assistant", "content": "", "reasoning_content": null},
+                "logprobs": null,
+                "finish_reason": null,
+            });
+            if tx.send(Ok(chunk(&meta, object, first))).is_err() {
+                return;
+            }
         }
-        let mut calls = false;
+        let mut calls = vec![false; n];
+        let mut finishes = Vec::with_capacity(n);
         loop {
             let ev = tokio::select! {
                 ev = events.recv() => ev,
                 _ = tx.closed() => return,
             };
             match ev {
-                Some(Event::Token { text, .. }) => {
-                    let d = out.token(&text);
+                Some((i, Event::Token { text, .. })) => {
+                    let d = outs[i].token(&text);
                     if d.is_empty() {
                         continue;
                     }
-                    calls |= !d.tool_calls.is_empty();
-                    let c = json!({"index": 0, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
+                    calls[i] |= !d.tool_calls.is_empty();
+                    let c = json!({"index": i, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
                     if tx.send(Ok(chunk(&meta, object, c))).is_err() {
                         return;
                     }
                 }
-                Some(Event::Finished(f)) => {
-                    let d = out.finish(&f.text);
-                    calls |= !d.tool_calls.is_empty();
+                Some((i, Event::Finished(f))) => {
+                    let d = outs[i].finish(&f.text);
+                    calls[i] |= !d.tool_calls.is_empty();
                     if !d.is_empty() {
-                        let c = json!({"index": 0, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
+                        let c = json!({"index": i, "delta": delta_json(&d), "logprobs": null, "finish_reason": null});
                         let _ = tx.send(Ok(chunk(&meta, object, c)));
                     }
                     let c = json!({
-                        "index": 0,
+                        "index": i,
                         "delta": {},
                         "logprobs": null,
-                        "finish_reason": finish_reason(f.reason, calls),
+                        "finish_reason": finish_reason(f.reason, calls[i]),
                     });
                     let _ = tx.send(Ok(chunk(&meta, object, c)));
+                    finishes.push((i, f));
+                    if finishes.len() < n {
+                        continue;
+                    }
                     if include_usage {
+                        finishes.sort_by_key(|(i, _)| *i);
+                        let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
+                        let reasoning = outs.iter().map(|o| o.reasoning_tokens).sum();
                         let mut last = json!({
                             "id": meta.id,
                             "object": object,
@@ -428,13 +533,13 @@ fn stream_chat(
                             "model": meta.model,
                             "choices": [],
                         });
-                        last["usage"] = usage(&f, out.reasoning_tokens);
+                        last["usage"] = usage(&finishes, reasoning);
                         let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
                     }
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
                     return;
                 }
-                Some(Event::Error(e)) => {
+                Some((_, Event::Error(e))) => {
                     let _ = tx.send(Ok(
                         SseEvent::default().data(engine_error(e).body().to_string())
                     ));
@@ -499,7 +604,8 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Respo
         }
     }
     let request = build_request(&state, &req.common, ids, 16)?;
-    let sub = state.scheduler.submit(request)?;
+    let n = choice_count(&req.common)?;
+    let mut events = submit_choices(&state, request, n)?;
     let meta = Meta {
         id: random_id("cmpl-"),
         model: state.options.model_name.clone(),
@@ -510,68 +616,73 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Respo
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let mut events = sub.events;
     if !req.common.stream {
-        let mut text = String::new();
-        let finish = loop {
-            match events.recv().await {
-                Some(Event::Token { text: t, .. }) => text.push_str(&t),
-                Some(Event::Finished(f)) => {
-                    text.push_str(&f.text);
-                    break f;
-                }
-                Some(Event::Error(e)) => return Err(engine_error(e)),
-                None => return Err(ApiError::unavailable("the engine stopped")),
-            }
-        };
+        let mut texts = vec![String::new(); n];
+        let finishes =
+            collect_choices(&mut events, n, |i, text, _| texts[i].push_str(text)).await?;
+        let choices: Vec<Value> = texts
+            .into_iter()
+            .zip(&finishes)
+            .enumerate()
+            .map(|(i, (text, f))| {
+                json!({
+                    "text": text,
+                    "index": i,
+                    "logprobs": null,
+                    "finish_reason": finish_reason(f.reason, false),
+                })
+            })
+            .collect();
         return Ok(Json(json!({
             "id": meta.id,
             "object": "text_completion",
             "created": meta.created,
             "model": meta.model,
-            "choices": [{
-                "text": text,
-                "index": 0,
-                "logprobs": null,
-                "finish_reason": finish_reason(finish.reason, false),
-            }],
-            "usage": usage(&finish, 0),
+            "choices": choices,
+            "usage": usage(&finishes, 0),
         }))
         .into_response());
     }
     let (tx, rx): (SseSender, _) = unbounded_channel();
     tokio::spawn(async move {
         let object = "text_completion";
-        let piece = |text: &str, finish: Option<&str>| json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish});
+        let piece = |i: usize, text: &str, finish: Option<&str>| json!({"text": text, "index": i, "logprobs": null, "finish_reason": finish});
+        let mut finishes = Vec::with_capacity(n);
         loop {
             let ev = tokio::select! {
                 ev = events.recv() => ev,
                 _ = tx.closed() => return,
             };
             match ev {
-                Some(Event::Token { text, .. }) => {
+                Some((i, Event::Token { text, .. })) => {
                     if !text.is_empty()
                         && tx
-                            .send(Ok(chunk(&meta, object, piece(&text, None))))
+                            .send(Ok(chunk(&meta, object, piece(i, &text, None))))
                             .is_err()
                     {
                         return;
                     }
                 }
-                Some(Event::Finished(f)) => {
+                Some((i, Event::Finished(f))) => {
                     let reason = finish_reason(f.reason, false);
-                    let _ = tx.send(Ok(chunk(&meta, object, piece(&f.text, Some(reason)))));
+                    let _ = tx.send(Ok(chunk(&meta, object, piece(i, &f.text, Some(reason)))));
+                    finishes.push((i, f));
+                    if finishes.len() < n {
+                        continue;
+                    }
                     if include_usage {
+                        finishes.sort_by_key(|(i, _)| *i);
+                        let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
                         let last = json!({
                             "id": meta.id, "object": object, "created": meta.created,
-                            "model": meta.model, "choices": [], "usage": usage(&f, 0),
+                            "model": meta.model, "choices": [], "usage": usage(&finishes, 0),
                         });
                         let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
                     }
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
                     return;
                 }
-                Some(Event::Error(e)) => {
+                Some((_, Event::Error(e))) => {
                     let _ = tx.send(Ok(
                         SseEvent::default().data(engine_error(e).body().to_string())
                     ));
