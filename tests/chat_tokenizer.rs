@@ -262,7 +262,7 @@ fn tools_and_tool_messages_render_in_deepseek_markers() {
 #[test]
 fn token_bytes_match_decoding() {
     let Some((tok, _)) = tokenizer() else { return };
-    let table = r1_runtime::chat::json_mode::TokenBytes::from_tokenizer(&tok, 129_280);
+    let table = r1_runtime::chat::constrained::TokenBytes::from_tokenizer(&tok, 129_280);
     assert!(table.get(0).is_none(), "BOS is special");
     assert!(table.get(1).is_none(), "EOS is special");
     assert_eq!(table.get(128798), Some("<think>".as_bytes()));

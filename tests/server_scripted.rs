@@ -211,7 +211,7 @@ fn json_body(response_format: bool) -> Value {
 }
 
 fn is_json_prefix(s: &str) -> bool {
-    r1_runtime::chat::json_mode::JsonValidator::default().feed(s.as_bytes())
+    r1_runtime::chat::constrained::JsonValidator::default().feed(s.as_bytes())
 }
 
 /// JSON mode passes a valid object through and stops when it closes.
@@ -258,4 +258,105 @@ fn json_mode_constrains_non_json_output() {
         let v: Value = serde_json::from_str(&st.content).unwrap();
         assert!(v.is_object());
     }
+}
+
+const ONE_CALL: &str = "<think>\nCall it.\n</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+
+fn forced_body(tool_choice: Value) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": tools(),
+        "tool_choice": tool_choice,
+        "max_tokens": 200,
+    })
+}
+
+/// The call a constrained answer produced: its name and whether its arguments are a JSON
+/// object (checked whole when the call completed, as a prefix when max_tokens cut it).
+fn forced_call(v: &Value) -> String {
+    let choice = &v["choices"][0];
+    let calls = choice["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a forced tool call: {v}"));
+    assert_eq!(calls.len(), 1, "{v}");
+    let args = calls[0]["function"]["arguments"].as_str().unwrap();
+    assert!(is_json_prefix(args), "{args:?}");
+    if choice["finish_reason"] == "tool_calls" {
+        assert!(serde_json::from_str::<Value>(args).unwrap().is_object());
+    } else {
+        assert_eq!(choice["finish_reason"], "length", "{v}");
+    }
+    calls[0]["function"]["name"].as_str().unwrap().to_string()
+}
+
+/// tool_choice naming a function or "required": a model that calls it anyway passes through
+/// unchanged; a model that answers in prose is steered into one call of the named (or an
+/// allowed) function with JSON-object arguments; bad tool_choice values are 400s.
+#[test]
+fn tool_choice_forces_a_call() {
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let Some((_tmp, s)) = scripted(ONE_CALL) else {
+        return;
+    };
+    for choice in [named.clone(), json!("required")] {
+        let v = s
+            .post_json("/v1/chat/completions", &forced_body(choice))
+            .json();
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        assert_eq!(v["choices"][0]["message"]["reasoning_content"], "Call it.");
+        let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+        assert_eq!(call["name"], "get_weather");
+        assert_eq!(call["arguments"], "{\"city\": \"Paris\"}");
+    }
+    drop(s);
+
+    let Some((_tmp, s)) = scripted("<think>\nNo tools today.\n</think>\n\nIt is sunny in Paris.")
+    else {
+        return;
+    };
+    let prose = s
+        .post_json("/v1/chat/completions", &forced_body(json!("auto")))
+        .json();
+    assert_eq!(
+        prose["choices"][0]["message"]["content"],
+        "It is sunny in Paris."
+    );
+    let time = json!({"type": "function", "function": {"name": "get_time"}});
+    let v = s
+        .post_json("/v1/chat/completions", &forced_body(time))
+        .json();
+    assert_eq!(forced_call(&v), "get_time");
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_content"],
+        "No tools today."
+    );
+    let v = s
+        .post_json("/v1/chat/completions", &forced_body(json!("required")))
+        .json();
+    assert!(["get_weather", "get_time"].contains(&forced_call(&v).as_str()));
+    let mut streamed = forced_body(json!({"type": "function", "function": {"name": "get_time"}}));
+    streamed["stream"] = json!(true);
+    let st = assemble(&s.post_json("/v1/chat/completions", &streamed).sse_data());
+    assert_eq!(st.calls.len(), 1);
+    assert_eq!(st.calls[0]["function"]["name"], "get_time");
+    assert_eq!(st.content, "");
+
+    for (choice, what) in [
+        (
+            json!({"type": "function", "function": {"name": "launch"}}),
+            "not in `tools`",
+        ),
+        (json!("always"), "tool_choice must be"),
+    ] {
+        let r = s.post_json("/v1/chat/completions", &forced_body(choice));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains(what), "{}", r.body);
+    }
+    let mut no_tools = forced_body(json!("required"));
+    no_tools.as_object_mut().unwrap().remove("tools");
+    assert_eq!(s.post_json("/v1/chat/completions", &no_tools).status, 400);
+    let mut both = forced_body(json!("required"));
+    both["response_format"] = json!({"type": "json_object"});
+    assert_eq!(s.post_json("/v1/chat/completions", &both).status, 400);
 }

@@ -13,7 +13,7 @@
 //! # Ok::<(), r1_runtime::Error>(())
 //! ```
 
-pub mod json_mode;
+pub mod constrained;
 pub mod messages;
 pub mod output;
 pub mod reasoning;

@@ -32,7 +32,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
 use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
-use crate::chat::json_mode::{JsonConstraint, TokenBytes};
+use crate::chat::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
 use crate::chat::reasoning::partial_suffix;
 use crate::chat::template::{THINK_CLOSE, THINK_OPEN};
 use crate::chat::{IncrementalDecoder, Tokenizer};
@@ -53,13 +53,14 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Extra token ids that end generation (like eos; the token counts but has no text).
     pub stop_token_ids: Vec<u32>,
-    /// JSON output mode: the answer is constrained to one JSON object (needs the tokenizer).
-    pub json: Option<JsonMode>,
+    /// A constrained answer (JSON mode, a forced tool call; needs the tokenizer).
+    pub answer: Option<AnswerMode>,
 }
 
-/// JSON output mode settings.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JsonMode {
+/// What the answer must be, and where it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerMode {
+    pub format: AnswerFormat,
     /// The prompt opened `<think>`: the output reasons (unconstrained) until `</think>`.
     pub in_reasoning: bool,
 }
@@ -72,7 +73,7 @@ impl Request {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
-            json: None,
+            answer: None,
         }
     }
 }
@@ -85,8 +86,8 @@ pub enum StopReason {
     StopToken,
     /// One of the request's stop strings.
     StopString,
-    /// JSON mode: the object is complete.
-    JsonComplete,
+    /// A constrained answer (JSON object, tool call) is complete.
+    AnswerComplete,
     /// `max_tokens` or the model's context.
     Length,
 }
@@ -216,7 +217,7 @@ struct Running {
     submitted: Instant,
     first_token: Option<Duration>,
     cancelled: bool,
-    json: Option<JsonConstraint>,
+    answer: Option<AnswerConstraint>,
     /// Speculative decoding state (None: this request decodes without drafts).
     spec: Option<SpecState>,
 }
@@ -322,14 +323,15 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         let decoder = self.opts.tokenizer.as_ref().map(|t| t.stream(true));
-        let json = match (req.json, &self.opts.tokenizer) {
+        let answer = match (&req.answer, &self.opts.tokenizer) {
             (Some(mode), Some(tok)) => {
                 let vocab = self.info.vocab_size;
                 let table = self
                     .token_bytes
                     .get_or_insert_with(|| Arc::new(TokenBytes::from_tokenizer(tok, vocab)));
-                Some(JsonConstraint::new(
+                Some(AnswerConstraint::new(
                     Arc::clone(table),
+                    &mode.format,
                     mode.in_reasoning,
                     tok.token_to_id(THINK_OPEN),
                     tok.token_to_id(THINK_CLOSE),
@@ -355,8 +357,8 @@ impl Scheduler {
             submitted: Instant::now(),
             first_token: None,
             cancelled: false,
-            spec: (self.opts.draft_tokens > 0 && json.is_none()).then(SpecState::default),
-            json,
+            spec: (self.opts.draft_tokens > 0 && answer.is_none()).then(SpecState::default),
+            answer,
         });
         let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         m.requests_total += 1;
@@ -865,7 +867,7 @@ impl Scheduler {
     fn advance(&mut self, i: usize, logits: &[f32]) -> Option<Finish> {
         let eos = &self.info.eos_token_ids;
         let r = &mut self.running[i];
-        let token = match &r.json {
+        let token = match &r.answer {
             Some(c) if c.active() => {
                 constrained_sample(logits, &r.req.sampling, &mut r.rng, |t| c.allows(t))
                     .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
@@ -880,7 +882,7 @@ impl Scheduler {
     fn emit(&mut self, i: usize, token: u32) -> Option<Finish> {
         let eos = &self.info.eos_token_ids;
         let r = &mut self.running[i];
-        if let Some(c) = r.json.as_mut() {
+        if let Some(c) = r.answer.as_mut() {
             c.accept(token);
         }
         r.generated.push(token);
@@ -931,9 +933,9 @@ impl Scheduler {
         if stopped {
             return Some(r.finish(StopReason::StopString, String::new()));
         }
-        if r.json.as_ref().is_some_and(JsonConstraint::complete) {
+        if r.answer.as_ref().is_some_and(AnswerConstraint::complete) {
             let text = r.flush_text();
-            return Some(r.finish(StopReason::JsonComplete, text));
+            return Some(r.finish(StopReason::AnswerComplete, text));
         }
         if r.generated.len() >= r.limit {
             let text = r.flush_text();
@@ -1090,9 +1092,9 @@ fn validate(info: &ModelInfo, opts: &SchedulerOptions, req: &Request) -> Result<
             "stop strings need a tokenizer (this scheduler has none)".into(),
         ));
     }
-    if req.json.is_some() && opts.tokenizer.is_none() {
+    if req.answer.is_some() && opts.tokenizer.is_none() {
         return Err(Error::Input(
-            "JSON mode needs a tokenizer (this scheduler has none)".into(),
+            "a constrained answer (JSON mode, tool_choice) needs a tokenizer (this scheduler has none)".into(),
         ));
     }
     let limit = req.max_tokens.min(info.max_context - req.prompt.len());

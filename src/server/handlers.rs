@@ -21,10 +21,12 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::api::{ChatCompletionRequest, CommonParams, CompletionPrompt, CompletionRequest};
 use super::error::ApiError;
 use super::{unix_now, AppState};
+use crate::chat::constrained::AnswerFormat;
+use crate::chat::Tool;
 use crate::chat::{Delta, OutputParser, RenderOptions, Thinking, ToolCallDelta};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::Submission;
-use crate::engine::scheduler::{Event, Finish, JsonMode, Request, StopReason};
+use crate::engine::scheduler::{AnswerMode, Event, Finish, Request, StopReason};
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
 
@@ -131,8 +133,46 @@ fn build_request(
         },
         stop,
         stop_token_ids: Vec::new(),
-        json: None,
+        answer: None,
     })
+}
+
+/// The functions a `tool_choice` forces the answer to call: None for "auto", "none" or no
+/// tool_choice; every tool for "required"; the one named by `{"type": "function",
+/// "function": {"name": ...}}`.
+fn forced_tool_call(
+    choice: Option<&Value>,
+    tools: Option<&[Tool]>,
+) -> ApiResult<Option<Vec<String>>> {
+    let bad = |msg: String| Err(ApiError::invalid(msg).param("tool_choice"));
+    let names: Vec<String> = tools
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.function.name.clone())
+        .collect();
+    match choice {
+        None => Ok(None),
+        Some(Value::String(s)) if s == "auto" || s == "none" => Ok(None),
+        Some(Value::String(s)) if s == "required" => {
+            if names.is_empty() {
+                bad("tool_choice \"required\" needs at least one tool in `tools`".into())
+            } else {
+                Ok(Some(names))
+            }
+        }
+        Some(v) => match v["function"]["name"].as_str() {
+            Some(name) if v["type"] == "function" => {
+                if names.iter().any(|n| n == name) {
+                    Ok(Some(vec![name.to_string()]))
+                } else {
+                    bad(format!("tool_choice names `{name}`, which is not in `tools`"))
+                }
+            }
+            _ => bad(format!(
+                "tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v}"
+            )),
+        },
+    }
 }
 
 /// The number of choices asked for (`n`, 1 by default).
@@ -313,6 +353,17 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
     }
     let tools_off = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
     let tools = req.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
+    let forced_call = forced_tool_call(req.tool_choice.as_ref(), tools)?;
+    let json_object = req
+        .response_format
+        .as_ref()
+        .is_some_and(|f| f.kind == "json_object");
+    if json_object && forced_call.is_some() {
+        return Err(ApiError::invalid(
+            "response_format json_object and a tool_choice that forces a call cannot be combined",
+        )
+        .param("tool_choice"));
+    }
     let options = RenderOptions {
         tools,
         add_generation_prompt: true,
@@ -329,15 +380,14 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
         prompt.ids,
         state.options.default_max_tokens,
     )?;
-    if req
-        .response_format
-        .as_ref()
-        .is_some_and(|f| f.kind == "json_object")
-    {
-        request.json = Some(JsonMode {
-            in_reasoning: prompt.in_reasoning,
-        });
-    }
+    let format = match forced_call {
+        Some(names) => Some(AnswerFormat::ToolCall { names }),
+        None => json_object.then_some(AnswerFormat::JsonObject),
+    };
+    request.answer = format.map(|format| AnswerMode {
+        format,
+        in_reasoning: prompt.in_reasoning,
+    });
     let id = random_id("chatcmpl-");
     let n = choice_count(&req.common)?;
     let outputs: Vec<ChatOutput> = (0..n)

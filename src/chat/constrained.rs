@@ -1,9 +1,14 @@
-//! JSON output mode (`response_format: {"type": "json_object"}`): constrained decoding that
-//! only lets tokens through whose bytes keep the answer a valid prefix of one JSON object, and
-//! ends generation when the object closes. The reasoning before `</think>` is left free.
+//! Constrained answers: decoding that only lets tokens through whose bytes keep the answer a
+//! valid prefix of what was asked for, and ends generation when it is complete. The reasoning
+//! before `</think>` is left free. Two formats:
+//! - one JSON object (`response_format: {"type": "json_object"}`);
+//! - one R1 tool call (`tool_choice` "required" or naming a function): the call markers, one
+//!   of the allowed function names, and JSON-object arguments, in the R1-0528 layout that
+//!   [`super::tool_calls`] parses.
 
 use std::sync::Arc;
 
+use super::tool_calls::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
 use super::Tokenizer;
 
 /// Every token's bytes (byte-level BPE pieces mapped back to raw bytes; added tokens as their
@@ -312,36 +317,151 @@ impl JsonValidator {
     }
 }
 
+/// What the answer (after any reasoning) must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerFormat {
+    /// One JSON object.
+    JsonObject,
+    /// One tool call to one of `names` (a single name: that function), arguments a JSON object.
+    ToolCall { names: Vec<String> },
+}
+
+/// A piece of the answer's grammar.
+#[derive(Debug)]
+enum Piece {
+    Literal(Vec<u8>),
+    /// Exactly one of these (none is a prefix of another).
+    OneOf(Vec<Vec<u8>>),
+    JsonObject,
+}
+
+impl AnswerFormat {
+    fn pieces(&self) -> Vec<Piece> {
+        match self {
+            AnswerFormat::JsonObject => vec![Piece::JsonObject],
+            AnswerFormat::ToolCall { names } => vec![
+                Piece::Literal(format!("{CALLS_BEGIN}{CALL_BEGIN}function{SEP}").into_bytes()),
+                // The fence after the name ends it, so no name is a prefix of another.
+                Piece::OneOf(
+                    names
+                        .iter()
+                        .map(|n| format!("{n}\n```json\n").into_bytes())
+                        .collect(),
+                ),
+                Piece::JsonObject,
+                Piece::Literal(format!("\n```{CALL_END}{CALLS_END}").into_bytes()),
+            ],
+        }
+    }
+}
+
+/// Where the answer is in its grammar.
+#[derive(Debug, Clone)]
+struct Grammar {
+    pieces: Arc<[Piece]>,
+    /// The current piece; `pieces.len()` when the answer is complete.
+    at: usize,
+    /// Bytes of the current literal / one-of piece matched so far.
+    matched: Vec<u8>,
+    json: JsonValidator,
+}
+
+impl Grammar {
+    fn new(format: &AnswerFormat) -> Self {
+        Grammar {
+            pieces: format.pieces().into(),
+            at: 0,
+            matched: Vec::new(),
+            json: JsonValidator::default(),
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.at == self.pieces.len()
+    }
+
+    fn next_piece(&mut self) {
+        self.at += 1;
+        self.matched.clear();
+        self.json = JsonValidator::default();
+    }
+
+    /// Feeds bytes; false (and an unspecified state) when they cannot continue the answer.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.byte(b))
+    }
+
+    fn byte(&mut self, b: u8) -> bool {
+        // Whitespace may come before the answer and after it (a closing token often carries
+        // trailing newlines), nothing else.
+        let Some(piece) = self.pieces.get(self.at) else {
+            return is_ws(b);
+        };
+        match piece {
+            // Leading whitespace (a JSON object's is the validator's business).
+            Piece::Literal(_) if self.at == 0 && self.matched.is_empty() && is_ws(b) => {}
+            Piece::Literal(text) => {
+                if text.get(self.matched.len()) != Some(&b) {
+                    return false;
+                }
+                self.matched.push(b);
+                if self.matched.len() == text.len() {
+                    self.next_piece();
+                }
+            }
+            Piece::OneOf(options) => {
+                self.matched.push(b);
+                if !options.iter().any(|o| o.starts_with(&self.matched)) {
+                    return false;
+                }
+                if options.contains(&self.matched) {
+                    self.next_piece();
+                }
+            }
+            Piece::JsonObject => {
+                if !self.json.byte(b) {
+                    return false;
+                }
+                if self.json.complete() {
+                    self.next_piece();
+                }
+            }
+        }
+        true
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Not yet known whether the output opens with `<think>`.
     Start,
     Reasoning,
-    Json,
+    Answer,
 }
 
-/// Per-request JSON constraint for the scheduler.
+/// Per-request answer constraint for the scheduler.
 #[derive(Debug, Clone)]
-pub struct JsonConstraint {
+pub struct AnswerConstraint {
     table: Arc<TokenBytes>,
-    json: JsonValidator,
+    grammar: Grammar,
     phase: Phase,
     think_open: Option<u32>,
     think_close: Option<u32>,
 }
 
-impl JsonConstraint {
+impl AnswerConstraint {
     /// `in_reasoning`: the prompt opened `<think>`; reasoning (free text) runs until
     /// `think_close`. An output that starts with `think_open` reasons first too.
     pub fn new(
         table: Arc<TokenBytes>,
+        format: &AnswerFormat,
         in_reasoning: bool,
         think_open: Option<u32>,
         think_close: Option<u32>,
     ) -> Self {
-        JsonConstraint {
+        AnswerConstraint {
             table,
-            json: JsonValidator::default(),
+            grammar: Grammar::new(format),
             phase: if in_reasoning {
                 Phase::Reasoning
             } else {
@@ -361,8 +481,8 @@ impl JsonConstraint {
         match self.phase {
             Phase::Reasoning => true,
             Phase::Start if Some(token) == self.think_open => true,
-            Phase::Start | Phase::Json => match self.table.get(token) {
-                Some(bytes) if !bytes.is_empty() => self.json.clone().feed(bytes),
+            Phase::Start | Phase::Answer => match self.table.get(token) {
+                Some(bytes) if !bytes.is_empty() => self.grammar.clone().feed(bytes),
                 _ => false,
             },
         }
@@ -372,22 +492,22 @@ impl JsonConstraint {
         match self.phase {
             Phase::Reasoning => {
                 if Some(token) == self.think_close {
-                    self.phase = Phase::Json;
+                    self.phase = Phase::Answer;
                 }
             }
             Phase::Start if Some(token) == self.think_open => self.phase = Phase::Reasoning,
-            Phase::Start | Phase::Json => {
-                self.phase = Phase::Json;
+            Phase::Start | Phase::Answer => {
+                self.phase = Phase::Answer;
                 if let Some(bytes) = self.table.get(token) {
-                    self.json.feed(bytes);
+                    self.grammar.feed(bytes);
                 }
             }
         }
     }
 
-    /// The object is complete: generation should end.
+    /// The answer is complete: generation should end.
     pub fn complete(&self) -> bool {
-        self.json.complete()
+        self.grammar.complete()
     }
 }
 
@@ -427,6 +547,51 @@ mod tests {
         ] {
             assert!(!valid_prefix(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tool_call_grammar_takes_exactly_one_call_to_an_allowed_name() {
+        let format = AnswerFormat::ToolCall {
+            names: vec!["get".into(), "get_time".into()],
+        };
+        let call = |name: &str, args: &str| {
+            format!("{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n{args}\n```{CALL_END}{CALLS_END}")
+        };
+        for name in ["get", "get_time"] {
+            let text = call(name, r#"{"tz": "UTC", "n": [1, 2]}"#);
+            let mut g = Grammar::new(&format);
+            for (i, b) in text.bytes().enumerate() {
+                assert!(!g.complete(), "complete before byte {i}");
+                assert!(g.byte(b), "byte {i} of {text:?}");
+            }
+            assert!(g.complete());
+            assert!(!g.clone().feed(b"x"), "nothing after the call");
+            assert!(g.clone().feed(b"\n\n"), "but whitespace");
+            // The parser reads what the grammar produced.
+            let mut p = super::super::tool_calls::ToolCallParser::new("t");
+            let mut out = p.push(&text);
+            out.calls.extend(p.finish().calls);
+            assert_eq!(out.calls[0].name.as_deref(), Some(name));
+        }
+        for bad in [
+            call("got", "{}"),
+            call("get_tim", "{}"),
+            call("get", "[1]"),
+            call("get", "{\"a\": }"),
+            "plain text".to_string(),
+        ] {
+            assert!(!Grammar::new(&format).feed(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_grammar_completes_at_the_closing_brace() {
+        let mut g = Grammar::new(&AnswerFormat::JsonObject);
+        assert!(!g.clone().feed(b" {\"a\n"), "a raw newline inside a string");
+        assert!(g.feed(b" {\"a\": {\"b\": []}"));
+        assert!(!g.complete());
+        assert!(g.feed(b"}"));
+        assert!(g.complete());
     }
 
     #[test]
