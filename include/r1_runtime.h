@@ -84,6 +84,13 @@ r1_status r1_sequence_truncate(const r1_engine* engine, r1_sequence* seq, uint64
 r1_status r1_forward(const r1_engine* engine, r1_sequence* const* seqs, const uint32_t* const* tokens,
                      const uint64_t* counts, uint64_t n, float* logits, uint64_t logits_len);
 
+/* r1_forward with logits for the last rows[i] tokens of sequence i (1 <= rows[i] <= counts[i],
+ * e.g. 1 + drafts when verifying speculative tokens), packed in order:
+ * logits_len >= (rows[0] + ... + rows[n-1]) * vocab_size. */
+r1_status r1_forward_rows(const r1_engine* engine, r1_sequence* const* seqs, const uint32_t* const* tokens,
+                          const uint64_t* counts, const uint64_t* rows, uint64_t n, float* logits,
+                          uint64_t logits_len);
+
 r1_status r1_sampling_default(r1_sampling* out);
 /* Up to max_new_tokens after prompt (stopping after an end-of-sequence token, which is
  * included); out_cap >= max_new_tokens; *out_len receives the count. sampling NULL: greedy. */

@@ -20,7 +20,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::engine::sampling::SamplingParams;
 use crate::engine::{BackendKind, Engine, EngineOptions, Sequence, Step};
-use crate::model::LogitRows;
 use crate::{Error, Precision};
 
 /// Result of a C ABI call (`R1_OK` is 0).
@@ -450,9 +449,60 @@ pub unsafe extern "C" fn r1_forward(
     logits: *mut f32,
     logits_len: u64,
 ) -> R1Status {
+    // SAFETY: the same contract, with one logit row per sequence.
+    unsafe { forward(engine, seqs, tokens, counts, None, n, logits, logits_len) }
+}
+
+/// [`r1_forward`] with logits for the last `rows[i]` tokens of sequence `i` (1 <= rows[i] <=
+/// counts[i]; e.g. 1 + drafts when verifying speculative tokens), packed in order:
+/// `logits_len` >= (sum of rows) * vocab_size.
+///
+/// # Safety
+/// As [`r1_forward`]; `rows` holds `n` elements.
+#[no_mangle]
+pub unsafe extern "C" fn r1_forward_rows(
+    engine: *const R1Engine,
+    seqs: *const *mut R1Sequence,
+    tokens: *const *const u32,
+    counts: *const u64,
+    rows: *const u64,
+    n: u64,
+    logits: *mut f32,
+    logits_len: u64,
+) -> R1Status {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        forward(
+            engine,
+            seqs,
+            tokens,
+            counts,
+            Some(rows),
+            n,
+            logits,
+            logits_len,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward(
+    engine: *const R1Engine,
+    seqs: *const *mut R1Sequence,
+    tokens: *const *const u32,
+    counts: *const u64,
+    rows: Option<*const u64>,
+    n: u64,
+    logits: *mut f32,
+    logits_len: u64,
+) -> R1Status {
     call(|| {
         // SAFETY: header contract for every pointer below.
         let engine = unsafe { non_null(engine, "engine") }?;
+        let rows = match rows {
+            Some(p) => Some(unsafe { slice(p, n, "rows") }?),
+            None => None,
+        };
         let seq_ptrs = unsafe { slice(seqs, n, "seqs") }?;
         let token_ptrs = unsafe { slice(tokens, n, "tokens") }?;
         let counts = unsafe { slice(counts, n, "counts") }?;
@@ -466,11 +516,19 @@ pub unsafe extern "C" fn r1_forward(
             }
         }
         let mut steps = Vec::with_capacity(seq_ptrs.len());
+        let mut logit_rows = Vec::with_capacity(seq_ptrs.len());
         for (i, ((&s, &t), &c)) in seq_ptrs.iter().zip(token_ptrs).zip(counts).enumerate() {
             // SAFETY: distinct (checked above) live sequences, per the header contract.
             let s = unsafe { non_null_mut(s, &format!("seqs[{i}]")) }?;
             owned_by(s, engine)?;
             let tokens = unsafe { slice(t, c, &format!("tokens[{i}]")) }?;
+            let r = rows.map_or(1, |r| r[i]);
+            if r == 0 || r > c {
+                return Err(argument(format!(
+                    "rows[{i}] = {r} must be in 1..=counts[{i}] ({c})"
+                )));
+            }
+            logit_rows.push(r as usize);
             steps.push(Step {
                 seq: &mut s.seq,
                 tokens,
@@ -478,17 +536,19 @@ pub unsafe extern "C" fn r1_forward(
         }
         let mut e = lock(engine)?;
         let vocab = e.config().vocab_size;
-        let need = steps.len() * vocab;
+        let need = logit_rows.iter().sum::<usize>() * vocab;
         if logits.len() < need {
             return Err(argument(format!(
-                "logits holds {} floats; {} sequences x vocab {vocab} need {need}",
+                "logits holds {} floats; {} rows x vocab {vocab} need {need}",
                 logits.len(),
-                steps.len()
+                need / vocab
             )));
         }
-        let out = e.forward_batch(&mut steps, LogitRows::Last)?;
-        for (dst, f) in logits.chunks_mut(vocab).zip(out) {
-            dst.copy_from_slice(&f.logits);
+        let out = e.forward_batch_rows(&mut steps, &logit_rows)?;
+        let mut at = 0;
+        for f in out {
+            logits[at..at + f.logits.len()].copy_from_slice(&f.logits);
+            at += f.logits.len();
         }
         Ok(())
     })

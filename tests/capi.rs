@@ -118,6 +118,12 @@ fn c_program_drives_the_engine() {
     assert_eq!(fact("fork_len"), "8");
     assert_eq!(fact("fork_equal"), "1", "a fork decodes like its parent");
     assert_eq!(fact("seq_len"), "13");
+    assert_eq!(
+        fact("rows_last_equal"),
+        "1",
+        "r1_forward_rows' last row = r1_forward"
+    );
+    assert_eq!(fact("zero_rows"), "1");
     assert_eq!(fact("duplicate_sequence"), "1");
     assert!(fact("duplicate_sequence_message").contains("appears twice"));
     assert_eq!(fact("small_buffer"), "1");

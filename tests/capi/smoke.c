@@ -90,6 +90,21 @@ int main(int argc, char** argv) {
     printf("\nfork_equal %d\n", fork_equal);
     printf("seq_len %llu\n", (unsigned long long)r1_sequence_len(a));
 
+    /* Logits of several trailing rows: the prompt's last row equals r1_forward's. */
+    float* rows_logits = malloc(3 * vocab * sizeof(float));
+    r1_sequence* c = NULL;
+    CHECK(r1_sequence_new(e, &c));
+    r1_sequence* just_c[1] = {c};
+    const uint64_t three[1] = {3};
+    CHECK(r1_forward_rows(e, just_c, toks, counts, three, 1, rows_logits, 3 * vocab));
+    CHECK(r1_sequence_truncate(e, c, 0));
+    CHECK(r1_forward(e, just_c, toks, counts, 1, logits, vocab));
+    printf("rows_last_equal %d\n", memcmp(rows_logits + 2 * vocab, logits, vocab * sizeof(float)) == 0);
+    const uint64_t zero[1] = {0};
+    printf("zero_rows %d\n", (int)r1_forward_rows(e, just_c, toks, counts, zero, 1, rows_logits, 3 * vocab));
+    CHECK(r1_sequence_free(e, c));
+    free(rows_logits);
+
     /* Bad calls report errors and change nothing. */
     r1_sequence* twice[2] = {a, a};
     uint64_t ones[2] = {1, 1};
