@@ -360,3 +360,85 @@ fn tool_choice_forces_a_call() {
     both["response_format"] = json!({"type": "json_object"});
     assert_eq!(s.post_json("/v1/chat/completions", &both).status, 400);
 }
+
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}}
+        },
+        "required": ["name", "age"],
+        "additionalProperties": false
+    })
+}
+
+/// The text is a prefix of a value the schema accepts (and the whole value when `complete`).
+fn conforms(schema: &Value, text: &str, complete: bool) -> bool {
+    use r1_runtime::chat::constrained::{Schema, SchemaValidator};
+    let mut v = SchemaValidator::new(Schema::compile(schema).unwrap());
+    v.feed(text.as_bytes()) && (!complete || v.complete())
+}
+
+/// response_format json_schema: a conforming answer passes unchanged and stops when the value
+/// closes; prose is steered into the schema; a strict tool's forced arguments follow its
+/// parameters; schemas the server cannot enforce are 400s naming the keyword.
+#[test]
+fn json_schema_constrains_the_answer() {
+    let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema(), "strict": true}});
+    let body = |format: &Value| json!({"model": MODEL, "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 80, "response_format": format});
+    let Some((_tmp, s)) = scripted(
+        "<think>\nA person.\n</think>\n\n{\"name\": \"Ada\", \"age\": 36, \"tags\": [\"a\"]}\n\nDone.",
+    ) else {
+        return;
+    };
+    let v = s.post_json("/v1/chat/completions", &body(&format)).json();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        content.trim_end(),
+        "{\"name\": \"Ada\", \"age\": 36, \"tags\": [\"a\"]}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(conforms(&person_schema(), content.trim_end(), true));
+    drop(s);
+
+    let Some((_tmp, s)) = scripted("Ada is 36 and likes tags a and c.") else {
+        return;
+    };
+    let v = s.post_json("/v1/chat/completions", &body(&format)).json();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let complete = v["choices"][0]["finish_reason"] == "stop";
+    assert!(content.trim_start().starts_with("{\"name\""), "{content:?}");
+    assert!(conforms(&person_schema(), content, complete), "{content:?}");
+
+    let tools = json!([{"type": "function", "function": {"name": "get_person", "strict": true, "parameters": person_schema()}}]);
+    let call = json!({"model": MODEL, "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 120,
+        "tools": tools, "tool_choice": "required"});
+    let v = s.post_json("/v1/chat/completions", &call).json();
+    let f = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(f["name"], "get_person", "{v}");
+    let complete = v["choices"][0]["finish_reason"] == "tool_calls";
+    assert!(
+        conforms(&person_schema(), f["arguments"].as_str().unwrap(), complete),
+        "{f}"
+    );
+
+    for (schema, what) in [
+        (
+            json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}),
+            "minimum",
+        ),
+        (json!({"type": "string"}), "root must be an object"),
+    ] {
+        let f = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}});
+        let r = s.post_json("/v1/chat/completions", &body(&f));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains(what), "{}", r.body);
+    }
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &body(&json!({"type": "json_schema"})),
+    );
+    assert_eq!(r.status, 400);
+}

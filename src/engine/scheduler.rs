@@ -58,7 +58,7 @@ pub struct Request {
 }
 
 /// What the answer must be, and where it starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AnswerMode {
     pub format: AnswerFormat,
     /// The prompt opened `<think>`: the output reasons (unconstrained) until `</think>`.

@@ -31,6 +31,8 @@ pub struct StreamOptions {
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    /// With `type: json_schema`: `{"name": ..., "schema": {...}, "strict": ...}`.
+    pub json_schema: Option<Value>,
 }
 
 /// Sampling and limits shared by both endpoints.

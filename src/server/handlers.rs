@@ -21,7 +21,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::api::{ChatCompletionRequest, CommonParams, CompletionPrompt, CompletionRequest};
 use super::error::ApiError;
 use super::{unix_now, AppState};
-use crate::chat::constrained::AnswerFormat;
+use crate::chat::constrained::{AnswerFormat, Schema};
 use crate::chat::Tool;
 use crate::chat::{Delta, OutputParser, RenderOptions, Thinking, ToolCallDelta};
 use crate::engine::sampling::SamplingParams;
@@ -143,35 +143,68 @@ fn build_request(
 fn forced_tool_call(
     choice: Option<&Value>,
     tools: Option<&[Tool]>,
-) -> ApiResult<Option<Vec<String>>> {
+) -> ApiResult<Option<ForcedTools>> {
     let bad = |msg: String| Err(ApiError::invalid(msg).param("tool_choice"));
-    let names: Vec<String> = tools
-        .unwrap_or_default()
-        .iter()
-        .map(|t| t.function.name.clone())
-        .collect();
+    let tools = tools.unwrap_or_default();
     match choice {
         None => Ok(None),
         Some(Value::String(s)) if s == "auto" || s == "none" => Ok(None),
         Some(Value::String(s)) if s == "required" => {
-            if names.is_empty() {
+            if tools.is_empty() {
                 bad("tool_choice \"required\" needs at least one tool in `tools`".into())
             } else {
-                Ok(Some(names))
+                tools.iter().map(tool_grammar).collect::<ApiResult<_>>().map(Some)
             }
         }
         Some(v) => match v["function"]["name"].as_str() {
             Some(name) if v["type"] == "function" => {
-                if names.iter().any(|n| n == name) {
-                    Ok(Some(vec![name.to_string()]))
-                } else {
-                    bad(format!("tool_choice names `{name}`, which is not in `tools`"))
+                match tools.iter().find(|t| t.function.name == name) {
+                    Some(t) => Ok(Some(vec![tool_grammar(t)?])),
+                    None => bad(format!("tool_choice names `{name}`, which is not in `tools`")),
                 }
             }
             _ => bad(format!(
                 "tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v}"
             )),
         },
+    }
+}
+
+/// The functions a forced call may name, each with the schema its arguments must match.
+type ForcedTools = Vec<(String, Option<Arc<Schema>>)>;
+
+/// A tool's name and, for a `strict` function, its compiled `parameters` schema (the
+/// arguments of a forced call then conform to it; other tools' arguments are any JSON object).
+fn tool_grammar(t: &Tool) -> ApiResult<(String, Option<Arc<Schema>>)> {
+    let f = &t.function;
+    let schema = match (&f.parameters, f.strict) {
+        (Some(p), Some(true)) => Some(Schema::compile(p).map_err(|e| {
+            ApiError::invalid(format!("tools: function `{}` parameters: {e}", f.name))
+                .param("tools")
+        })?),
+        _ => None,
+    };
+    Ok((f.name.clone(), schema))
+}
+
+/// A `response_format` as an answer constraint: None for text.
+fn answer_format(f: &super::api::ResponseFormat) -> ApiResult<Option<AnswerFormat>> {
+    let bad = |msg: String| Err(ApiError::invalid(msg).param("response_format"));
+    match f.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(AnswerFormat::JsonObject)),
+        "json_schema" => {
+            let Some(schema) = f.json_schema.as_ref().and_then(|j| j.get("schema")) else {
+                return bad("response_format json_schema needs `json_schema.schema`".into());
+            };
+            match Schema::compile(schema) {
+                Ok(s) => Ok(Some(AnswerFormat::JsonSchema(s))),
+                Err(e) => bad(format!("response_format json_schema: {e}")),
+            }
+        }
+        other => bad(format!(
+            "response_format type `{other}` is not supported (text, json_object or json_schema)"
+        )),
     }
 }
 
@@ -342,25 +375,16 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
                 .code("unsupported_parameter"),
         );
     }
-    if let Some(f) = &req.response_format {
-        if f.kind != "text" && f.kind != "json_object" {
-            return Err(ApiError::invalid(format!(
-                "response_format type `{}` is not supported (text or json_object)",
-                f.kind
-            ))
-            .param("response_format"));
-        }
-    }
+    let response_format = match &req.response_format {
+        None => None,
+        Some(f) => answer_format(f)?,
+    };
     let tools_off = matches!(&req.tool_choice, Some(Value::String(s)) if s == "none");
     let tools = req.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
     let forced_call = forced_tool_call(req.tool_choice.as_ref(), tools)?;
-    let json_object = req
-        .response_format
-        .as_ref()
-        .is_some_and(|f| f.kind == "json_object");
-    if json_object && forced_call.is_some() {
+    if response_format.is_some() && forced_call.is_some() {
         return Err(ApiError::invalid(
-            "response_format json_object and a tool_choice that forces a call cannot be combined",
+            "a JSON response_format and a tool_choice that forces a call cannot be combined",
         )
         .param("tool_choice"));
     }
@@ -381,8 +405,8 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Response> {
         state.options.default_max_tokens,
     )?;
     let format = match forced_call {
-        Some(names) => Some(AnswerFormat::ToolCall { names }),
-        None => json_object.then_some(AnswerFormat::JsonObject),
+        Some(tools) => Some(AnswerFormat::ToolCall { tools }),
+        None => response_format,
     };
     request.answer = format.map(|format| AnswerMode {
         format,

@@ -13,6 +13,13 @@ use super::Tokenizer;
 
 /// Every token's bytes (byte-level BPE pieces mapped back to raw bytes; added tokens as their
 /// text); `None` for special tokens, which never belong in JSON.
+mod json;
+mod schema;
+
+use json::is_ws;
+pub use json::JsonValidator;
+pub use schema::{Schema, SchemaValidator};
+
 #[derive(Debug)]
 pub struct TokenBytes(Vec<Option<Vec<u8>>>);
 
@@ -65,294 +72,57 @@ fn byte_level_inverse() -> impl Fn(char) -> Option<u8> {
         }
     }
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Num {
-    Minus,
-    Zero,
-    Int,
-    Dot,
-    Frac,
-    E,
-    ESign,
-    Exp,
-}
-
-impl Num {
-    fn can_end(self) -> bool {
-        matches!(self, Num::Zero | Num::Int | Num::Frac | Num::Exp)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Before the top-level object.
-    Start,
-    /// Expecting a value.
-    Value,
-    /// After `{`: a key or `}`.
-    KeyOrEnd,
-    /// After `,` in an object: a key.
-    Key,
-    /// After a key: `:`.
-    Colon,
-    /// After a value: `,` or the closing bracket.
-    After,
-    /// After `[`: a value or `]`.
-    ValueOrEnd,
-    /// Inside a string; `esc`: 0 none, 1 after `\`, 2..=5 hex digits of `\u` left + 1.
-    Str {
-        key: bool,
-        esc: u8,
-    },
-    Number(Num),
-    /// Inside `true`/`false`/`null`: the bytes still expected.
-    Literal(&'static [u8]),
-    /// The top-level object is closed.
-    End,
-}
-
-/// An incremental JSON validator over bytes: the text fed so far must be a prefix of one JSON
-/// object (whitespace around it allowed).
-#[derive(Debug, Clone)]
-pub struct JsonValidator {
-    stack: Vec<u8>,
-    mode: Mode,
-}
-
-impl Default for JsonValidator {
-    fn default() -> Self {
-        JsonValidator {
-            stack: Vec::new(),
-            mode: Mode::Start,
-        }
-    }
-}
-
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-}
-
-impl JsonValidator {
-    /// Whether the object is complete.
-    pub fn complete(&self) -> bool {
-        self.mode == Mode::End
-    }
-
-    /// Feeds bytes; false (and an unspecified state) when they cannot continue valid JSON.
-    pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        bytes.iter().all(|&b| self.byte(b))
-    }
-
-    fn close_value(&mut self) {
-        self.mode = if self.stack.is_empty() {
-            Mode::End
-        } else {
-            Mode::After
-        };
-    }
-
-    fn start_value(&mut self, b: u8) -> bool {
-        match b {
-            b'{' => {
-                self.stack.push(b'{');
-                self.mode = Mode::KeyOrEnd;
-            }
-            b'[' => {
-                self.stack.push(b'[');
-                self.mode = Mode::ValueOrEnd;
-            }
-            b'"' => self.mode = Mode::Str { key: false, esc: 0 },
-            b'-' => self.mode = Mode::Number(Num::Minus),
-            b'0' => self.mode = Mode::Number(Num::Zero),
-            b'1'..=b'9' => self.mode = Mode::Number(Num::Int),
-            b't' => self.mode = Mode::Literal(b"rue"),
-            b'f' => self.mode = Mode::Literal(b"alse"),
-            b'n' => self.mode = Mode::Literal(b"ull"),
-            _ => return false,
-        }
-        true
-    }
-
-    fn byte(&mut self, b: u8) -> bool {
-        match self.mode {
-            Mode::Start => {
-                if is_ws(b) {
-                    return true;
-                }
-                if b != b'{' {
-                    return false;
-                }
-                self.stack.push(b'{');
-                self.mode = Mode::KeyOrEnd;
-                true
-            }
-            Mode::End => is_ws(b),
-            Mode::Value => is_ws(b) || self.start_value(b),
-            Mode::ValueOrEnd => {
-                if is_ws(b) {
-                    true
-                } else if b == b']' {
-                    self.stack.pop();
-                    self.close_value();
-                    true
-                } else {
-                    self.start_value(b)
-                }
-            }
-            Mode::KeyOrEnd | Mode::Key => {
-                if is_ws(b) {
-                    true
-                } else if b == b'"' {
-                    self.mode = Mode::Str { key: true, esc: 0 };
-                    true
-                } else if b == b'}' && self.mode == Mode::KeyOrEnd {
-                    self.stack.pop();
-                    self.close_value();
-                    true
-                } else {
-                    false
-                }
-            }
-            Mode::Colon => {
-                if is_ws(b) {
-                    true
-                } else if b == b':' {
-                    self.mode = Mode::Value;
-                    true
-                } else {
-                    false
-                }
-            }
-            Mode::After => match b {
-                _ if is_ws(b) => true,
-                b',' => {
-                    self.mode = if self.stack.last() == Some(&b'{') {
-                        Mode::Key
-                    } else {
-                        Mode::Value
-                    };
-                    true
-                }
-                b'}' | b']' => {
-                    let open = if b == b'}' { b'{' } else { b'[' };
-                    if self.stack.last() != Some(&open) {
-                        return false;
-                    }
-                    self.stack.pop();
-                    self.close_value();
-                    true
-                }
-                _ => false,
-            },
-            Mode::Str { key, esc } => {
-                match esc {
-                    0 => match b {
-                        b'"' => {
-                            if key {
-                                self.mode = Mode::Colon;
-                            } else {
-                                self.close_value();
-                            }
-                        }
-                        b'\\' => self.mode = Mode::Str { key, esc: 1 },
-                        0..=0x1f => return false,
-                        _ => {}
-                    },
-                    1 => match b {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                            self.mode = Mode::Str { key, esc: 0 }
-                        }
-                        b'u' => self.mode = Mode::Str { key, esc: 5 },
-                        _ => return false,
-                    },
-                    n => {
-                        if !b.is_ascii_hexdigit() {
-                            return false;
-                        }
-                        self.mode = Mode::Str {
-                            key,
-                            esc: if n == 2 { 0 } else { n - 1 },
-                        };
-                    }
-                }
-                true
-            }
-            Mode::Literal(rest) => {
-                if rest.first() != Some(&b) {
-                    return false;
-                }
-                if rest.len() == 1 {
-                    self.close_value();
-                } else {
-                    self.mode = Mode::Literal(&rest[1..]);
-                }
-                true
-            }
-            Mode::Number(n) => {
-                let next = match (n, b) {
-                    (Num::Minus, b'0') => Some(Num::Zero),
-                    (Num::Minus, b'1'..=b'9') => Some(Num::Int),
-                    (Num::Int, b'0'..=b'9') => Some(Num::Int),
-                    (Num::Zero | Num::Int, b'.') => Some(Num::Dot),
-                    (Num::Dot | Num::Frac, b'0'..=b'9') => Some(Num::Frac),
-                    (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Some(Num::E),
-                    (Num::E, b'+' | b'-') => Some(Num::ESign),
-                    (Num::E | Num::ESign | Num::Exp, b'0'..=b'9') => Some(Num::Exp),
-                    _ => None,
-                };
-                match next {
-                    Some(n) => {
-                        self.mode = Mode::Number(n);
-                        true
-                    }
-                    None if n.can_end() => {
-                        self.close_value();
-                        self.byte(b)
-                    }
-                    None => false,
-                }
-            }
-        }
-    }
-}
-
 /// What the answer (after any reasoning) must be.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AnswerFormat {
     /// One JSON object.
     JsonObject,
-    /// One tool call to one of `names` (a single name: that function), arguments a JSON object.
-    ToolCall { names: Vec<String> },
+    /// One JSON value conforming to a schema (whose root is an object).
+    JsonSchema(Arc<Schema>),
+    /// One tool call to one of `tools` (a single one: that function); the arguments are a
+    /// JSON object, conforming to the tool's schema where it has one.
+    ToolCall {
+        tools: Vec<(String, Option<Arc<Schema>>)>,
+    },
 }
 
 /// A piece of the answer's grammar.
 #[derive(Debug)]
 enum Piece {
     Literal(Vec<u8>),
-    /// Exactly one of these (none is a prefix of another).
+    /// Exactly one of these (none is a prefix of another); which one picks the schema of a
+    /// later `Arguments` piece.
     OneOf(Vec<Vec<u8>>),
-    JsonObject,
+    /// A JSON object, or a value of the schema: one per option of the last `OneOf`, or one.
+    Value(Vec<Option<Arc<Schema>>>),
 }
 
 impl AnswerFormat {
     fn pieces(&self) -> Vec<Piece> {
         match self {
-            AnswerFormat::JsonObject => vec![Piece::JsonObject],
-            AnswerFormat::ToolCall { names } => vec![
+            AnswerFormat::JsonObject => vec![Piece::Value(vec![None])],
+            AnswerFormat::JsonSchema(schema) => vec![Piece::Value(vec![Some(Arc::clone(schema))])],
+            AnswerFormat::ToolCall { tools } => vec![
                 Piece::Literal(format!("{CALLS_BEGIN}{CALL_BEGIN}function{SEP}").into_bytes()),
                 // The fence after the name ends it, so no name is a prefix of another.
                 Piece::OneOf(
-                    names
+                    tools
                         .iter()
-                        .map(|n| format!("{n}\n```json\n").into_bytes())
+                        .map(|(n, _)| format!("{n}\n```json\n").into_bytes())
                         .collect(),
                 ),
-                Piece::JsonObject,
+                Piece::Value(tools.iter().map(|(_, s)| s.clone()).collect()),
                 Piece::Literal(format!("\n```{CALL_END}{CALLS_END}").into_bytes()),
             ],
         }
     }
+}
+
+/// The value being read in a `Value` piece.
+#[derive(Debug, Clone)]
+enum ValueState {
+    Json(JsonValidator),
+    Schema(SchemaValidator),
 }
 
 /// Where the answer is in its grammar.
@@ -363,17 +133,23 @@ struct Grammar {
     at: usize,
     /// Bytes of the current literal / one-of piece matched so far.
     matched: Vec<u8>,
-    json: JsonValidator,
+    /// The option the last one-of piece matched.
+    chosen: usize,
+    /// The value being read (in a `Value` piece).
+    value: Option<ValueState>,
 }
 
 impl Grammar {
     fn new(format: &AnswerFormat) -> Self {
-        Grammar {
+        let mut g = Grammar {
             pieces: format.pieces().into(),
             at: 0,
             matched: Vec::new(),
-            json: JsonValidator::default(),
-        }
+            chosen: 0,
+            value: None,
+        };
+        g.enter_piece();
+        g
     }
 
     fn complete(&self) -> bool {
@@ -383,7 +159,24 @@ impl Grammar {
     fn next_piece(&mut self) {
         self.at += 1;
         self.matched.clear();
-        self.json = JsonValidator::default();
+        self.enter_piece();
+    }
+
+    fn enter_piece(&mut self) {
+        self.value = match self.pieces.get(self.at) {
+            Some(Piece::Value(schemas)) => Some(
+                match schemas
+                    .get(self.chosen)
+                    .or(schemas.first())
+                    .cloned()
+                    .flatten()
+                {
+                    Some(schema) => ValueState::Schema(SchemaValidator::new(schema)),
+                    None => ValueState::Json(JsonValidator::default()),
+                },
+            ),
+            _ => None,
+        };
     }
 
     /// Feeds bytes; false (and an unspecified state) when they cannot continue the answer.
@@ -398,7 +191,7 @@ impl Grammar {
             return is_ws(b);
         };
         match piece {
-            // Leading whitespace (a JSON object's is the validator's business).
+            // Leading whitespace (a JSON value's is the validator's business).
             Piece::Literal(_) if self.at == 0 && self.matched.is_empty() && is_ws(b) => {}
             Piece::Literal(text) => {
                 if text.get(self.matched.len()) != Some(&b) {
@@ -414,16 +207,21 @@ impl Grammar {
                 if !options.iter().any(|o| o.starts_with(&self.matched)) {
                     return false;
                 }
-                if options.contains(&self.matched) {
+                if let Some(i) = options.iter().position(|o| *o == self.matched) {
+                    self.chosen = i;
                     self.next_piece();
                 }
             }
-            Piece::JsonObject => {
-                if !self.json.byte(b) {
-                    return false;
-                }
-                if self.json.complete() {
-                    self.next_piece();
+            Piece::Value(_) => {
+                let complete = match &mut self.value {
+                    Some(ValueState::Json(v)) => v.byte(b).then(|| v.complete()),
+                    Some(ValueState::Schema(v)) => v.byte(b).then(|| v.complete()),
+                    None => None,
+                };
+                match complete {
+                    None => return false,
+                    Some(true) => self.next_piece(),
+                    Some(false) => {}
                 }
             }
         }
@@ -515,44 +313,10 @@ impl AnswerConstraint {
 mod tests {
     use super::*;
 
-    fn valid_prefix(s: &str) -> bool {
-        JsonValidator::default().feed(s.as_bytes())
-    }
-
-    #[test]
-    fn accepts_json_object_prefixes() {
-        let doc = r#" {"a": [1, -2.5e+3, true, null, "x\"\u00e9y"], "b": {"c": {}}, "d": []} "#;
-        for i in 0..=doc.len() {
-            assert!(valid_prefix(&doc[..i]), "{:?}", &doc[..i]);
-        }
-        let mut v = JsonValidator::default();
-        assert!(v.feed(doc.trim().as_bytes()));
-        assert!(v.complete());
-    }
-
-    #[test]
-    fn rejects_invalid_json() {
-        for bad in [
-            "[1]",
-            "x",
-            "{a",
-            "{\"a\" 1",
-            "{\"a\": tru3",
-            "{\"a\": 01",
-            "{\"a\": 1]",
-            "{} x",
-            "{\"a\":\"\u{1}\"}",
-            "{\"a\": -}",
-            "{,}",
-        ] {
-            assert!(!valid_prefix(bad), "{bad:?}");
-        }
-    }
-
     #[test]
     fn tool_call_grammar_takes_exactly_one_call_to_an_allowed_name() {
         let format = AnswerFormat::ToolCall {
-            names: vec!["get".into(), "get_time".into()],
+            tools: vec![("get".into(), None), ("get_time".into(), None)],
         };
         let call = |name: &str, args: &str| {
             format!("{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n{args}\n```{CALL_END}{CALLS_END}")
