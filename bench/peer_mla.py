@@ -28,7 +28,8 @@ import argparse
 import json
 import math
 import random
-import statistics
+
+from peer_timing import Timer
 
 BATCH = 128
 HEADS = [128, 64, 16]
@@ -123,28 +124,9 @@ def main():
         return 0
 
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
-    flush = torch.empty(max(4 * l2, 64 << 20), dtype=torch.uint8, device=dev)
+    timer = Timer(torch)
     out_file = open(args.json, "a") if args.json else None
-    print(
-        f"peer_mla: torch {torch.__version__} (CUDA {torch.version.cuda}) on {props.name}, "
-        f"{props.multi_processor_count} SMs; SDPA over a padded cache with enable_gqa"
-    )
-
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.iters)]
-        for i in range(args.iters):
-            flush.fill_(i & 0xFF)
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-        return statistics.median(us), min(us), max(us)
+    print(f"peer_mla: {timer.describe()}; SDPA over a padded cache with enable_gqa")
 
     rng = random.Random(0x31A)
     gen = torch.Generator().manual_seed(0x31A)
@@ -160,7 +142,7 @@ def main():
                     q, cache, mask = build(torch, kv, heads, s_q, dev, torch.bfloat16, gen)
                     try:
                         out = attend(torch, q, cache, mask)
-                        median, lo, hi = timed(lambda: attend(torch, q, cache, mask))
+                        median, lo, _, hi = timer.time(lambda: attend(torch, q, cache, mask), args.iters)
                     except RuntimeError as e:  # e.g. out of memory for the padded layout
                         print(f"{sid}: peer failed: {e}")
                         continue

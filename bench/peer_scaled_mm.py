@@ -25,8 +25,9 @@ Run by tools/gpu-suite on the GPU machine (never by cargo):
 import argparse
 import json
 import math
-import statistics
 import sys
+
+from peer_timing import Timer
 
 H100_SXM_FP8_TFLOPS = 1979.0
 H100_SXM_HBM_GBPS = 3350.0
@@ -52,29 +53,14 @@ def main():
         return 0
 
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
-    flush = torch.empty(max(4 * l2, 64 << 20), dtype=torch.uint8, device=dev)
+    timer = Timer(torch)
+    props, flush = timer.props, timer.flush
     fp8 = torch.float8_e4m3fn
     out = open(args.json, "a") if args.json else None
-    print(
-        f"peer_scaled_mm: torch {torch.__version__} (CUDA {torch.version.cuda}) on {props.name}, "
-        f"{props.multi_processor_count} SMs, L2 {l2 >> 20} MiB (flush {flush.numel() >> 20} MiB per timed call)"
-    )
+    print(f"peer_scaled_mm: {timer.describe()}")
 
     def timed(fn):
-        for _ in range(3):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.iters)]
-        for i in range(args.iters):
-            flush.fill_(i & 0xFF)
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
-        return statistics.median(us), min(us), statistics.fmean(us), max(us)
+        return timer.time(fn, args.iters)
 
     def blockwise_paths(a, sa_cm, w, sw):
         """Callables for the blockwise paths torch offers, most specific first."""
