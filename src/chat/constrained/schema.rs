@@ -5,10 +5,14 @@
 //! conforming texts: an object's declared properties in the schema's order (optional ones may
 //! be left out) and no undeclared ones. Supported: `type` (one or a list), `properties`,
 //! `required`, `additionalProperties` (false, or true without `properties`: any keys),
-//! `items`, `minItems`, `maxItems`, `enum`, `const`; annotations (`title`, `description`,
-//! `default`, `examples`, `$schema`, `$id`, `$comment`) are ignored. Any other keyword (such
-//! as `pattern`, `minimum`, `anyOf`, `$ref`) is refused with its path, never ignored.
+//! `items`, `minItems`, `maxItems`, `enum`, `const`, `anyOf`/`oneOf` whose branches start
+//! differently (an object or null, a string or a number: what optional fields and simple
+//! unions compile to), `$ref` into the document (`$defs`, `definitions`, recursion included);
+//! annotations (`title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment`)
+//! are ignored. Any other keyword (such as `pattern`, `minimum`, `allOf`) is refused with its
+//! path, never ignored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -34,7 +38,7 @@ const ANNOTATIONS: &[&str] = &[
     "$comment",
 ];
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Prop {
     /// The key as JSON text, quotes included.
     key: Vec<u8>,
@@ -42,7 +46,7 @@ struct Prop {
     required: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Node {
     Typed {
         types: u8,
@@ -54,6 +58,10 @@ enum Node {
     },
     /// One of these values, as compact JSON text.
     Enum(Arc<[Vec<u8>]>),
+    /// One of these nodes, told apart by the value's first byte.
+    AnyOf(Vec<usize>),
+    /// A slot reserved for a `$ref` target while it compiles.
+    Pending,
 }
 
 /// Node 0: any JSON value (free-form objects' values, arrays without `items`).
@@ -64,27 +72,151 @@ const ANY_NODE: usize = 0;
 pub struct Schema {
     nodes: Vec<Node>,
     root: usize,
+    /// Per node, the kinds of byte its values can start with (a `types`-like mask, INTEGER
+    /// folded into NUMBER): how `AnyOf` picks a branch.
+    starts: Vec<u8>,
+}
+
+/// What compiling needs beside the nodes: the whole document (for `$ref`) and the targets
+/// already compiled or being compiled.
+struct Compiler<'a> {
+    schema: Schema,
+    document: &'a Value,
+    refs: HashMap<String, usize>,
+    /// AnyOf nodes and where they are, checked once every node is known.
+    unions: Vec<(usize, String)>,
+}
+
+/// The kind of the first byte of a JSON value (0: none).
+fn start_kind(b: u8) -> u8 {
+    match b {
+        b'"' => STRING,
+        b'-' | b'0'..=b'9' => NUMBER,
+        b't' | b'f' => BOOLEAN,
+        b'n' => NULL,
+        b'{' => OBJECT,
+        b'[' => ARRAY,
+        _ => 0,
+    }
 }
 
 impl Schema {
     /// Compiles `schema`; the root must describe an object. Errors name the unsupported
     /// keyword or value and where it is (a JSON pointer).
     pub fn compile(schema: &Value) -> Result<Arc<Schema>, String> {
-        let mut s = Schema {
-            nodes: vec![Node::Typed {
-                types: ANY,
-                props: None,
-                items: ANY_NODE,
-                min_items: 0,
-                max_items: None,
-            }],
-            root: ANY_NODE,
+        let mut c = Compiler {
+            schema: Schema {
+                nodes: vec![Node::Typed {
+                    types: ANY,
+                    props: None,
+                    items: ANY_NODE,
+                    min_items: 0,
+                    max_items: None,
+                }],
+                root: ANY_NODE,
+                starts: Vec::new(),
+            },
+            document: schema,
+            refs: HashMap::new(),
+            unions: Vec::new(),
         };
-        s.root = s.node(schema, "")?;
-        match &s.nodes[s.root] {
+        let root = c.reference("#", "")?;
+        let mut s = c.finish()?;
+        s.root = root;
+        match &s.nodes[root] {
             Node::Typed { types, .. } if *types == OBJECT => Ok(Arc::new(s)),
             _ => Err("the schema's root must be an object (\"type\": \"object\")".into()),
         }
+    }
+}
+
+impl Compiler<'_> {
+    /// The node of the `$ref` target `r` (a JSON pointer into the document), compiling it on
+    /// first use; a reference met while its target compiles points at the reserved slot.
+    fn reference(&mut self, r: &str, path: &str) -> Result<usize, String> {
+        if let Some(&i) = self.refs.get(r) {
+            return Ok(i);
+        }
+        let Some(pointer) = r.strip_prefix('#') else {
+            return Err(format!(
+                "{}: only references into this schema (`#...`) are supported, got `{r}`",
+                at(path)
+            ));
+        };
+        let target = self
+            .document
+            .pointer(pointer)
+            .ok_or_else(|| format!("{}: `$ref` `{r}` points at nothing", at(path)))?;
+        let slot = self.schema.nodes.len();
+        self.schema.nodes.push(Node::Pending);
+        self.refs.insert(r.to_string(), slot);
+        let built = self.node(target, pointer)?;
+        let shared = built == ANY_NODE || self.refs.values().any(|&v| v == built);
+        if shared {
+            // An existing node (`true`, another reference's target): the slot becomes a copy
+            // (children are indices, so the copy is the same grammar).
+            self.schema.nodes[slot] = self.schema.nodes[built].clone();
+        } else if built != slot {
+            // Move the new node into the reserved slot (only this call knew `built`).
+            self.schema.nodes.swap(slot, built);
+            if let Some(u) = self.unions.iter_mut().find(|(i, _)| *i == built) {
+                u.0 = slot;
+            }
+        }
+        Ok(slot)
+    }
+
+    /// Computes every node's start kinds and checks that each `anyOf` can pick its branch
+    /// from the first byte.
+    fn finish(mut self) -> Result<Schema, String> {
+        let n = self.schema.nodes.len();
+        let mut starts = vec![0u8; n];
+        // Iterate to a fixed point: unions may refer to each other through `$ref`.
+        loop {
+            let mut changed = false;
+            for i in 0..n {
+                let k = match &self.schema.nodes[i] {
+                    Node::Typed { types, .. } => {
+                        let t = *types;
+                        if t & INTEGER != 0 {
+                            (t & !INTEGER) | NUMBER
+                        } else {
+                            t
+                        }
+                    }
+                    Node::Enum(options) => options
+                        .iter()
+                        .map(|o| o.first().map_or(0, |&b| start_kind(b)))
+                        .fold(0, |a, k| a | k),
+                    Node::AnyOf(branches) => branches.iter().fold(0, |a, &b| a | starts[b]),
+                    Node::Pending => 0,
+                };
+                if k != starts[i] {
+                    starts[i] = k;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        for (i, path) in &self.unions {
+            if let Node::AnyOf(branches) = &self.schema.nodes[*i] {
+                let mut seen = 0u8;
+                for (j, &b) in branches.iter().enumerate() {
+                    if starts[b] & seen != 0 {
+                        return Err(format!(
+                            "{}: branch {j} of `anyOf`/`oneOf` can start like an earlier one (same \
+                             type); only branches of different types are supported",
+                            at(path)
+                        ));
+                    }
+                    seen |= starts[b];
+                }
+            }
+        }
+        self.schema.starts = starts;
+        Ok(self.schema)
     }
 
     fn node(&mut self, v: &Value, path: &str) -> Result<usize, String> {
@@ -110,6 +242,11 @@ impl Schema {
                     | "maxItems"
                     | "enum"
                     | "const"
+                    | "anyOf"
+                    | "oneOf"
+                    | "$ref"
+                    | "$defs"
+                    | "definitions"
             ) || ANNOTATIONS.contains(&key.as_str());
             if !known {
                 return Err(format!(
@@ -117,6 +254,34 @@ impl Schema {
                     at(path)
                 ));
             }
+        }
+        if let Some(r) = obj.get("$ref") {
+            let r = r
+                .as_str()
+                .ok_or_else(|| format!("{}: `$ref` must be a string", at(path)))?;
+            return self.reference(r, path);
+        }
+        if let Some(branches) = obj.get("anyOf").or(obj.get("oneOf")) {
+            let Value::Array(branches) = branches else {
+                return Err(format!("{}: `anyOf`/`oneOf` must be an array", at(path)));
+            };
+            let kw = if obj.contains_key("anyOf") {
+                "anyOf"
+            } else {
+                "oneOf"
+            };
+            let nodes = branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| self.node(b, &format!("{path}/{kw}/{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if nodes.is_empty() {
+                return Err(format!("{}: `{kw}` must not be empty", at(path)));
+            }
+            self.schema.nodes.push(Node::AnyOf(nodes));
+            let i = self.schema.nodes.len() - 1;
+            self.unions.push((i, path.to_string()));
+            return Ok(i);
         }
         if let Some(values) = obj.get("enum").or(obj.get("const")) {
             let values = match (obj.contains_key("enum"), values) {
@@ -128,8 +293,8 @@ impl Schema {
                 .iter()
                 .map(|v| serde_json::to_vec(v).map_err(|e| format!("{}: {e}", at(path))))
                 .collect::<Result<Vec<_>, _>>()?;
-            self.nodes.push(Node::Enum(texts.into()));
-            return Ok(self.nodes.len() - 1);
+            self.schema.nodes.push(Node::Enum(texts.into()));
+            return Ok(self.schema.nodes.len() - 1);
         }
         let types = match obj.get("type") {
             None => ANY,
@@ -199,14 +364,14 @@ impl Schema {
         if max_items.is_some_and(|m| m < min_items) {
             return Err(format!("{}: maxItems < minItems", at(path)));
         }
-        self.nodes.push(Node::Typed {
+        self.schema.nodes.push(Node::Typed {
             types,
             props,
             items,
             min_items,
             max_items,
         });
-        Ok(self.nodes.len() - 1)
+        Ok(self.schema.nodes.len() - 1)
     }
 }
 
@@ -561,6 +726,17 @@ impl SchemaValidator {
                 });
                 return self.byte(b);
             }
+            Node::AnyOf(branches) => {
+                let kind = start_kind(b);
+                let Some(&branch) = branches
+                    .iter()
+                    .find(|&&br| self.schema.starts[br] & kind != 0)
+                else {
+                    return false;
+                };
+                return self.start_value(branch, b);
+            }
+            Node::Pending => return false,
             Node::Typed { types, .. } => {
                 let t = *types;
                 match b {
@@ -675,13 +851,45 @@ mod tests {
     }
 
     #[test]
+    fn unions_and_references() {
+        // What pydantic writes for `class Tree: name: str; kids: list[Tree]; note: str | None`.
+        let s = Schema::compile(&json!({
+            "$defs": {
+                "Tree": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kids": {"type": "array", "items": {"$ref": "#/$defs/Tree"}},
+                        "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": null}
+                    },
+                    "required": ["name", "kids"]
+                }
+            },
+            "$ref": "#/$defs/Tree"
+        }))
+        .unwrap();
+        assert!(accepts(
+            &s,
+            r#"{"name": "a", "kids": [{"name": "b", "kids": [], "note": null}, {"name": "c", "kids": [], "note": "x"}]}"#
+        ));
+        assert!(!accepts(&s, r#"{"name": "a", "kids": [{"name": 1"#));
+        assert!(!accepts(&s, r#"{"name": "a", "kids": [], "note": 5"#));
+        let e = Schema::compile(&json!({"type": "object", "properties": {
+            "a": {"anyOf": [{"type": "integer"}, {"type": "number"}]}}}))
+        .unwrap_err();
+        assert!(e.contains("/properties/a") && e.contains("branch 1"), "{e}");
+        let e = Schema::compile(&json!({"$ref": "#/$defs/Missing"})).unwrap_err();
+        assert!(e.contains("points at nothing"), "{e}");
+    }
+
+    #[test]
     fn refuses_what_it_cannot_enforce() {
         for (schema, what) in [
             (
                 json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}),
                 "`pattern`",
             ),
-            (json!({"anyOf": [{"type": "object"}]}), "`anyOf`"),
+            (json!({"allOf": [{"type": "object"}]}), "`allOf`"),
             (json!({"type": "array"}), "root must be an object"),
             (
                 json!({"type": "object", "required": ["a"], "properties": {}}),
