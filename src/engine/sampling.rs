@@ -78,50 +78,97 @@ impl Rng {
 
 /// The distribution sampling draws from: softmax(logits / T) restricted by top-k and top-p,
 /// renormalized, as (token, probability) pairs in descending probability.
+///
+/// Only the part of the vocabulary that can be kept is sorted: the top k, or for top-p a
+/// growing prefix (selected in linear time) until it holds the requested mass; a full sort of
+/// a 129K vocabulary per token would cost milliseconds.
 pub fn distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    if p.top_k > 0 {
-        idx.truncate(p.top_k);
-    }
-    let max = logits[idx[0] as usize] as f64;
+    let n = logits.len();
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let max = logits[argmax(logits) as usize] as f64;
     let t = p.temperature as f64;
-    let weights: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut out = Vec::new();
-    let mut mass = 0.0;
-    for (&i, w) in idx.iter().zip(weights) {
-        out.push((i, w / total));
-        mass += w / total;
-        if mass >= p.top_p as f64 {
-            break;
+    let weight = |i: u32| ((logits[i as usize] as f64 - max) / t).exp();
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let limit = if p.top_k > 0 { p.top_k.min(n) } else { n };
+    // Softmax normalizer: over the top k, or over the whole vocabulary.
+    let mut total = None;
+    // With top-p < 1 the kept set is usually a small head of the vocabulary: try a prefix.
+    let mut m = if p.top_k > 0 || p.top_p >= 1.0 {
+        limit
+    } else {
+        256.min(n)
+    };
+    loop {
+        if m < n {
+            idx.select_nth_unstable_by(m - 1, order);
         }
+        idx[..m].sort_unstable_by(order);
+        let total = *total.get_or_insert_with(|| {
+            if p.top_k > 0 {
+                idx[..limit].iter().map(|&i| weight(i)).sum::<f64>()
+            } else {
+                (0..n as u32).map(weight).sum::<f64>()
+            }
+        });
+        let mut out = Vec::new();
+        let mut mass = 0.0;
+        for &i in &idx[..m] {
+            let q = weight(i) / total;
+            out.push((i, q));
+            mass += q;
+            if mass >= p.top_p as f64 {
+                break;
+            }
+        }
+        if mass >= p.top_p as f64 || m >= limit {
+            let kept: f64 = out.iter().map(|(_, q)| q).sum();
+            out.iter_mut().for_each(|(_, q)| *q /= kept);
+            return out;
+        }
+        m = (m * 8).min(limit);
     }
-    let kept: f64 = out.iter().map(|(_, q)| q).sum();
-    out.iter_mut().for_each(|(_, q)| *q /= kept);
+}
+
+/// The distribution to draw from, in the cheapest form: with neither top-k nor top-p every
+/// token is kept, so the softmax is returned in token order without sorting; otherwise
+/// [`distribution`]. Probabilities sum to 1.
+pub fn sampling_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+    if p.top_k > 0 || p.top_p < 1.0 {
+        return distribution(logits, p);
+    }
+    let max = logits[argmax(logits) as usize] as f64;
+    let t = p.temperature as f64;
+    let mut out: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
+        .collect();
+    let total: f64 = out.iter().map(|(_, w)| w).sum();
+    out.iter_mut().for_each(|(_, w)| *w /= total);
     out
 }
 
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    if p.temperature == 0.0 {
-        return argmax(logits);
-    }
-    let dist = distribution(logits, p);
+/// One draw from `dist` ((token, probability) pairs summing to 1).
+pub fn pick(dist: &[(u32, f64)], rng: &mut Rng) -> u32 {
     let mut u = rng.next_f64();
-    for &(tok, q) in &dist {
+    for &(tok, q) in dist {
         if u < q {
             return tok;
         }
         u -= q;
     }
     dist[dist.len() - 1].0
+}
+
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+    if p.temperature == 0.0 {
+        return argmax(logits);
+    }
+    pick(&sampling_distribution(logits, p), rng)
 }
 
 #[cfg(test)]

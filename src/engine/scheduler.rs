@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
+use super::sampling::{pick, sample, sampling_distribution, Rng, SamplingParams};
 use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
 use crate::chat::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
@@ -1024,37 +1024,44 @@ fn constrained_sample(
     allowed: impl Fn(u32) -> bool,
 ) -> Option<u32> {
     let best_allowed = || {
-        let first = argmax(logits);
-        if allowed(first) {
-            return Some(first);
+        // The best few first (selected in linear time), then the rest in order.
+        let order = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let head = 64.min(idx.len());
+        if head < idx.len() {
+            idx.select_nth_unstable_by(head - 1, order);
         }
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        order.into_iter().find(|&t| allowed(t))
+        idx[..head].sort_unstable_by(order);
+        if let Some(t) = idx[..head].iter().copied().find(|&t| allowed(t)) {
+            return Some(t);
+        }
+        idx[head..].sort_unstable_by(order);
+        idx[head..].iter().copied().find(|&t| allowed(t))
     };
     if p.temperature == 0.0 {
         return best_allowed();
     }
-    let kept: Vec<(u32, f64)> = distribution(logits, p)
-        .into_iter()
-        .filter(|&(t, _)| allowed(t))
-        .collect();
+    let dist = sampling_distribution(logits, p);
+    // Rejection sampling: an allowed draw from the distribution is a draw from the
+    // distribution restricted to allowed tokens. After a few refusals the restriction is
+    // built and drawn from directly (exact either way, and cheap when most mass is allowed).
+    for _ in 0..8 {
+        let t = pick(&dist, rng);
+        if allowed(t) {
+            return Some(t);
+        }
+    }
+    let kept: Vec<(u32, f64)> = dist.into_iter().filter(|&(t, _)| allowed(t)).collect();
     let total: f64 = kept.iter().map(|(_, q)| q).sum();
     if kept.is_empty() || total <= 0.0 {
         return best_allowed();
     }
-    let mut u = rng.next_f64() * total;
-    for &(t, q) in &kept {
-        if u < q {
-            return Some(t);
-        }
-        u -= q;
-    }
-    kept.last().map(|&(t, _)| t)
+    let kept: Vec<(u32, f64)> = kept.into_iter().map(|(t, q)| (t, q / total)).collect();
+    Some(pick(&kept, rng))
 }
 
 fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
@@ -1217,5 +1224,56 @@ fn engine_loop(mut sched: Scheduler, rx: mpsc::Receiver<Command>) {
             handle(&mut sched, cmd);
         }
         sched.step();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Constrained sampling draws from the request's distribution restricted to the allowed
+    /// tokens, whether rejection sampling succeeds (most mass allowed) or falls back (little).
+    #[test]
+    fn constrained_sampling_follows_the_restricted_distribution() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0, -1.0];
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.99,
+            ..Default::default()
+        };
+        let full = crate::engine::sampling::distribution(&logits, &p);
+        for allowed in [vec![0u32, 1, 2], vec![0, 4], vec![3]] {
+            let mass: f64 = full
+                .iter()
+                .filter(|(t, _)| allowed.contains(t))
+                .map(|(_, q)| q)
+                .sum();
+            let mut rng = Rng::new(11);
+            let mut counts = [0usize; 5];
+            let n = 100_000;
+            for _ in 0..n {
+                let t = constrained_sample(&logits, &p, &mut rng, |t| allowed.contains(&t));
+                counts[t.unwrap() as usize] += 1;
+            }
+            for &(t, q) in &full {
+                let want = if allowed.contains(&t) { q / mass } else { 0.0 };
+                let got = counts[t as usize] as f64 / n as f64;
+                assert!(
+                    (got - want).abs() < 0.01,
+                    "{allowed:?} token {t}: {got} vs {want}"
+                );
+            }
+        }
+        // Greedy: the best allowed token.
+        let greedy = SamplingParams::default();
+        let mut rng = Rng::new(1);
+        assert_eq!(
+            constrained_sample(&logits, &greedy, &mut rng, |t| t < 2),
+            Some(1)
+        );
+        assert_eq!(
+            constrained_sample(&logits, &greedy, &mut rng, |_| false),
+            None
+        );
     }
 }

@@ -10,7 +10,7 @@
 use crate::error::{Error, Result};
 use crate::model::LogitRows;
 
-use super::sampling::{argmax, distribution, sample, Rng, SamplingParams};
+use super::sampling::{argmax, distribution, pick, sample, Rng, SamplingParams};
 use super::{Engine, FinishReason, Generation, MtpStep, Sequence, Step};
 
 /// What the main model just verified, for the drafter to continue from: the tokens that
@@ -149,17 +149,6 @@ fn draw(logits: &[f32], sampling: &SamplingParams, rng: &mut Rng) -> Draft {
     }
 }
 
-fn pick(dist: &[(u32, f64)], rng: &mut Rng) -> u32 {
-    let mut u = rng.next_f64();
-    for &(tok, q) in dist {
-        if u < q {
-            return tok;
-        }
-        u -= q;
-    }
-    dist[dist.len() - 1].0
-}
-
 fn prob(dist: &[(u32, f64)], token: u32) -> f64 {
     dist.iter()
         .find(|(t, _)| *t == token)
@@ -178,9 +167,11 @@ pub fn accept_or_resample(
     if q > 0.0 && rng.next_f64() < (p / q).min(1.0) {
         return None;
     }
+    // A map, not `prob` per token: both distributions may span the whole vocabulary.
+    let draft_p: std::collections::HashMap<u32, f64> = draft_dist.iter().copied().collect();
     let residual: Vec<(u32, f64)> = target
         .iter()
-        .map(|&(t, pt)| (t, (pt - prob(draft_dist, t)).max(0.0)))
+        .map(|&(t, pt)| (t, (pt - draft_p.get(&t).copied().unwrap_or(0.0)).max(0.0)))
         .filter(|&(_, r)| r > 0.0)
         .collect();
     let total: f64 = residual.iter().map(|(_, r)| r).sum();
