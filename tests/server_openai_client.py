@@ -128,6 +128,26 @@ for i, c in enumerate(r.choices):
     ), (i, c.message, alone)
 check("n = 2 choices")
 
+# Structured output through the client's pydantic helper (response_format json_schema, strict).
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class Verdict(BaseModel):
+    ok: bool
+    level: Literal["low", "high"]
+
+
+# The scripted engine (it reasons, then writes tool-call markup) is steered into the schema.
+r = tools_client.beta.chat.completions.parse(
+    model=model, messages=[{"role": "user", "content": "Judge."}], response_format=Verdict,
+    max_tokens=64, temperature=0,
+)
+assert isinstance(r.choices[0].message.parsed, Verdict), r
+assert getattr(r.choices[0].message, "reasoning_content", None), r
+check("response_format json_schema via client.beta.chat.completions.parse")
+
 # Raw completions.
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
 assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens <= 5

@@ -120,6 +120,7 @@ enum Mode {
 pub struct JsonValidator {
     stack: Vec<u8>,
     mode: Mode,
+    ws: WsRun,
 }
 
 impl Default for JsonValidator {
@@ -127,7 +128,32 @@ impl Default for JsonValidator {
         JsonValidator {
             stack: Vec::new(),
             mode: Mode::Start,
+            ws: WsRun::default(),
         }
+    }
+}
+
+/// Structural whitespace a constrained answer may put in one place, at most: enough to
+/// pretty-print a few levels deep, and a model cannot stall in it (random weights otherwise
+/// pick whitespace forever).
+pub(super) const MAX_WS_RUN: u8 = 20;
+
+/// Counts consecutive structural whitespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct WsRun(u8);
+
+impl WsRun {
+    /// Records `b`; false when it is structural whitespace past [`MAX_WS_RUN`].
+    pub(super) fn admit(&mut self, b: u8, structural: bool) -> bool {
+        if structural && is_ws(b) {
+            if self.0 >= MAX_WS_RUN {
+                return false;
+            }
+            self.0 += 1;
+        } else {
+            self.0 = 0;
+        }
+        true
     }
 }
 
@@ -178,6 +204,11 @@ impl JsonValidator {
     }
 
     pub(super) fn byte(&mut self, b: u8) -> bool {
+        let in_string = matches!(self.mode, Mode::Str { .. });
+        self.ws.admit(b, !in_string) && self.step(b)
+    }
+
+    fn step(&mut self, b: u8) -> bool {
         match self.mode {
             Mode::Start => {
                 if is_ws(b) {
@@ -283,7 +314,7 @@ impl JsonValidator {
                     }
                     None if n.can_end() => {
                         self.close_value();
-                        self.byte(b)
+                        self.step(b)
                     }
                     None => false,
                 }

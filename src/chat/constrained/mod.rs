@@ -16,8 +16,8 @@ use super::Tokenizer;
 mod json;
 mod schema;
 
-use json::is_ws;
 pub use json::JsonValidator;
+use json::{is_ws, WsRun};
 pub use schema::{Schema, SchemaValidator};
 
 #[derive(Debug)]
@@ -137,6 +137,8 @@ struct Grammar {
     chosen: usize,
     /// The value being read (in a `Value` piece).
     value: Option<ValueState>,
+    /// Whitespace before the first literal.
+    ws: WsRun,
 }
 
 impl Grammar {
@@ -147,6 +149,7 @@ impl Grammar {
             matched: Vec::new(),
             chosen: 0,
             value: None,
+            ws: WsRun::default(),
         };
         g.enter_piece();
         g
@@ -192,7 +195,9 @@ impl Grammar {
         };
         match piece {
             // Leading whitespace (a JSON value's is the validator's business).
-            Piece::Literal(_) if self.at == 0 && self.matched.is_empty() && is_ws(b) => {}
+            Piece::Literal(_) if self.at == 0 && self.matched.is_empty() && is_ws(b) => {
+                return self.ws.admit(b, true);
+            }
             Piece::Literal(text) => {
                 if text.get(self.matched.len()) != Some(&b) {
                     return false;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::json::{is_ws, string_byte, Num, StrByte};
+use super::json::{is_ws, string_byte, Num, StrByte, WsRun};
 
 const NULL: u8 = 1;
 const BOOLEAN: u8 = 2;
@@ -456,6 +456,7 @@ pub struct SchemaValidator {
     schema: Arc<Schema>,
     stack: Vec<Frame>,
     done: bool,
+    ws: WsRun,
 }
 
 impl SchemaValidator {
@@ -464,6 +465,7 @@ impl SchemaValidator {
             stack: vec![Frame::Value(schema.root)],
             schema,
             done: false,
+            ws: WsRun::default(),
         }
     }
 
@@ -511,6 +513,14 @@ impl SchemaValidator {
     }
 
     pub(super) fn byte(&mut self, b: u8) -> bool {
+        let in_text = matches!(
+            self.stack.last(),
+            Some(Frame::Str { .. } | Frame::OneOf { .. })
+        );
+        self.ws.admit(b, !in_text) && self.step(b)
+    }
+
+    fn step(&mut self, b: u8) -> bool {
         let Some(top) = self.stack.last_mut() else {
             return is_ws(b);
         };
@@ -545,7 +555,7 @@ impl SchemaValidator {
                 }
                 _ if num.can_end() => {
                     self.pop_value();
-                    self.byte(b)
+                    self.step(b)
                 }
                 _ => false,
             },
@@ -590,7 +600,7 @@ impl SchemaValidator {
                     return false;
                 }
                 self.finish_one_of(chosen(before));
-                self.byte(b)
+                self.step(b)
             }
             Frame::Object {
                 node,
@@ -679,7 +689,7 @@ impl SchemaValidator {
                         *phase = ArrPhase::After;
                         *count += 1;
                         self.stack.push(Frame::Value(items));
-                        self.byte(b)
+                        self.step(b)
                     }
                     _ => false,
                 }
@@ -724,7 +734,7 @@ impl SchemaValidator {
                     matched: Vec::new(),
                     props: None,
                 });
-                return self.byte(b);
+                return self.step(b);
             }
             Node::AnyOf(branches) => {
                 let kind = start_kind(b);
