@@ -327,6 +327,17 @@ impl JsonValidator {
 mod tests {
     use super::*;
 
+    #[test]
+    fn structural_whitespace_is_capped_string_content_is_not() {
+        let gap = " ".repeat(MAX_WS_RUN as usize);
+        assert!(valid_prefix(&format!(
+            "{gap}{{{gap}\"a\"{gap}:{gap}\"{}\"",
+            " ".repeat(100)
+        )));
+        assert!(!valid_prefix(&format!("{gap} {{")));
+        assert!(!valid_prefix(&format!("{{\"a\": 1,{gap} ")));
+    }
+
     fn valid_prefix(s: &str) -> bool {
         JsonValidator::default().feed(s.as_bytes())
     }
