@@ -412,6 +412,24 @@ fn repeated_prompt_hits_the_prefix_cache() {
     assert!(!metrics.contains(&format!(
         "r1_prefix_cache_hit_tokens_total{{model=\"{MODEL}\"}} 0\n"
     )));
+    // Both requests are in the latency histograms, the +Inf bucket equal to the count.
+    for name in [
+        "r1_time_to_first_token_seconds",
+        "r1_request_latency_seconds",
+        "r1_time_per_output_token_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} histogram")),
+            "{name}"
+        );
+        for line in [
+            format!("{name}_count{{model=\"{MODEL}\"}} 2"),
+            format!("{name}_bucket{{model=\"{MODEL}\",le=\"+Inf\"}} 2"),
+            format!("{name}_bucket{{model=\"{MODEL}\",le=\"600\"}} 2"),
+        ] {
+            assert!(metrics.contains(&line), "{line}\n{metrics}");
+        }
+    }
 }
 
 /// JSON mode on the random model: the answer is always a valid JSON prefix, and a whole object

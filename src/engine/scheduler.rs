@@ -185,6 +185,36 @@ pub struct Metrics {
     pub accepted_draft_tokens_total: u64,
     /// Running requests pre-empted to free cache pages (recomputed later).
     pub preemptions_total: u64,
+    /// Finished requests: time to first token, whole request, and per output token after
+    /// the first (seconds).
+    pub time_to_first_token: Histogram,
+    pub request_latency: Histogram,
+    pub time_per_output_token: Histogram,
+}
+
+/// Latency histogram buckets (upper bounds, seconds), from per-token to whole long requests.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+];
+
+/// A Prometheus histogram over [`LATENCY_BUCKETS`]: observations per bucket (not
+/// cumulative), their sum and count.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| seconds <= b) {
+            self.buckets[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
 }
 
 /// Facts about the model that front ends need to validate requests.
@@ -796,6 +826,19 @@ impl Scheduler {
                 }
             };
             if let Some(finish) = finish {
+                {
+                    let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                    let (ttft, total) = (
+                        finish.time_to_first_token.as_secs_f64(),
+                        finish.total_time.as_secs_f64(),
+                    );
+                    m.time_to_first_token.observe(ttft);
+                    m.request_latency.observe(total);
+                    if finish.tokens.len() > 1 {
+                        m.time_per_output_token
+                            .observe((total - ttft) / (finish.tokens.len() - 1) as f64);
+                    }
+                }
                 let r = &mut self.running[i];
                 let _ = r.events.send(Event::Finished(finish));
                 done.push(i);

@@ -8,7 +8,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use crate::engine::scheduler::Metrics;
+use crate::engine::scheduler::{Histogram, Metrics, LATENCY_BUCKETS};
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = state.scheduler.metrics();
@@ -129,5 +129,44 @@ pub fn render(m: &Metrics, model: &str) -> String {
         "Forward steps run by the scheduler.",
         m.steps_total as f64,
     );
+    for (name, help, h) in [
+        (
+            "r1_time_to_first_token_seconds",
+            "Time from submission to the first generated token, finished requests.",
+            &m.time_to_first_token,
+        ),
+        (
+            "r1_request_latency_seconds",
+            "Time from submission to the last token, finished requests.",
+            &m.request_latency,
+        ),
+        (
+            "r1_time_per_output_token_seconds",
+            "Mean time per generated token after the first, finished requests.",
+            &m.time_per_output_token,
+        ),
+    ] {
+        histogram(&mut out, name, help, h, model);
+    }
     out
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram, model: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (le, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{model=\"{model}\",le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{model=\"{model}\",le=\"+Inf\"}} {}",
+        h.count
+    );
+    let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {}", h.count);
 }
