@@ -187,3 +187,50 @@ fn generate_with_mtp_speculation_reports_counts() {
     assert!(spec["steps"].as_u64().unwrap() >= 1);
     assert!(spec["accepted"].as_u64().unwrap() <= spec["drafted"].as_u64().unwrap());
 }
+
+/// `r1-run bench`: every request produces exactly its output length; throughput and latency
+/// figures are reported; a cache smaller than the batch's needs pre-empts and still finishes.
+#[test]
+fn bench_reports_throughput_and_latency() {
+    let model = fixture("r1-heads");
+    let model = model.to_str().unwrap();
+    for (cache, want_preemption) in [("1048576", false), ("1024", true)] {
+        let res = r1_run(&[
+            "bench",
+            "--model",
+            model,
+            "--requests",
+            "6",
+            "--input-len",
+            "40",
+            "--output-len",
+            "100",
+            "--step-tokens",
+            "64",
+            "--cache-tokens",
+            cache,
+            "--json",
+        ]);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8(res.stdout).unwrap().trim()).unwrap();
+        assert_eq!(v["requests"], 6);
+        assert_eq!(v["output_tokens"], 600);
+        assert_eq!(v["input_tokens"], 240);
+        assert!(v["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+        let ttft = v["ttft_ms_p50_p90_p99"].as_array().unwrap();
+        assert!(ttft[0].as_f64().unwrap() <= ttft[2].as_f64().unwrap());
+        assert_eq!(
+            v["preemptions"].as_u64().unwrap() > 0,
+            want_preemption,
+            "{v}"
+        );
+    }
+    let res = r1_run(&["bench", "--model", model, "--requests", "0"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("at least one request"));
+}

@@ -71,6 +71,42 @@ enum Command {
     /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /// /health, /metrics).
     Serve(ServeArgs),
+    /// Offline serving benchmark: synthetic requests through the continuous-batching
+    /// scheduler; request and token throughput, latency percentiles.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Prompt tokens per request (random ids).
+    #[arg(long, default_value_t = 256)]
+    input_len: usize,
+    /// Generated tokens per request (eos ignored).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sequences decoding at once, at most.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Tokens per engine step (decode tokens plus chunked prefill).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    /// KV cache capacity in tokens, over all sequences.
+    #[arg(long, default_value_t = 1 << 20)]
+    cache_tokens: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -214,6 +250,7 @@ fn run(command: Command) -> Result<()> {
         Command::Info { model } => info(&model),
         Command::Chat(a) => r1_runtime::chat::terminal::run(&chat_options(a)),
         Command::Serve(a) => r1_runtime::server::run(serve_options(a)),
+        Command::Bench(a) => bench(a),
         Command::Logits { run, tokens, out } => {
             let mut engine = load(&run, true, 0)?;
             let vocab = engine.config().vocab_size;
@@ -306,6 +343,86 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use r1_runtime::engine::scheduler::SchedulerOptions;
+    use r1_runtime::engine::throughput::{self, BenchOptions};
+    let options = engine_options(&a.run, &a.spec, a.cache_tokens);
+    let engine = Engine::load(&a.run.model, &options)?;
+    let opts = BenchOptions {
+        requests: a.requests,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        seed: a.seed,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+        scheduler: SchedulerOptions {
+            max_running: a.max_running,
+            step_tokens: a.step_tokens,
+            kv_pages: a.cache_tokens / r1_runtime::kv_cache::PAGE_TOKENS,
+            draft_tokens: a.spec.drafts(),
+            ..SchedulerOptions::default()
+        },
+    };
+    let r = throughput::run(engine, &opts)?;
+    let ms = |p: throughput::Percentiles| [p.p50 * 1e3, p.p90 * 1e3, p.p99 * 1e3];
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "requests": r.requests,
+                "input_len": a.input_len,
+                "output_len": a.output_len,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "wall_s": r.wall.as_secs_f64(),
+                "requests_per_s": r.requests_per_s(),
+                "output_tokens_per_s": r.output_tokens_per_s(),
+                "total_tokens_per_s": r.total_tokens_per_s(),
+                "ttft_ms_p50_p90_p99": ms(r.time_to_first_token),
+                "tpot_ms_p50_p90_p99": ms(r.time_per_output_token),
+                "latency_ms_p50_p90_p99": ms(r.request_latency),
+                "preemptions": r.preemptions,
+                "draft_tokens": r.draft_tokens,
+                "accepted_draft_tokens": r.accepted_draft_tokens,
+                "backend": format!("{:?}", a.run.backend).to_lowercase(),
+                "precision": format!("{:?}", a.run.precision).to_lowercase(),
+            })
+        );
+    } else {
+        println!(
+            "{} requests x ({} in, {} out) in {:.2} s: {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
+            r.requests,
+            a.input_len,
+            a.output_len,
+            r.wall.as_secs_f64(),
+            r.requests_per_s(),
+            r.output_tokens_per_s(),
+            r.total_tokens_per_s()
+        );
+        for (name, p) in [
+            ("time to first token", r.time_to_first_token),
+            ("time per output token", r.time_per_output_token),
+            ("request latency", r.request_latency),
+        ] {
+            let [p50, p90, p99] = ms(p);
+            println!("{name:>22}: p50 {p50:.1} ms, p90 {p90:.1} ms, p99 {p99:.1} ms");
+        }
+        if r.preemptions > 0 {
+            println!("{:>22}: {}", "pre-emptions", r.preemptions);
+        }
+        if r.draft_tokens > 0 {
+            println!(
+                "{:>22}: {} of {} drafts accepted",
+                "speculation", r.accepted_draft_tokens, r.draft_tokens
+            );
+        }
+    }
+    Ok(())
 }
 
 fn info(model: &Path) -> Result<()> {

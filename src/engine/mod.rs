@@ -4,6 +4,7 @@
 pub mod sampling;
 pub mod scheduler;
 pub mod speculative;
+pub mod throughput;
 
 use std::path::Path;
 use std::sync::Arc;
