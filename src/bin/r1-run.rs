@@ -95,15 +95,8 @@ struct BenchArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Sequences decoding at once, at most.
-    #[arg(long, default_value_t = 64)]
-    max_running: usize,
-    /// Tokens per engine step (decode tokens plus chunked prefill).
-    #[arg(long, default_value_t = 512)]
-    step_tokens: usize,
-    /// KV cache capacity in tokens, over all sequences.
-    #[arg(long, default_value_t = 1 << 20)]
-    cache_tokens: usize,
+    #[command(flatten)]
+    sched: SchedulerArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -160,6 +153,13 @@ struct ServeArgs {
     /// Model id clients send (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    sched: SchedulerArgs,
+}
+
+/// The continuous-batching scheduler's limits (serve, bench).
+#[derive(Args)]
+struct SchedulerArgs {
     /// Sequences decoding at once, at most.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
@@ -348,7 +348,7 @@ fn run(command: Command) -> Result<()> {
 fn bench(a: BenchArgs) -> Result<()> {
     use r1_runtime::engine::scheduler::SchedulerOptions;
     use r1_runtime::engine::throughput::{self, BenchOptions};
-    let options = engine_options(&a.run, &a.spec, a.cache_tokens);
+    let options = engine_options(&a.run, &a.spec, a.sched.cache_tokens);
     let engine = Engine::load(&a.run.model, &options)?;
     let opts = BenchOptions {
         requests: a.requests,
@@ -361,9 +361,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             ..SamplingParams::default()
         },
         scheduler: SchedulerOptions {
-            max_running: a.max_running,
-            step_tokens: a.step_tokens,
-            kv_pages: a.cache_tokens / r1_runtime::kv_cache::PAGE_TOKENS,
+            max_running: a.sched.max_running,
+            step_tokens: a.sched.step_tokens,
+            kv_pages: a.sched.cache_tokens / r1_runtime::kv_cache::PAGE_TOKENS,
             draft_tokens: a.spec.drafts(),
             ..SchedulerOptions::default()
         },
@@ -547,12 +547,12 @@ fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
 
 fn serve_options(a: ServeArgs) -> r1_runtime::server::ServeOptions {
     r1_runtime::server::ServeOptions {
-        engine: engine_options(&a.run, &a.spec, a.cache_tokens),
+        engine: engine_options(&a.run, &a.spec, a.sched.cache_tokens),
         model_dir: a.run.model,
         host: a.host,
         port: a.port,
         model_name: a.served_model_name,
-        max_running: a.max_running,
-        step_tokens: a.step_tokens,
+        max_running: a.sched.max_running,
+        step_tokens: a.sched.step_tokens,
     }
 }
