@@ -171,3 +171,21 @@ fn tool_call_without_fences() {
     assert_eq!(p.tool_calls[0].function.arguments, "{\"a\": [1, 2]}");
     assert_eq!(p.content, "");
 }
+
+/// Whitespace around a calls block is layout: none of it becomes content, in any chunking;
+/// text after the block does, and whitespace inside the answer text stays.
+#[test]
+fn whitespace_around_tool_calls_is_not_content() {
+    let call = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let p = check_all_chunkings(
+        &format!("<think>\nx\n</think>\n\n \n{call}\n\n"),
+        false,
+        true,
+    );
+    assert_eq!(p.content, "");
+    assert_eq!(p.tool_calls.len(), 1);
+    let p = check_all_chunkings(&format!("a  b\n\n{call}\n\nc  d\n"), false, true);
+    assert_eq!(p.content, "a  bc  d\n");
+    let p = check_all_chunkings("plain answer \n\n", false, true);
+    assert_eq!(p.content, "plain answer \n\n");
+}

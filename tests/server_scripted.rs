@@ -262,6 +262,14 @@ fn json_mode_constrains_non_json_output() {
 
 const ONE_CALL: &str = "<think>\nCall it.\n</think>\n\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
 
+/// Sampling seed of the constrained-decoding tests (R1_TEST_SEED overrides it, to sweep).
+fn seed() -> u64 {
+    std::env::var("R1_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7)
+}
+
 fn forced_body(tool_choice: Value) -> Value {
     json!({
         "model": MODEL,
@@ -269,6 +277,7 @@ fn forced_body(tool_choice: Value) -> Value {
         "tools": tools(),
         "tool_choice": tool_choice,
         "max_tokens": 200,
+        "seed": seed(),
     })
 }
 
@@ -387,7 +396,7 @@ fn conforms(schema: &Value, text: &str, complete: bool) -> bool {
 #[test]
 fn json_schema_constrains_the_answer() {
     let format = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": person_schema(), "strict": true}});
-    let body = |format: &Value| json!({"model": MODEL, "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 80, "response_format": format});
+    let body = |format: &Value| json!({"model": MODEL, "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 80, "temperature": 0, "response_format": format});
     let Some((_tmp, s)) = scripted(
         "<think>\nA person.\n</think>\n\n{\"name\": \"Ada\", \"age\": 36, \"tags\": [\"a\"]}\n\nDone.",
     ) else {
@@ -409,7 +418,9 @@ fn json_schema_constrains_the_answer() {
     let v = s.post_json("/v1/chat/completions", &body(&format)).json();
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     let complete = v["choices"][0]["finish_reason"] == "stop";
-    assert!(content.trim_start().starts_with("{\"name\""), "{content:?}");
+    // Steered: the prose became (a prefix of) a value of the schema.
+    assert!(content.trim_start().starts_with('{'), "{content:?}");
+    assert!(content.contains("\"name\""), "{content:?}");
     assert!(conforms(&person_schema(), content, complete), "{content:?}");
 
     let tools = json!([{"type": "function", "function": {"name": "get_person", "strict": true, "parameters": person_schema()}}]);

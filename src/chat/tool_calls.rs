@@ -52,8 +52,9 @@ enum State {
     Fence,
     /// Reading the arguments; `emitted` bytes of them were already streamed.
     Args { emitted: usize },
-    /// After `<｜tool▁calls▁end｜>`.
-    After,
+    /// After `<｜tool▁calls▁end｜>`; `text`: non-whitespace text has come (whitespace right
+    /// after the calls is layout and dropped).
+    After { text: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -131,7 +132,8 @@ impl ToolCallParser {
                         .filter_map(|m| self.buf.find(m).map(|i| (i, *m)))
                         .min();
                     if let Some((i, marker)) = found {
-                        out.content.push_str(&self.buf[..i]);
+                        // Whitespace right before the calls is layout, not content.
+                        out.content.push_str(self.buf[..i].trim_end());
                         self.buf.drain(..i + marker.len());
                         self.state = if marker == CALLS_BEGIN {
                             State::Between
@@ -143,8 +145,12 @@ impl ToolCallParser {
                     let hold = if end {
                         0
                     } else {
-                        partial_suffix(&self.buf, CALLS_BEGIN)
-                            .max(partial_suffix(&self.buf, CALL_BEGIN))
+                        // A possible marker start, and the whitespace before it (held until
+                        // text follows: it is dropped if the calls begin).
+                        let marker = partial_suffix(&self.buf, CALLS_BEGIN)
+                            .max(partial_suffix(&self.buf, CALL_BEGIN));
+                        let before = &self.buf[..self.buf.len() - marker];
+                        marker + (before.len() - before.trim_end().len())
                     };
                     let cut = self.buf.len() - hold;
                     out.content.push_str(&self.buf[..cut]);
@@ -158,7 +164,7 @@ impl ToolCallParser {
                         self.state = State::Header;
                     } else if let Some(rest) = t.strip_prefix(CALLS_END) {
                         self.buf = rest.to_string();
-                        self.state = State::After;
+                        self.state = State::After { text: false };
                     } else if t.is_empty()
                         || (!end && (CALL_BEGIN.starts_with(t) || CALLS_END.starts_with(t)))
                     {
@@ -262,8 +268,16 @@ impl ToolCallParser {
                     }
                     return;
                 }
-                State::After => {
-                    out.content.push_str(&self.buf);
+                State::After { text } => {
+                    let t = if text {
+                        self.buf.as_str()
+                    } else {
+                        self.buf.trim_start()
+                    };
+                    if !t.is_empty() {
+                        out.content.push_str(t);
+                        self.state = State::After { text: true };
+                    }
                     self.buf.clear();
                     return;
                 }
