@@ -189,3 +189,10 @@ fn whitespace_around_tool_calls_is_not_content() {
     let p = check_all_chunkings("plain answer \n\n", false, true);
     assert_eq!(p.content, "plain answer \n\n");
 }
+
+#[test]
+fn whitespace_before_arguments_is_not_part_of_them() {
+    let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n\n  {\"a\": 1}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let p = check_all_chunkings(text, false, true);
+    assert_eq!(p.tool_calls[0].function.arguments, "{\"a\": 1}");
+}

@@ -290,3 +290,67 @@ fn token_bytes_match_decoding() {
         .collect();
     assert_eq!(bytes, text.as_bytes());
 }
+
+/// A forced tool call writes its markup with the tokenizer's own tokens (each marker one
+/// token), not a byte spelling: after the reasoning, the constraint dictates every token up to
+/// the arguments and again after them, and the answer is then complete.
+#[test]
+fn forced_tool_call_markup_uses_marker_tokens() {
+    use r1_runtime::chat::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
+    use std::sync::Arc;
+    let Some((tok, _)) = tokenizer() else { return };
+    let table = Arc::new(TokenBytes::from_tokenizer(&tok, 129_280));
+    let format = AnswerFormat::ToolCall {
+        tools: vec![("get_weather".into(), None)],
+    };
+    let mut c = AnswerConstraint::new(table, &format, true, &tok);
+    for t in tok.encode("Call it.\n</think>").unwrap() {
+        assert_eq!(c.forced(), None, "free while reasoning");
+        c.accept(t);
+    }
+    let mut forced = Vec::new();
+    while let Some(t) = c.forced() {
+        assert!(c.allows(t));
+        c.accept(t);
+        forced.push(t);
+    }
+    assert_eq!(forced[0], 128806, "<｜tool▁calls▁begin｜> as one token");
+    assert_eq!(forced[1], 128808, "<｜tool▁call▁begin｜> as one token");
+    assert_eq!(
+        tok.decode(&forced, false).unwrap(),
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    );
+    for t in tok.encode("{\"city\": \"Paris\"}").unwrap() {
+        assert!(c.allows(t));
+        c.accept(t);
+    }
+    let mut tail = Vec::new();
+    while let Some(t) = c.forced() {
+        c.accept(t);
+        tail.push(t);
+    }
+    assert_eq!(
+        tok.decode(&tail, false).unwrap(),
+        "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    );
+    assert!(c.complete());
+}
+
+/// Output cut inside a multi-byte character (max_tokens) ends at the last whole character:
+/// no U+FFFD is made up at the end.
+#[test]
+fn streaming_decode_cut_inside_a_character_drops_it() {
+    let Some((tok, _)) = tokenizer() else { return };
+    let text = "ok 🌍𝔘数";
+    let ids = tok.encode(text).unwrap();
+    for cut in 1..=ids.len() {
+        let mut dec = tok.stream(true);
+        let mut out = String::new();
+        for &id in &ids[..cut] {
+            out.push_str(&dec.step(id).unwrap());
+        }
+        out.push_str(&dec.finish().unwrap());
+        assert!(!out.contains('\u{FFFD}'), "cut {cut}: {out:?}");
+        assert!(text.starts_with(&out), "cut {cut}: {out:?}");
+    }
+}

@@ -150,7 +150,8 @@ impl IncrementalDecoder {
         }
     }
 
-    /// Whatever is still held back (an incomplete character at the end becomes U+FFFD).
+    /// Whatever is still held back. An incomplete character at the very end (the output was
+    /// cut inside it) is dropped rather than turned into U+FFFD.
     pub fn finish(&mut self) -> Result<String> {
         if self.read == self.ids.len() {
             return Ok(String::new());
@@ -163,10 +164,11 @@ impl IncrementalDecoder {
             .decode(&self.ids[self.prefix..], self.skip_special)?;
         self.prefix = self.read;
         self.read = self.ids.len();
-        Ok(match after.strip_prefix(before.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => after[common_prefix(&before, &after)..].to_string(),
-        })
+        let rest = match after.strip_prefix(before.as_str()) {
+            Some(rest) => rest,
+            None => &after[common_prefix(&before, &after)..],
+        };
+        Ok(rest.trim_end_matches('\u{FFFD}').to_string())
     }
 }
 

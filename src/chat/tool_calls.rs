@@ -244,6 +244,13 @@ impl ToolCallParser {
                     }
                 }
                 State::Args { emitted } => {
+                    if emitted == 0 {
+                        // Whitespace before the arguments is layout.
+                        let t = self.buf.trim_start();
+                        if t.len() != self.buf.len() {
+                            self.buf = t.to_string();
+                        }
+                    }
                     let close = self.buf.find(CALL_END);
                     if close.is_some() || end {
                         let body = &self.buf[..close.unwrap_or(self.buf.len())];

@@ -34,7 +34,6 @@ use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verifi
 use super::{Engine, Sequence, Step};
 use crate::chat::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
 use crate::chat::reasoning::partial_suffix;
-use crate::chat::template::{THINK_CLOSE, THINK_OPEN};
 use crate::chat::{IncrementalDecoder, Tokenizer};
 use crate::error::{Error, Result};
 use crate::kv_cache::PAGE_TOKENS;
@@ -363,8 +362,7 @@ impl Scheduler {
                     Arc::clone(table),
                     &mode.format,
                     mode.in_reasoning,
-                    tok.token_to_id(THINK_OPEN),
-                    tok.token_to_id(THINK_CLOSE),
+                    tok,
                 ))
             }
             _ => None,
@@ -912,8 +910,18 @@ impl Scheduler {
         let r = &mut self.running[i];
         let token = match &r.answer {
             Some(c) if c.active() => {
-                constrained_sample(logits, &r.req.sampling, &mut r.rng, |t| c.allows(t))
-                    .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
+                // The model's own choice where it fits; where it does not, fixed text (markup)
+                // continues with its own tokens, anything else with a constrained draw.
+                let own = sample(logits, &r.req.sampling, &mut r.rng);
+                if c.allows(own) {
+                    own
+                } else {
+                    c.forced()
+                        .or_else(|| {
+                            constrained_sample(logits, &r.req.sampling, &mut r.rng, |t| c.allows(t))
+                        })
+                        .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
+                }
             }
             _ => sample(logits, &r.req.sampling, &mut r.rng),
         };

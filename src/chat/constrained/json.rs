@@ -62,28 +62,70 @@ pub(super) enum StrByte {
     Invalid,
 }
 
-/// Escape state inside a string: 0 none, 1 after `\`, 2..=5 hex digits of `\u` left + 1.
-pub(super) fn string_byte(esc: &mut u8, b: u8) -> StrByte {
-    match *esc {
+/// State inside a string: 0 none; 1 after `\`; 2..=5 hex digits of `\u` left + 1; from
+/// [`UTF8`] on, inside a multi-byte UTF-8 character (the text must stay valid UTF-8).
+pub(super) fn string_byte(state: &mut u8, b: u8) -> StrByte {
+    match *state {
         0 => match b {
             b'"' => return StrByte::Closed,
-            b'\\' => *esc = 1,
+            b'\\' => *state = 1,
             0..=0x1f => return StrByte::Invalid,
-            _ => {}
+            0x20..=0x7f => {}
+            _ => match utf8_lead(b) {
+                Some(next) => *state = next,
+                None => return StrByte::Invalid,
+            },
         },
         1 => match b {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => *esc = 0,
-            b'u' => *esc = 5,
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => *state = 0,
+            b'u' => *state = 5,
             _ => return StrByte::Invalid,
         },
-        n => {
+        2..=5 => {
             if !b.is_ascii_hexdigit() {
                 return StrByte::Invalid;
             }
-            *esc = if n == 2 { 0 } else { n - 1 };
+            *state = if *state == 2 { 0 } else { *state - 1 };
         }
+        s => match utf8_continue(s, b) {
+            Some(next) => *state = next,
+            None => return StrByte::Invalid,
+        },
     }
     StrByte::More
+}
+
+/// UTF-8 states: `UTF8 + n` expects n more continuation bytes (80..BF); the four states after
+/// it restrict the first continuation byte as RFC 3629 requires (no overlong forms, no
+/// surrogates, nothing above U+10FFFF).
+const UTF8: u8 = 10;
+const AFTER_E0: u8 = UTF8 + 4; // A0..BF, then 1 more
+const AFTER_ED: u8 = UTF8 + 5; // 80..9F, then 1 more
+const AFTER_F0: u8 = UTF8 + 6; // 90..BF, then 2 more
+const AFTER_F4: u8 = UTF8 + 7; // 80..8F, then 2 more
+
+fn utf8_lead(b: u8) -> Option<u8> {
+    Some(match b {
+        0xC2..=0xDF => UTF8 + 1,
+        0xE0 => AFTER_E0,
+        0xED => AFTER_ED,
+        0xE1..=0xEC | 0xEE..=0xEF => UTF8 + 2,
+        0xF0 => AFTER_F0,
+        0xF1..=0xF3 => UTF8 + 3,
+        0xF4 => AFTER_F4,
+        _ => return None,
+    })
+}
+
+fn utf8_continue(state: u8, b: u8) -> Option<u8> {
+    let (range, then) = match state {
+        AFTER_E0 => (0xA0..=0xBF, UTF8 + 1),
+        AFTER_ED => (0x80..=0x9F, UTF8 + 1),
+        AFTER_F0 => (0x90..=0xBF, UTF8 + 2),
+        AFTER_F4 => (0x80..=0x8F, UTF8 + 2),
+        s => (0x80..=0xBF, if s == UTF8 + 1 { 0 } else { s - 1 }),
+    };
+    range.contains(&b).then_some(then)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +368,26 @@ impl JsonValidator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_stay_valid_utf8() {
+        for ok in ["é", "数学", "🌍", "\u{10FFFF}", "\u{D7FF}"] {
+            assert!(valid_prefix(&format!("{{\"a\": \"{ok}\"}}")), "{ok:?}");
+        }
+        let prefix = b"{\"a\": \"";
+        for bad in [
+            &[0x80u8][..],       // a lone continuation byte
+            &[0xC0, 0x80],       // overlong
+            &[0xE0, 0x80, 0x80], // overlong
+            &[0xED, 0xA0, 0x80], // a surrogate
+            &[0xF4, 0x90, 0x80], // above U+10FFFF
+            &[0xFF],
+            &[0xC3, b'"'], // a character cut by the closing quote
+        ] {
+            let mut v = JsonValidator::default();
+            assert!(!v.feed(&[&prefix[..], bad].concat()), "{bad:x?}");
+        }
+    }
 
     #[test]
     fn structural_whitespace_is_capped_string_content_is_not() {

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use super::template::{THINK_CLOSE, THINK_OPEN};
 use super::tool_calls::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
 use super::Tokenizer;
 
@@ -95,6 +96,17 @@ enum Piece {
     OneOf(Vec<Vec<u8>>),
     /// A JSON object, or a value of the schema: one per option of the last `OneOf`, or one.
     Value(Vec<Option<Arc<Schema>>>),
+}
+
+impl Piece {
+    /// The fixed texts a piece may be (none for a value).
+    fn texts(&self) -> &[Vec<u8>] {
+        match self {
+            Piece::Literal(text) => std::slice::from_ref(text),
+            Piece::OneOf(options) => options,
+            Piece::Value(_) => &[],
+        }
+    }
 }
 
 impl AnswerFormat {
@@ -246,6 +258,9 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct AnswerConstraint {
     table: Arc<TokenBytes>,
+    /// Per piece, per option of its fixed text: the tokenizer's own tokens for it (empty where
+    /// the piece is not fixed text or the tokens do not spell it exactly).
+    spellings: Arc<[Vec<Vec<u32>>]>,
     grammar: Grammar,
     phase: Phase,
     think_open: Option<u32>,
@@ -259,20 +274,73 @@ impl AnswerConstraint {
         table: Arc<TokenBytes>,
         format: &AnswerFormat,
         in_reasoning: bool,
-        think_open: Option<u32>,
-        think_close: Option<u32>,
+        tokenizer: &Tokenizer,
     ) -> Self {
+        let grammar = Grammar::new(format);
+        let spell = |text: &[u8]| -> Vec<u32> {
+            let Some(tokens) = std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| tokenizer.encode(t).ok())
+            else {
+                return Vec::new();
+            };
+            let spelled: Option<Vec<u8>> = tokens
+                .iter()
+                .map(|&t| table.get(t).map(<[u8]>::to_vec))
+                .collect::<Option<Vec<_>>>()
+                .map(|parts| parts.concat());
+            if spelled.as_deref() == Some(text) {
+                tokens
+            } else {
+                Vec::new()
+            }
+        };
+        let spellings: Arc<[Vec<Vec<u32>>]> = grammar
+            .pieces
+            .iter()
+            .map(|p| p.texts().iter().map(|t| spell(t)).collect())
+            .collect();
         AnswerConstraint {
             table,
-            grammar: Grammar::new(format),
+            spellings,
+            grammar,
             phase: if in_reasoning {
                 Phase::Reasoning
             } else {
                 Phase::Start
             },
-            think_open,
-            think_close,
+            think_open: tokenizer.token_to_id(THINK_OPEN),
+            think_close: tokenizer.token_to_id(THINK_CLOSE),
         }
+    }
+
+    /// The token fixed text (tool-call markers, a forced function's name) continues with, at
+    /// a boundary of that text's own tokenization: where the model's choice does not fit, the
+    /// markup is written as the model would write it (a marker is one token) rather than
+    /// sampled among byte spellings it would never use.
+    pub fn forced(&self) -> Option<u32> {
+        if self.phase != Phase::Answer {
+            return None;
+        }
+        let g = &self.grammar;
+        let texts = g.pieces.get(g.at)?.texts();
+        let spellings = self.spellings.get(g.at)?;
+        let mut candidates = texts
+            .iter()
+            .zip(spellings)
+            .filter(|(text, _)| text.starts_with(&g.matched));
+        let (_, tokens) = candidates.next()?;
+        if candidates.next().is_some() {
+            return None;
+        }
+        let mut at = 0;
+        for &t in tokens {
+            if at == g.matched.len() {
+                return Some(t);
+            }
+            at += self.table.get(t)?.len();
+        }
+        None
     }
 
     /// Whether tokens are being constrained now (not inside the reasoning).
