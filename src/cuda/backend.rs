@@ -27,10 +27,10 @@ use std::sync::Arc;
 use half::bf16;
 
 use super::ops::{
-    act_scale_m_pad, ActQuantArgs, CopyRowsDesc, Fp8GemmArgs, Fp8Weight, GemmBf16Desc, GemmKernel,
-    MlaAbsorbDesc, MoeAccumDesc, MoeBlockConfig, MoeBlockWeights, MoeGemmPath, MoeLayout, MoeOps,
-    MoeWorkspace, QuantizedActivations, Region, RouterArgs, RouterConfig, RouterLogitsArgs,
-    SmallActQuantDesc, SmallOps, QUANT_BLOCK,
+    act_scale_m_pad, ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight,
+    GemmBf16Desc, GemmKernel, MlaAbsorbDesc, MoeAccumDesc, MoeBlockConfig, MoeBlockWeights,
+    MoeGemmPath, MoeLayout, MoeOps, MoeWorkspace, QuantizedActivations, Region, RouterArgs,
+    RouterConfig, RouterLogitsArgs, SmallOps, QUANT_BLOCK,
 };
 use super::{
     mla_plan_parts, Device, DeviceBuffer, Mla, MlaAttnArgs, MlaBatch, MlaCache, MlaCacheWriteArgs,
@@ -378,7 +378,7 @@ impl Core {
                 .launch()?;
         } else {
             self.small
-                .prepare_act_quant(SmallActQuantDesc {
+                .prepare_act_quant(ActQuantDesc {
                     m,
                     k,
                     x: x.into(),

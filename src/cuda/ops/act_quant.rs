@@ -36,11 +36,38 @@ impl ActQuantDesc {
     pub fn check(&self) -> Result<()> {
         let c = Checker { kernel: KERNEL };
         let (m, k) = (self.m, self.k);
-        c.req(m >= 1 && k >= 1, || {
-            format!("M and K must be >= 1 (M = {m}, K = {k})")
-        })?;
         c.req(k % QUANT_BLOCK == 0, || {
             format!("K must be a multiple of 128 (K = {k})")
+        })?;
+        self.check_operands(&c)?;
+        c.req(self.ldx % 8 == 0, || {
+            format!(
+                "ldx must be a multiple of 8 (16-byte rows; ldx = {})",
+                self.ldx
+            )
+        })?;
+        c.req(self.ldq % 16 == 0, || {
+            format!(
+                "ldq must be a multiple of 16 (16-byte rows; ldq = {})",
+                self.ldq
+            )
+        })?;
+        c.aligned("x", self.x, 16)?;
+        c.aligned("q", self.q, 16)?;
+        c.aligned("scales", self.scales, 16)?;
+        let kb = k / QUANT_BLOCK;
+        let blocks = (m * kb).div_ceil(sys::R1_ACT_QUANT_GROUPS_PER_BLOCK as usize);
+        c.req(blocks <= i32::MAX as usize, || {
+            format!("M * K/128 = {} groups exceed the grid limit", m * kb)
+        })
+    }
+
+    /// What every act_quant kernel needs (this one and the small any-K kernel of
+    /// `small_ops`): shapes, strides, the SA layout, buffer lengths.
+    pub(crate) fn check_operands(&self, c: &Checker) -> Result<()> {
+        let (m, k) = (self.m, self.k);
+        c.req(m >= 1 && k >= 1, || {
+            format!("M and K must be >= 1 (M = {m}, K = {k})")
         })?;
         c.fits_i32(&[
             ("M", m),
@@ -55,35 +82,20 @@ impl ActQuantDesc {
                 self.ldx, self.ldq
             )
         })?;
-        c.req(self.ldx % 8 == 0, || {
-            format!(
-                "ldx must be a multiple of 8 (16-byte rows; ldx = {})",
-                self.ldx
-            )
-        })?;
-        c.req(self.ldq % 16 == 0, || {
-            format!(
-                "ldq must be a multiple of 16 (16-byte rows; ldq = {})",
-                self.ldq
-            )
-        })?;
         c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
             format!(
                 "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
                 self.m_pad
             )
         })?;
-        c.aligned("x", self.x, 16)?;
-        c.aligned("q", self.q, 16)?;
-        c.aligned("scales", self.scales, 16)?;
         c.holds_matrix("x", self.x, m, k, self.ldx)?;
         c.holds_matrix("q", self.q, m, k, self.ldq)?;
-        let kb = k / QUANT_BLOCK;
-        c.holds("scales", self.scales, kb * self.m_pad, "[K/128][m_pad]")?;
-        let blocks = (m * kb).div_ceil(sys::R1_ACT_QUANT_GROUPS_PER_BLOCK as usize);
-        c.req(blocks <= i32::MAX as usize, || {
-            format!("M * K/128 = {} groups exceed the grid limit", m * kb)
-        })
+        c.holds(
+            "scales",
+            self.scales,
+            k.div_ceil(QUANT_BLOCK) * self.m_pad,
+            "[ceil(K/128)][m_pad]",
+        )
     }
 
     fn launch_config(&self) -> LaunchConfig {

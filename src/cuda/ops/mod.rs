@@ -46,7 +46,7 @@ pub use moe_route::{
 };
 pub use small_ops::{
     CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc,
-    PreparedSmallOp, RmsNormDesc, SmallActQuantDesc, SmallOps,
+    PreparedSmallOp, RmsNormDesc, SmallOps,
 };
 
 use super::error::{CudaError, Result};

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{Checker, Region, QUANT_BLOCK};
+use super::{ActQuantDesc, Checker, Region, QUANT_BLOCK};
 use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::sys::{
@@ -324,57 +324,16 @@ impl GemmBf16Desc {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SmallActQuantDesc {
-    pub m: usize,
-    pub k: usize,
-    pub x: Region,
-    pub ldx: usize,
-    pub q: Region,
-    pub ldq: usize,
-    pub scales: Region,
-    pub m_pad: usize,
-}
-
-impl SmallActQuantDesc {
-    pub fn check(&self) -> Result<()> {
-        let c = Checker {
-            kernel: "small_act_quant",
-        };
-        let (m, k) = (self.m, self.k);
-        c.req(m >= 1 && k >= 1, || {
-            format!("M and K must be >= 1 (M = {m}, K = {k})")
-        })?;
-        c.req(m <= GRID_Y, || {
-            format!("M = {m} exceeds the grid's y limit")
-        })?;
-        c.fits_i32(&[
-            ("K", k),
-            ("ldx", self.ldx),
-            ("ldq", self.ldq),
-            ("m_pad", self.m_pad),
-        ])?;
-        c.req(self.ldx >= k && self.ldq >= k, || {
-            format!(
-                "ldx ({}) and ldq ({}) must be >= K ({k})",
-                self.ldx, self.ldq
-            )
-        })?;
-        c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
-            format!(
-                "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
-                self.m_pad
-            )
-        })?;
-        c.holds_matrix("x", self.x, m, k, self.ldx)?;
-        c.holds_matrix("q", self.q, m, k, self.ldq)?;
-        c.holds(
-            "scales",
-            self.scales,
-            k.div_ceil(QUANT_BLOCK) * self.m_pad,
-            "[ceil(K/128)][m_pad]",
-        )
-    }
+/// The small act_quant kernel's requirements: act_quant's operands (any K), one grid row per
+/// token.
+fn check_small_act_quant(d: &ActQuantDesc) -> Result<()> {
+    let c = Checker {
+        kernel: "small_act_quant",
+    };
+    c.req(d.m <= GRID_Y, || {
+        format!("M = {} exceeds the grid's y limit", d.m)
+    })?;
+    d.check_operands(&c)
 }
 
 /// Both MLA absorption GEMMs (shapes as config.json gives them).
@@ -760,9 +719,9 @@ impl<'d> SmallOps<'d> {
     /// act_quant for any K (ragged last group) into q `[m][ldq]` and SA scales.
     pub fn prepare_act_quant(
         &self,
-        d: SmallActQuantDesc,
+        d: ActQuantDesc,
     ) -> Result<PreparedSmallOp<'_, R1SmallActQuantParams>> {
-        d.check()?;
+        check_small_act_quant(&d)?;
         let p = R1SmallActQuantParams {
             x: d.x.addr,
             q: d.q.addr,
@@ -883,7 +842,7 @@ mod tests {
             "{e}"
         );
         assert!(CopyRowsDesc { src_col: 0, ..c }.check().is_ok());
-        let q = SmallActQuantDesc {
+        let q = ActQuantDesc {
             m: 3,
             k: 200,
             x: r(600),
@@ -893,9 +852,8 @@ mod tests {
             scales: r(8),
             m_pad: 4,
         };
-        assert!(q.check().is_ok());
-        let e = SmallActQuantDesc { m_pad: 3, ..q }
-            .check()
+        assert!(check_small_act_quant(&q).is_ok());
+        let e = check_small_act_quant(&ActQuantDesc { m_pad: 3, ..q })
             .unwrap_err()
             .to_string();
         assert!(e.contains("multiple of 4"), "{e}");
