@@ -107,6 +107,14 @@ pub struct Finish {
     pub total_time: Duration,
 }
 
+impl Finish {
+    /// Mean seconds per generated token after the first (None with fewer than two tokens).
+    pub fn time_per_output_token(&self) -> Option<f64> {
+        let after_first = self.total_time.as_secs_f64() - self.time_to_first_token.as_secs_f64();
+        (self.tokens.len() > 1).then(|| after_first / (self.tokens.len() - 1) as f64)
+    }
+}
+
 /// What a request's receiver gets, in order: tokens, then exactly one `Finished` or `Error`.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -525,13 +533,13 @@ impl Scheduler {
 
     /// Pages the running requests still need to prefill the rest of their contexts.
     fn prefill_pages(&self) -> usize {
-        self.running
-            .iter()
-            .map(|r| {
-                self.engine
-                    .pages_to_write(&r.seq, r.seq.len(), r.context.len())
-            })
-            .sum()
+        self.running.iter().map(|r| self.rest_of_context(r)).sum()
+    }
+
+    /// Pages writing the rest of `r`'s context takes (copies of shared pages included).
+    fn rest_of_context(&self, r: &Running) -> usize {
+        self.engine
+            .pages_to_write(&r.seq, r.seq.len(), r.context.len())
     }
 
     /// Pages this step may take: the rest of every prefill, and for every decoding request
@@ -551,7 +559,7 @@ impl Scheduler {
                     let drafts = if r.spec.is_some() { k } else { 0 };
                     self.engine.pages_to_write(&r.seq, from, len + 1 + drafts)
                 } else {
-                    self.engine.pages_to_write(&r.seq, len, r.context.len())
+                    self.rest_of_context(r)
                 }
             })
             .sum()
@@ -826,15 +834,11 @@ impl Scheduler {
             if let Some(finish) = finish {
                 {
                     let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
-                    let (ttft, total) = (
-                        finish.time_to_first_token.as_secs_f64(),
-                        finish.total_time.as_secs_f64(),
-                    );
-                    m.time_to_first_token.observe(ttft);
-                    m.request_latency.observe(total);
-                    if finish.tokens.len() > 1 {
-                        m.time_per_output_token
-                            .observe((total - ttft) / (finish.tokens.len() - 1) as f64);
+                    m.time_to_first_token
+                        .observe(finish.time_to_first_token.as_secs_f64());
+                    m.request_latency.observe(finish.total_time.as_secs_f64());
+                    if let Some(t) = finish.time_per_output_token() {
+                        m.time_per_output_token.observe(t);
                     }
                 }
                 let r = &mut self.running[i];

@@ -140,10 +140,7 @@ pub fn run(engine: Engine, opts: &BenchOptions) -> Result<BenchReport> {
         time_per_output_token: Percentiles::of(
             finishes
                 .iter()
-                .filter(|f| f.tokens.len() > 1)
-                .map(|f| {
-                    (secs(f.total_time) - secs(f.time_to_first_token)) / (f.tokens.len() - 1) as f64
-                })
+                .filter_map(Finish::time_per_output_token)
                 .collect(),
         ),
         request_latency: Percentiles::of(finishes.iter().map(|f| secs(f.total_time)).collect()),

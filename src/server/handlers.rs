@@ -521,6 +521,27 @@ fn chunk(meta: &Meta, object: &str, choice: Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
+/// The streamed usage chunk (no choices) once every choice has finished; `finishes` in the
+/// order they finished, tagged with their choice index.
+fn usage_chunk(
+    meta: &Meta,
+    object: &str,
+    mut finishes: Vec<(usize, Finish)>,
+    reasoning_tokens: usize,
+) -> SseEvent {
+    finishes.sort_by_key(|(i, _)| *i);
+    let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
+    let v = json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage(&finishes, reasoning_tokens),
+    });
+    SseEvent::default().data(v.to_string())
+}
+
 fn delta_json(d: &Delta) -> Value {
     let mut v = json!({
         "content": if d.content.is_empty() { Value::Null } else { d.content.clone().into() },
@@ -597,18 +618,8 @@ fn stream_chat(
                         continue;
                     }
                     if include_usage {
-                        finishes.sort_by_key(|(i, _)| *i);
-                        let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
                         let reasoning = outs.iter().map(|o| o.reasoning_tokens).sum();
-                        let mut last = json!({
-                            "id": meta.id,
-                            "object": object,
-                            "created": meta.created,
-                            "model": meta.model,
-                            "choices": [],
-                        });
-                        last["usage"] = usage(&finishes, reasoning);
-                        let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+                        let _ = tx.send(Ok(usage_chunk(&meta, object, finishes, reasoning)));
                     }
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
                     return;
@@ -745,13 +756,7 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> ApiResult<Respo
                         continue;
                     }
                     if include_usage {
-                        finishes.sort_by_key(|(i, _)| *i);
-                        let finishes: Vec<Finish> = finishes.into_iter().map(|(_, f)| f).collect();
-                        let last = json!({
-                            "id": meta.id, "object": object, "created": meta.created,
-                            "model": meta.model, "choices": [], "usage": usage(&finishes, 0),
-                        });
-                        let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+                        let _ = tx.send(Ok(usage_chunk(&meta, object, finishes, 0)));
                     }
                     let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
                     return;
