@@ -82,12 +82,7 @@ impl ActQuantDesc {
                 self.ldx, self.ldq
             )
         })?;
-        c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
-            format!(
-                "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
-                self.m_pad
-            )
-        })?;
+        c.sa_pad("m_pad", self.m_pad, m, "M")?;
         c.holds_matrix("x", self.x, m, k, self.ldx)?;
         c.holds_matrix("q", self.q, m, k, self.ldq)?;
         c.holds(

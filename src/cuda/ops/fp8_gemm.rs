@@ -215,12 +215,7 @@ impl Fp8GemmDesc {
         c.req(self.ldd >= n, || {
             format!("ldd ({}) must be >= N ({n})", self.ldd)
         })?;
-        c.req(self.m_pad >= m && self.m_pad % 4 == 0, || {
-            format!(
-                "m_pad ({}) must be >= M ({m}) and a multiple of 4 (SA layout)",
-                self.m_pad
-            )
-        })?;
+        c.sa_pad("m_pad", self.m_pad, m, "M")?;
         c.aligned("sa", self.sa, 4)?;
         c.aligned("sb", self.sb, 4)?;
         c.aligned("D", self.d, 2)?;

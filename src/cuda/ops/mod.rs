@@ -159,6 +159,15 @@ impl Checker {
         })
     }
 
+    /// The SA scale layout's padded row count: at least the rows and a multiple of 4.
+    pub fn sa_pad(&self, name: &str, pad: usize, rows: usize, rows_name: &str) -> Result<()> {
+        self.req(pad >= rows && pad % 4 == 0, || {
+            format!(
+                "{name} ({pad}) must be >= {rows_name} ({rows}) and a multiple of 4 (SA layout)"
+            )
+        })
+    }
+
     pub fn holds(&self, name: &str, r: Region, need: usize, what: &str) -> Result<()> {
         self.req(r.len >= need, || {
             format!("{name} holds {} elements; {what} needs {need}", r.len)

@@ -350,12 +350,7 @@ impl GatherDesc {
         c.req(self.lda >= k && self.lda % 16 == 0, || {
             format!("lda ({}) must be >= K and a multiple of 16", self.lda)
         })?;
-        c.req(self.xs_m_pad >= t && self.xs_m_pad % 4 == 0, || {
-            format!(
-                "xs_m_pad ({}) must be >= tokens and a multiple of 4 (SA layout)",
-                self.xs_m_pad
-            )
-        })?;
+        c.sa_pad("xs_m_pad", self.xs_m_pad, t, "tokens")?;
         c.aligned("xq", self.xq, 16)?;
         c.aligned("aq", self.aq, 16)?;
         c.aligned("xs", self.xs, 4)?;
@@ -499,12 +494,7 @@ impl SiluQuantDesc {
         c.req(self.ldq >= i && self.ldq % 16 == 0, || {
             format!("ldq ({}) must be >= inter and a multiple of 16", self.ldq)
         })?;
-        c.req(self.m_pad >= rows && self.m_pad % 4 == 0, || {
-            format!(
-                "m_pad ({}) must be >= rows ({rows}) and a multiple of 4 (SA layout)",
-                self.m_pad
-            )
-        })?;
+        c.sa_pad("m_pad", self.m_pad, rows, "rows")?;
         c.aligned("gu", self.gu, 16)?;
         c.aligned("q", self.q, 16)?;
         c.aligned("scales", self.scales, 16)?;
