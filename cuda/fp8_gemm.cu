@@ -106,7 +106,7 @@ struct DenseTiles {
 
 template <int BM, int STAGES, bool REALLOC_REGS>
 __device__ __forceinline__ void fp8_gemm_wgmma_body(const R1Fp8GemmParams& p) {
-    extern __shared__ uint8_t smem_raw[];
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
     const r1::gemm::Pipeline<BM, STAGES> pipe(smem_raw);
     DenseTiles<BM> sch;
     sch.p = &p;

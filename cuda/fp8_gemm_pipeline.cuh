@@ -33,8 +33,9 @@ struct PipeConfig {
     static constexpr int kBBytes = BN * BK;
     static constexpr int kSaBytes = BM * 4;
     static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes;
-    // 1024 of alignment slack, the stages, then a full and an empty mbarrier per stage.
-    static constexpr int kSmemBytes = 1024 + STAGES * (kABytes + kBBytes + kSaBytes) + STAGES * 16;
+    // The stages (from the 1024-aligned dynamic shared memory base), then a full and an empty
+    // mbarrier per stage.
+    static constexpr int kSmemBytes = STAGES * (kABytes + kBBytes + kSaBytes) + STAGES * 16;
     static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "swizzle atoms stay 1024-aligned");
 };
 
@@ -72,10 +73,8 @@ struct Pipeline {
     const float* sa_smem;
 
     __device__ __forceinline__ explicit Pipeline(uint8_t* smem_raw) {
-        raw = r1::smem_addr(smem_raw);
-        // TMA's 128-byte swizzle pattern and the wgmma descriptors assume 1024-byte aligned tiles.
-        const uint32_t base = (raw + 1023u) & ~1023u;
-        s_a = base;
+        raw = r1::aligned_dynamic_smem(smem_raw);
+        s_a = raw;
         s_b = s_a + STAGES * Cfg::kABytes;
         s_sa = s_b + STAGES * Cfg::kBBytes;
         s_full = s_sa + STAGES * Cfg::kSaBytes;
@@ -93,6 +92,7 @@ struct Pipeline {
             r1::mbar_init(s_empty + 8 * s, Cfg::kConsumers * 4);
         }
         r1::fence_mbar_init();
+        r1::fence_proxy_async_smem();
     }
 
     template <bool REALLOC_REGS, class Sched>
@@ -102,7 +102,7 @@ struct Pipeline {
         const int warpgroup = threadIdx.x / 128;
         if (warpgroup == 0) {
             // ---------------------------------------------------------------- producer
-            if constexpr (REALLOC_REGS) r1::setmaxnreg_dec<40>();
+            if constexpr (REALLOC_REGS) r1::setmaxnreg_dec<R1_REALLOC_PRODUCER_REGS>();
             if (threadIdx.x == 0) {
                 r1::tma_prefetch_desc(tmap_a);
                 r1::tma_prefetch_desc(tmap_b);
@@ -129,7 +129,7 @@ struct Pipeline {
             return;
         }
         // -------------------------------------------------------------------- consumers
-        if constexpr (REALLOC_REGS) r1::setmaxnreg_inc<232>();
+        if constexpr (REALLOC_REGS) r1::setmaxnreg_inc<R1_REALLOC_CONSUMER_REGS>();
         const int cw = warpgroup - 1;  // consumer index: rows [64*cw, 64*cw + 64)
         const int warp = (threadIdx.x % 128) / 32;
         const int lane = threadIdx.x % 32;

@@ -135,11 +135,22 @@ typedef struct R1TensorMap {
 #define R1_FP8_GEMM_M64_THREADS 256
 #define R1_FP8_GEMM_M64_STAGES 8
 
-/* Dynamic shared memory: 1024 bytes of alignment slack + per stage (A tile BLOCK_M*128
- * + B tile 128*128 + activation scales BLOCK_M*4) + two 8-byte mbarriers per stage.
- * (Literal values so bindgen exports them; fp8_gemm.cu static_asserts the formula.) */
-#define R1_FP8_GEMM_SMEM_BYTES 200800
-#define R1_FP8_GEMM_M64_SMEM_BYTES 199808
+/* Dynamic shared memory (its base is 1024-byte aligned; the kernels trap otherwise): per
+ * stage (A tile BLOCK_M*128 + B tile 128*128 + activation scales BLOCK_M*4) + two 8-byte
+ * mbarriers per stage. (Literal values so bindgen exports them; fp8_gemm.cu static_asserts
+ * the formula.) */
+#define R1_FP8_GEMM_SMEM_BYTES 199776
+#define R1_FP8_GEMM_M64_SMEM_BYTES 198784
+
+/* Register reallocation of the 384-thread kernels (fp8_gemm_wgmma, moe_gemm_contig_wgmma,
+ * moe_gemm_masked_wgmma, mla_decode_wgmma): warpgroup 0 (producer) lowers its registers to
+ * R1_REALLOC_PRODUCER_REGS with setmaxnreg.dec, the two consumer warpgroups raise theirs to
+ * R1_REALLOC_CONSUMER_REGS with setmaxnreg.inc. The CTA's register file is fixed at launch,
+ * so the kernel must be launched with at least
+ * (128 * PRODUCER + 256 * CONSUMER) / 384 = 168 registers per thread, or the consumers' inc
+ * waits forever; the host checks CU_FUNC_ATTRIBUTE_NUM_REGS of each at load. */
+#define R1_REALLOC_PRODUCER_REGS 40
+#define R1_REALLOC_CONSUMER_REGS 232
 
 typedef struct R1Fp8GemmParams {
     R1TensorMap tmap_a;    /* A  fp8 [m][lda]                                   */
@@ -171,8 +182,10 @@ typedef struct R1Fp8GemmParams {
  * Device data are never trusted for memory safety: seqlens_k is clamped to
  *   [0, 64 * bt_stride], q_len to [0, max_q_len] (a sequence whose q_starts are not
  *   0 <= q_starts[b] <= q_starts[b+1] <= total_q is skipped), a page id outside
- *   [0, num_pages) reads as zeros (cache write: the token is not written). Such inputs give
- *   unspecified values, never out-of-bounds accesses.
+ *   [0, num_pages) reads as zeros (cache write: the token is not written), a schedule part's
+ *   sequence range is clamped to [0, batch), and a split slot outside the sequence's own
+ *   splits[b] .. splits[b+1] - 1 or past `slots` is never written (decode) or read (combine).
+ *   Such inputs give unspecified values, never out-of-bounds accesses.
  * RoPE: interleaved pairs (x[2i], x[2i+1]) rotated by angle = f32(pos) * inv_freq[i]
  *   (f32 products), cos/sin (sincosf) times attention_factor; a' = a*cos - b*sin,
  *   b' = b*cos + a*sin, each product and sum rounded separately (no FMA), as the CPU does.
@@ -294,8 +307,9 @@ typedef struct R1MlaAttnRefParams {
  *    masked and their V rows zeroed in shared memory (stale cache bytes, even NaN, never
  *    reach the output); a head block stops at the last key its last query token sees.
  *    A sequence with seqlens_k[b] < q_len (invalid) may leave its rows unwritten.
- *    block: (R1_MLA_DECODE_THREADS = 384: warpgroup 0 issues TMA (one thread; setmaxnreg
- *    40), warpgroups 1-2 compute (setmaxnreg 232))
+ *    block: (R1_MLA_DECODE_THREADS = 384: warpgroup 0 issues TMA (one thread; registers
+ *    lowered to R1_REALLOC_PRODUCER_REGS), warpgroups 1-2 compute (raised to
+ *    R1_REALLOC_CONSUMER_REGS))
  *    dynamic smem: R1_MLA_DECODE_SMEM_BYTES (> 48 KiB: raise the function's limit first)
  *    grid:  (ceil(max_q_len * heads / 64), num_parts, 1)
  *    Partial results (sequences with several splits): o_accum f32
@@ -321,9 +335,9 @@ typedef struct R1MlaAttnRefParams {
 #define R1_MLA_SCHED_FIELDS 8
 #define R1_MLA_DECODE_THREADS 384
 #define R1_MLA_COMBINE_THREADS 256
-/* 1024 (alignment slack) + Q 73728 + 2 x K 73728 + P 8192 + row stats 1024 + barriers 64
- * (mla.cu static_asserts the sum). */
-#define R1_MLA_DECODE_SMEM_BYTES 231488
+/* Q 73728 + 2 x K 73728 + P 8192 + row stats 1024 + barriers 64 from the 1024-aligned
+ * dynamic shared memory base (mla.cu static_asserts the sum and traps on a misaligned base). */
+#define R1_MLA_DECODE_SMEM_BYTES 230464
 
 typedef struct R1MlaScheduleParams {
     unsigned long long seqlens_k; /* in:  i32 [batch]                        */
@@ -355,6 +369,7 @@ typedef struct R1MlaDecodeParams {
     int32_t max_q_len;
     int32_t num_parts;
     float scale_log2;               /* softmax scale * log2(e)                  */
+    int32_t slots;                  /* partial-result slots o_accum/lse_accum hold */
 } R1MlaDecodeParams;
 
 typedef struct R1MlaCombineParams {
@@ -368,6 +383,7 @@ typedef struct R1MlaCombineParams {
     int32_t heads;
     int32_t total_q;
     int32_t max_q_len;
+    int32_t slots;                /* partial-result slots o_accum/lse_accum hold */
 } R1MlaCombineParams;
 /* END MLA SECTION ======================================================================= */
 
@@ -644,8 +660,8 @@ typedef struct R1MoeGemmRefParams {
 #define R1_MOE_GEMM_M64_THREADS 256
 /* fp8_gemm's bytes (R1_FP8_GEMM_SMEM_BYTES / _M64_) + 2 * (R1_MOE_MAX_EXPERTS + 1) * 4 bytes
  * of schedule (literal so bindgen exports it; moe_gemm.cu static_asserts the formula). */
-#define R1_MOE_GEMM_SMEM_BYTES 204904
-#define R1_MOE_GEMM_M64_SMEM_BYTES 203912
+#define R1_MOE_GEMM_SMEM_BYTES 203880
+#define R1_MOE_GEMM_M64_SMEM_BYTES 202888
 
 typedef struct R1MoeGemmParams {
     R1TensorMap tmap_a;              /* fp8 [R][lda] flat rows                 */

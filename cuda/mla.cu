@@ -342,15 +342,16 @@ extern "C" __global__ void __launch_bounds__(32) mla_schedule(const R1MlaSchedul
 // Fast path: TMA + wgmma
 // ============================================================================================
 //
-// Shared memory (from a 1024-byte aligned base; every tile in 128-byte swizzle atoms of
+// Shared memory (from the 1024-byte aligned dynamic base; every tile in 128-byte swizzle atoms of
 // 8 rows x 128 bytes, as TMA writes them with CU_TENSOR_MAP_SWIZZLE_128B):
 //   sQ       9 column blocks x (64 rows x 128 bytes): Q rows [c_kv latent 512 | rope 64]
 //   sK[2]    the same for a 64-token cache page (two stages)
 //   sP       64 rows x 64 keys bf16 (one column block): softmax numerators
 //   stats    row maxima [2][64] and row sums [2][64] (f32) exchanged between warpgroups
 //   bars     q_full, q_empty, k_full[2], k_empty[2]
-// Warpgroup 0 = producer (thread 0 issues every TMA; registers lowered to 40), warpgroups 1 and 2
-// = compute warpgroups c = 0 and 1 (registers raised to 232).
+// Warpgroup 0 = producer (thread 0 issues every TMA; registers lowered to
+// R1_REALLOC_PRODUCER_REGS), warpgroups 1 and 2 = compute warpgroups c = 0 and 1 (registers
+// raised to R1_REALLOC_CONSUMER_REGS).
 //
 // Operands of the tensor cores:
 //   S = Q K^T   A = sQ   K-major (K = feature), B = sK K-major: wgmma m64n32k16, 36 steps of
@@ -378,7 +379,7 @@ constexpr int OFF_K = OFF_Q + TILE_BYTES;
 constexpr int OFF_P = OFF_K + STAGES * TILE_BYTES;
 constexpr int OFF_STATS = OFF_P + 64 * 128;
 constexpr int OFF_BARS = OFF_STATS + 4 * 64 * 4;
-constexpr int SMEM_BYTES = 1024 + OFF_BARS + 64;
+constexpr int SMEM_BYTES = OFF_BARS + 64;
 static_assert(SMEM_BYTES == R1_MLA_DECODE_SMEM_BYTES, "launch_params.h R1_MLA_DECODE_SMEM_BYTES");
 static_assert(R1_MLA_DECODE_THREADS == 3 * 128, "one producer warpgroup + two compute warpgroups");
 static_assert(WIDTH % 64 == 0 && KV == 512 && BM == 64 && BN == 64, "tile shapes");
@@ -387,10 +388,6 @@ constexpr int K_STEPS_QK = WIDTH / 16;  // 36
 constexpr int K_STEPS_PV = BN / 16;     // 4
 constexpr uint32_t CONSUMER_WARPS = 8;
 constexpr uint32_t NAMED_BAR = 1;       // bar.sync id for the 256 compute threads
-
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
 
 __device__ __forceinline__ void compute_bar() {
     asm volatile("bar.sync %0, %1;" ::"n"(NAMED_BAR), "n"(256) : "memory");
@@ -447,23 +444,34 @@ __device__ __forceinline__ Seg make_seg(const R1MlaDecodeParams& p, const Part& 
     s.blk0 = blk0;
     s.ntiles = max(0, min(blk1, blk_lim) - blk0);
     const int* splits = reinterpret_cast<const int*>(p.splits);
-    s.split = splits[b] + (b == part.begin_b ? part.begin_split : 0);
-    s.nsplit = splits[b + 1] - splits[b];
+    const int first = splits[b];
+    s.nsplit = splits[b + 1] - first;
+    s.split = first + (b == part.begin_b ? part.begin_split : 0);
+    // A sequence with several splits writes partial-result slot s.split: it must lie inside
+    // the sequence's own slots and the workspace (a corrupt schedule writes nothing).
+    if (s.nsplit > 1 && !(first >= 0 && s.split >= first && s.split < first + s.nsplit &&
+                          first + s.nsplit <= p.slots))
+        s.active = false;
     return s;
+}
+
+// Part `part` of the schedule, its sequence range clamped to the batch (device data are
+// never trusted: a corrupt schedule may compute garbage but never reads or writes outside).
+__device__ __forceinline__ Part read_part(const R1MlaDecodeParams& p, int part) {
+    const int* f = reinterpret_cast<const int*>(p.sched) + static_cast<int64_t>(part) * R1_MLA_SCHED_FIELDS;
+    return Part{max(f[0], 0), max(f[1], 0), min(f[2], p.batch - 1), f[3], max(f[4], 0)};
 }
 
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(R1_MLA_DECODE_THREADS, 1)
 mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
-    extern __shared__ uint8_t smem_raw[];  // aligned by hand below (1024 bytes of slack)
-    const uint32_t raw = r1::smem_addr(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t* gbase = smem_raw + (base - raw);  // generic pointer to the same byte as `base`
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t base = r1::aligned_dynamic_smem(smem_raw);
     const uint32_t s_q = base + OFF_Q;
     const uint32_t s_k = base + OFF_K;
     const uint32_t s_p = base + OFF_P;
-    float* s_max = reinterpret_cast<float*>(gbase + OFF_STATS);  // [2][64]
+    float* s_max = reinterpret_cast<float*>(smem_raw + OFF_STATS);  // [2][64]
     float* s_sum = s_max + 2 * 64;                                // [2][64]
     const uint32_t bar_q_full = base + OFF_BARS;
     const uint32_t bar_q_empty = bar_q_full + 8;
@@ -471,8 +479,7 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
     const uint32_t bar_k_empty = bar_q_full + 32;  // + 8 * stage
 
     const int hb = blockIdx.x;
-    const int* sched = reinterpret_cast<const int*>(p.sched) + blockIdx.y * R1_MLA_SCHED_FIELDS;
-    const Part part{sched[0], sched[1], sched[2], sched[3], sched[4]};
+    const Part part = read_part(p, blockIdx.y);
     const int warp_idx = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
 
@@ -484,12 +491,13 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
             r1::mbar_init(bar_k_empty + 8 * s, CONSUMER_WARPS);
         }
         r1::fence_mbar_init();
+        r1::fence_proxy_async_smem();
     }
     __syncthreads();
 
     if (warp_idx < 4) {
         // ------------------------------------------------------------------ producer
-        r1::setmaxnreg_dec<40>();
+        r1::setmaxnreg_dec<R1_REALLOC_PRODUCER_REGS>();
         if (threadIdx.x != 0) return;
         r1::tma_prefetch_desc(&p.tmap_q);
         r1::tma_prefetch_desc(&p.tmap_cache);
@@ -529,7 +537,7 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
     }
 
     // ---------------------------------------------------------------------- compute
-    r1::setmaxnreg_inc<232>();
+    r1::setmaxnreg_inc<R1_REALLOC_CONSUMER_REGS>();
     const int c = warp_idx / 4 - 1;      // keys [32c, 32c+32) of S, features [256c, 256c+256) of O
     const int w = warp_idx % 4;
     const int r0 = 16 * w + lane / 4;    // this thread's rows: r0 and r0 + 8
@@ -621,7 +629,7 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
                 if (nvalid < BN) {
                     const int tid = threadIdx.x % 128;
                     const int nzero = BN - nvalid;
-                    uint8_t* tile = gbase + OFF_K + stage * TILE_BYTES;
+                    uint8_t* tile = smem_raw + OFF_K + stage * TILE_BYTES;
                     for (int idx = tid; idx < 4 * nzero * 8; idx += 128) {
                         const int cb = 4 * c + idx / (nzero * 8);
                         const int rem = idx % (nzero * 8);
@@ -633,7 +641,7 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
 
                 // ---- P = exp2(S - m) -> bf16 into sP (128-byte swizzle), row sums
                 float rs[2] = {0.0f, 0.0f};
-                uint8_t* sp = gbase + OFF_P;
+                uint8_t* sp = smem_raw + OFF_P;
 #pragma unroll
                 for (int j = 0; j < 16; j += 2) {
                     const int i = (j / 2) % 2;
@@ -649,7 +657,7 @@ mla_decode_wgmma(const __grid_constant__ R1MlaDecodeParams p) {
                 for (int i = 0; i < 2; i++) l[i] = fmaf(l[i], alpha[i], rs[i]);
 #pragma unroll
                 for (int j = 0; j < 128; j++) o[j] *= alpha[(j / 2) % 2];
-                fence_proxy_async();  // sP (and zeroed V rows) visible to the tensor cores
+                r1::fence_proxy_async_smem();  // sP (and zeroed V rows) visible to the tensor cores
                 compute_bar();        // both halves of P written
 
                 // ---- O[:, 256c .. 256c + 256) += P V
@@ -745,7 +753,7 @@ extern "C" __global__ void __launch_bounds__(R1_MLA_COMBINE_THREADS) mla_combine
     const int* splits = reinterpret_cast<const int*>(p.splits);
     const int s0 = splits[b];
     const int ns = splits[b + 1] - s0;
-    if (ns <= 1) return;
+    if (ns <= 1 || s0 < 0 || s0 + ns > p.slots) return;
     int q_start, q_len;
     q_range(reinterpret_cast<const int*>(p.q_starts), b, p.total_q, p.max_q_len, q_start, q_len);
     const int warp = threadIdx.x / 32;

@@ -152,7 +152,7 @@ struct ExpertTiles {
 
 template <int BM, int STAGES, bool REALLOC_REGS, bool MASKED>
 __device__ __forceinline__ void moe_gemm_wgmma_body(const R1MoeGemmParams& p) {
-    extern __shared__ uint8_t smem_raw[];
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
     const r1::gemm::Pipeline<BM, STAGES> pipe(smem_raw);
     int* sched = reinterpret_cast<int*>(smem_raw + (pipe.end() - pipe.raw));
 

@@ -10,6 +10,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Shared address of a kernel's dynamic shared memory, which must start 1024-byte aligned
+// (TMA's 128-byte swizzle and the wgmma descriptors need 1024-aligned tiles). The driver
+// places it so; a base that is not aligned would corrupt every tile silently, so trap.
+__device__ __forceinline__ uint32_t aligned_dynamic_smem(const void* smem) {
+    const uint32_t base = smem_addr(smem);
+    if (base & 1023u) __trap();
+    return base;
+}
+
 // ---- mbarrier ------------------------------------------------------------------------------
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrive_count) {
@@ -19,6 +28,12 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrive_count) {
 // Makes mbarrier.init visible to the async proxy (TMA) and to the other threads.
 __device__ __forceinline__ void fence_mbar_init() {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory accesses before later async-proxy ones
+// (TMA, wgmma operand reads) and vice versa.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
@@ -68,6 +83,10 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, uint
 }
 
 // ---- warpgroup register reallocation -------------------------------------------------------
+// The CTA's register file is fixed at launch (registers per thread x threads): what the
+// producer warpgroup gives back with dec is all the consumers can take with inc, and an inc
+// that cannot be met waits forever. Budgets: launch_params.h R1_REALLOC_*; the host checks
+// every reallocating kernel's register count at load (src/cuda/launch.rs).
 
 template <int REGS>
 __device__ __forceinline__ void setmaxnreg_dec() {

@@ -3,17 +3,17 @@
 //! [`Device::probe`] answers "is there a usable CUDA device?" without loading anything but the
 //! driver library (cudarc loads libcuda at run time, so the binary starts without it);
 //! [`Device::open`] then checks the architecture (sm_90), that kernels were built, loads every
-//! embedded cubin with `cuModuleLoadData`, raises the dynamic shared-memory limit of the kernels
-//! that need more than 48 KiB, and creates the one stream all work of this [`Device`] runs on.
+//! embedded cubin it needs through `Modules` (src/cuda/launch.rs: shared-memory opt-ins and
+//! register budgets), and creates the one stream all work of this [`Device`] runs on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self as cu, CUdevice_attribute as Attr, CUresult};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
-use cudarc::nvrtc::Ptx;
 
 use super::error::{describe, CudaError, Result};
+use super::launch::{kernel, Modules};
 use super::sys;
 
 /// What the driver says about a device (read once at open).
@@ -52,7 +52,7 @@ pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     pub(crate) kernels: Kernels,
-    _modules: Vec<Arc<CudaModule>>,
+    modules: Modules,
 }
 
 impl std::fmt::Debug for Device {
@@ -186,34 +186,21 @@ impl Device {
             .new_stream()
             .map_err(|e| CudaError::driver("cuStreamCreate", e))?;
 
-        let aq = load_cubin(&ctx, "act_quant")?;
-        let gemm = load_cubin(&ctx, "fp8_gemm")?;
+        let modules = Modules::new(ctx.clone(), info.clone());
+        let aq = modules.get("act_quant")?;
+        let gemm = modules.get("fp8_gemm")?;
         let kernels = Kernels {
             act_quant: kernel(&aq, "act_quant")?,
             fp8_gemm_ref: kernel(&gemm, "fp8_gemm_ref")?,
             fp8_gemm_wgmma: kernel(&gemm, "fp8_gemm_wgmma")?,
             fp8_gemm_wgmma_m64: kernel(&gemm, "fp8_gemm_wgmma_m64")?,
         };
-        opt_in_smem(
-            &info,
-            "fp8_gemm_wgmma",
-            &kernels.fp8_gemm_wgmma,
-            sys::R1_FP8_GEMM_SMEM_BYTES as usize,
-        )?;
-        opt_in_smem(
-            &info,
-            "fp8_gemm_wgmma_m64",
-            &kernels.fp8_gemm_wgmma_m64,
-            sys::R1_FP8_GEMM_M64_SMEM_BYTES as usize,
-        )?;
-        let modules = vec![aq, gemm];
-
         Ok(Device {
             info,
             ctx,
             stream,
             kernels,
-            _modules: modules,
+            modules,
         })
     }
 
@@ -230,19 +217,10 @@ impl Device {
         &self.ctx
     }
 
-    /// Loads the embedded cubin of `cuda/<stem>.cu` into this device's context.
+    /// The module of `cuda/<stem>.cu` in this device's context: loaded once, with its
+    /// kernels' shared-memory limits raised and register budgets checked.
     pub(crate) fn load_cubin(&self, stem: &str) -> Result<Arc<CudaModule>> {
-        load_cubin(&self.ctx, stem)
-    }
-
-    /// Raises `func`'s dynamic shared-memory limit to `bytes` (see [`opt_in_smem`]).
-    pub(crate) fn opt_in_smem(
-        &self,
-        name: &'static str,
-        func: &CudaFunction,
-        bytes: usize,
-    ) -> Result<()> {
-        opt_in_smem(&self.info, name, func, bytes)
+        self.modules.get(stem)
     }
 
     /// Makes this device's context current on the calling thread (before raw driver calls).
@@ -258,58 +236,4 @@ impl Device {
             .synchronize()
             .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
     }
-}
-
-/// Loads the embedded cubin of `cuda/<stem>.cu` (`cuModuleLoadData`).
-pub(crate) fn load_cubin(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>> {
-    let (_, cubin) = sys::CUBINS
-        .iter()
-        .find(|(s, _)| *s == stem)
-        .ok_or_else(|| {
-            CudaError::Driver(format!(
-                "cuda/{stem}.cu is not among the embedded cubins (rebuild the crate)"
-            ))
-        })?;
-    ctx.load_module(Ptx::from_binary(cubin.to_vec()))
-        .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({stem}.cubin)"), e))
-}
-
-/// Kernel `name` of a loaded module (`cuModuleGetFunction`).
-pub(crate) fn kernel(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
-    module
-        .load_function(name)
-        .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
-}
-
-/// Kernels with more than 48 KiB of dynamic shared memory must opt in before launch: checks
-/// that `bytes` plus the kernel's static shared memory fit the device, then raises the limit.
-pub(crate) fn opt_in_smem(
-    info: &DeviceInfo,
-    name: &'static str,
-    func: &CudaFunction,
-    bytes: usize,
-) -> Result<()> {
-    let static_smem = func
-        .shared_size_bytes()
-        .map_err(|e| CudaError::driver("cuFuncGetAttribute(SHARED_SIZE_BYTES)", e))?;
-    let total = bytes + usize::try_from(static_smem).unwrap_or(0);
-    if total > info.max_smem_per_block_optin {
-        return Err(CudaError::requirement(
-            name,
-            format!(
-                "needs {total} bytes of shared memory per block; {} allows {}",
-                info.name, info.max_smem_per_block_optin
-            ),
-        ));
-    }
-    func.set_attribute(
-        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        bytes as i32,
-    )
-    .map_err(|e| {
-        CudaError::driver(
-            &format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={bytes})"),
-            e,
-        )
-    })
 }

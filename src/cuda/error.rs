@@ -39,6 +39,19 @@ pub enum CudaError {
         requirement: String,
     },
 
+    /// A kernel that reallocates registers (setmaxnreg) was built with fewer registers per
+    /// thread than its budget needs: launched, its consumers would wait forever.
+    #[error(
+        "{kernel} has {registers} registers per thread but its setmaxnreg budget needs at least \
+         {needed} (cuda/launch_params.h R1_REALLOC_*): launching it would hang; rebuild with \
+         matching __launch_bounds__ or change the budget"
+    )]
+    RegisterBudget {
+        kernel: String,
+        registers: u32,
+        needed: u32,
+    },
+
     /// Any other driver failure: the call that failed and the driver's message.
     #[error("CUDA driver: {0}")]
     Driver(String),

@@ -21,6 +21,7 @@ pub mod backend;
 mod buffer;
 mod device;
 pub mod error;
+mod launch;
 pub mod ops;
 mod sys;
 pub mod timing;
@@ -30,6 +31,7 @@ pub use backend::CudaBackend;
 pub use buffer::DeviceBuffer;
 pub use device::{kernels_built, Device, DeviceInfo};
 pub use error::{CudaError, Result};
+pub use launch::KernelAttributes;
 pub use ops::{
     act_scale_m_pad, scales_from_sa, scales_to_sa, ActQuantArgs, ActQuantDesc, Fp8GemmArgs,
     Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedActQuant, PreparedFp8Gemm, QuantizedActivations,

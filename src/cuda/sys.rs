@@ -22,7 +22,7 @@ mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-pub(crate) use kernels::{CUBINS, KERNELS_BUILT};
+pub(crate) use kernels::{CUBINS, KERNELS, KERNELS_BUILT};
 pub(crate) use launch_params::*;
 
 use cudarc::driver::DeviceRepr;

@@ -4,11 +4,11 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::{act_scale_m_pad, scales_from_sa, scales_to_sa, Checker, Region, QUANT_BLOCK};
-use crate::cuda::error::{CudaError, Result};
+use crate::cuda::error::Result;
 use crate::cuda::sys::{self, R1ActQuantParams};
 use crate::cuda::{Device, DeviceBuffer};
 use crate::numerics::QuantizedRows;
@@ -163,15 +163,7 @@ impl PreparedActQuant<'_> {
         // SAFETY: `params` passed ActQuantDesc::check (shapes, strides, alignment, buffer
         // lengths) for buffers borrowed for this value's lifetime; the kernel takes exactly
         // one R1ActQuantParams by value.
-        unsafe {
-            self.dev
-                .stream()
-                .launch_builder(func)
-                .arg(&self.params)
-                .launch(self.cfg)
-        }
-        .map(|_| ())
-        .map_err(|e| CudaError::driver("cuLaunchKernel(act_quant)", e))
+        unsafe { self.dev.launch(func, "act_quant", &self.params, self.cfg) }
     }
 }
 

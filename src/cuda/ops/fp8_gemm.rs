@@ -7,7 +7,7 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
@@ -351,29 +351,24 @@ impl PreparedFp8Gemm<'_> {
     /// Queues the kernel on the device's stream.
     pub fn launch(&self) -> Result<()> {
         let k = &self.dev.kernels;
-        let stream = self.dev.stream();
+        let name = self.kernel.name();
         // SAFETY: the parameters passed Fp8GemmDesc::resolve (shapes, strides, alignment,
         // buffer lengths, tensor-map rules) for buffers borrowed for this value's lifetime;
         // each kernel takes exactly one parameter struct by value; dynamic shared memory was
-        // raised to cfg.shared_mem_bytes when the device was opened.
-        let r = unsafe {
+        // raised to cfg.shared_mem_bytes when the module was loaded.
+        unsafe {
             match &self.launch {
-                Launch::Reference(p) => stream
-                    .launch_builder(&k.fp8_gemm_ref)
-                    .arg(p)
-                    .launch(self.cfg),
+                Launch::Reference(p) => self.dev.launch(&k.fp8_gemm_ref, name, p, self.cfg),
                 Launch::Wgmma(p) => {
                     let func = if self.kernel == GemmKernel::WgmmaM64 {
                         &k.fp8_gemm_wgmma_m64
                     } else {
                         &k.fp8_gemm_wgmma
                     };
-                    stream.launch_builder(func).arg(&**p).launch(self.cfg)
+                    self.dev.launch(func, name, &**p, self.cfg)
                 }
             }
-        };
-        r.map(|_| ())
-            .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({})", self.kernel.name()), e))
+        }
     }
 }
 

@@ -13,15 +13,14 @@
 //! position `kv_len[b] - 1` (the cache holds the new tokens too).
 
 use std::marker::PhantomData;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 use half::bf16;
 
 use super::{Checker, Region};
 use crate::config::ModelConfig;
-use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::launch::kernel;
 use crate::cuda::sys::{
     self, R1MlaAttnRefParams, R1MlaCacheWriteParams, R1MlaCombineParams, R1MlaDecodeParams,
     R1MlaQRopeParams, R1MlaScheduleParams,
@@ -57,7 +56,6 @@ pub(crate) struct MlaFunctions {
 pub struct Mla<'d> {
     pub(crate) dev: &'d Device,
     pub(crate) f: MlaFunctions,
-    _module: Arc<CudaModule>,
 }
 
 impl std::fmt::Debug for Mla<'_> {
@@ -67,7 +65,7 @@ impl std::fmt::Debug for Mla<'_> {
 }
 
 impl Device {
-    /// Loads cuda/mla.cu's kernels and raises the fast path's shared-memory limit.
+    /// Loads cuda/mla.cu's kernels (the fast path's shared-memory limit is raised at load).
     pub fn mla(&self) -> Result<Mla<'_>> {
         let module = self.load_cubin("mla")?;
         let function = |name: &str| kernel(&module, name);
@@ -79,16 +77,7 @@ impl Device {
             decode: function("mla_decode_wgmma")?,
             combine: function("mla_combine")?,
         };
-        self.opt_in_smem(
-            "mla_decode_wgmma",
-            &f.decode,
-            sys::R1_MLA_DECODE_SMEM_BYTES as usize,
-        )?;
-        Ok(Mla {
-            dev: self,
-            f,
-            _module: module,
-        })
+        Ok(Mla { dev: self, f })
     }
 }
 
@@ -107,15 +96,7 @@ impl<'d> Mla<'d> {
     ) -> Result<()> {
         // SAFETY: callers pass parameters that passed their Desc's check for buffers borrowed
         // for the prepared value's lifetime, with the function those parameters belong to.
-        unsafe {
-            self.dev
-                .stream()
-                .launch_builder(func)
-                .arg(params)
-                .launch(cfg)
-        }
-        .map(|_| ())
-        .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({name})"), e))
+        unsafe { self.dev.launch(func, name, params, cfg) }
     }
 }
 

@@ -733,6 +733,12 @@ impl<'d> Mla<'d> {
                     .expect("resolve() checked that the fast path has a workspace");
                 let [tq, tc] = desc.tensor_maps();
                 let name = kernel.name();
+                // Partial-result slots the workspace holds at this call's row stride: the
+                // kernels are told, so that a corrupt schedule cannot send an access past them.
+                let rows = (desc.max_q_len * desc.heads).max(1);
+                let slots = (ws.lse_accum.len / rows)
+                    .min(ws.o_accum.len / (rows * MLA_FAST_KV_LORA))
+                    .min(i32::MAX as usize);
                 let decode = Box::new(R1MlaDecodeParams {
                     tmap_q: tq.encode(name)?,
                     tmap_cache: tc.encode(name)?,
@@ -753,6 +759,7 @@ impl<'d> Mla<'d> {
                     max_q_len: desc.max_q_len as i32,
                     num_parts: ws.parts as i32,
                     scale_log2: desc.scale * std::f32::consts::LOG2_E,
+                    slots: slots as i32,
                 });
                 let decode_cfg = LaunchConfig {
                     grid_dim: (desc.m_blocks() as u32, ws.parts as u32, 1),
@@ -789,6 +796,7 @@ impl<'d> Mla<'d> {
                             heads: desc.heads as i32,
                             total_q: desc.total_q as i32,
                             max_q_len: desc.max_q_len as i32,
+                            slots: slots as i32,
                         },
                         LaunchConfig {
                             grid_dim: (

@@ -14,15 +14,12 @@
 //! GEMMs) and `moe_block.rs` (the whole routed + shared MoE block).
 
 use std::marker::PhantomData;
-use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 
 use super::Checker;
-use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::launch::kernel;
 use crate::cuda::sys::{self, R1MoeGatherParams, R1MoeGemmParams, R1MoeGemmRefParams};
 use crate::cuda::sys::{R1MoePlanParams, R1MoeRouterLogitsParams, R1MoeRouterParams};
 use crate::cuda::sys::{R1MoeSiluQuantParams, R1MoeUnpermuteParams};
@@ -301,7 +298,6 @@ pub(crate) struct MoeKernels {
 pub struct MoeOps<'d> {
     pub(crate) dev: &'d Device,
     pub(crate) k: MoeKernels,
-    _modules: Vec<Arc<CudaModule>>,
 }
 
 impl std::fmt::Debug for MoeOps<'_> {
@@ -313,8 +309,8 @@ impl std::fmt::Debug for MoeOps<'_> {
 }
 
 impl<'d> MoeOps<'d> {
-    /// Loads cuda/moe.cu and cuda/moe_gemm.cu's cubins and raises the grouped GEMMs' dynamic
-    /// shared-memory limits.
+    /// Loads cuda/moe.cu and cuda/moe_gemm.cu's cubins (the grouped GEMMs' dynamic
+    /// shared-memory limits are raised at load).
     pub fn load(dev: &'d Device) -> Result<Self> {
         if !sys::KERNELS_BUILT {
             return Err(CudaError::BuiltWithoutKernels);
@@ -335,30 +331,7 @@ impl<'d> MoeOps<'d> {
             gemm_masked: f(&gemm, "moe_gemm_masked_wgmma")?,
             gemm_masked_m64: f(&gemm, "moe_gemm_masked_wgmma_m64")?,
         };
-        for (name, func, bytes) in [
-            (
-                "moe_gemm_contig_wgmma",
-                &k.gemm_contig,
-                sys::R1_MOE_GEMM_SMEM_BYTES,
-            ),
-            (
-                "moe_gemm_masked_wgmma",
-                &k.gemm_masked,
-                sys::R1_MOE_GEMM_SMEM_BYTES,
-            ),
-            (
-                "moe_gemm_masked_wgmma_m64",
-                &k.gemm_masked_m64,
-                sys::R1_MOE_GEMM_M64_SMEM_BYTES,
-            ),
-        ] {
-            dev.opt_in_smem(name, func, bytes as usize)?;
-        }
-        Ok(MoeOps {
-            dev,
-            k,
-            _modules: vec![small, gemm],
-        })
+        Ok(MoeOps { dev, k })
     }
 
     pub fn device(&self) -> &'d Device {
@@ -389,7 +362,7 @@ impl<'d> MoeOps<'d> {
     ) -> PreparedMoeLaunch<'_, P> {
         PreparedMoeLaunch {
             func: pick(&self.k),
-            stream: self.dev.stream(),
+            dev: self.dev,
             name: func,
             params,
             cfg,
@@ -401,7 +374,7 @@ impl<'d> MoeOps<'d> {
 /// One checked launch of one MoE kernel; borrows its buffers (and the kernels) for `'a`.
 pub struct PreparedMoeLaunch<'a, P> {
     func: &'a CudaFunction,
-    stream: &'a Arc<CudaStream>,
+    dev: &'a Device,
     name: &'static str,
     params: P,
     cfg: LaunchConfig,
@@ -428,13 +401,9 @@ impl<P: DeviceRepr> PreparedMoeLaunch<'_, P> {
         // takes exactly one parameter struct by value; the GEMMs' dynamic shared memory was
         // raised in MoeOps::load.
         unsafe {
-            self.stream
-                .launch_builder(self.func)
-                .arg(&self.params)
-                .launch(self.cfg)
+            self.dev
+                .launch(self.func, self.name, &self.params, self.cfg)
         }
-        .map(|_| ())
-        .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({})", self.name), e))
     }
 }
 

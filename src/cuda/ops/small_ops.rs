@@ -9,14 +9,13 @@
 //! Status: compiled, not yet run on a GPU.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 use half::bf16;
 
 use super::{ActQuantDesc, Checker, Region, QUANT_BLOCK};
-use crate::cuda::device::kernel;
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::launch::kernel;
 use crate::cuda::sys::{
     self, R1SmallActQuantParams, R1SmallCopyRowsParams, R1SmallEltwiseParams, R1SmallEmbedParams,
     R1SmallGemmBf16Params, R1SmallMlaAbsorbParams, R1SmallMoeAccumParams, R1SmallRmsNormParams,
@@ -59,7 +58,6 @@ struct Functions {
 pub struct SmallOps<'d> {
     dev: &'d Device,
     f: Functions,
-    _module: Arc<CudaModule>,
 }
 
 impl std::fmt::Debug for SmallOps<'_> {
@@ -91,13 +89,8 @@ impl<P: DeviceRepr> PreparedSmallOp<'_, P> {
         // prepared value's lifetime, and belong to this function.
         unsafe {
             self.dev
-                .stream()
-                .launch_builder(self.func)
-                .arg(&self.params)
-                .launch(self.cfg)
+                .launch(self.func, self.name, &self.params, self.cfg)
         }
-        .map(|_| ())
-        .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({})", self.name), e))
     }
 }
 
@@ -478,11 +471,7 @@ impl<'d> SmallOps<'d> {
             absorb_o: function("small_mla_absorb_o")?,
             moe_accum: function("small_moe_accum")?,
         };
-        Ok(SmallOps {
-            dev,
-            f,
-            _module: module,
-        })
+        Ok(SmallOps { dev, f })
     }
 
     pub fn device(&self) -> &'d Device {
