@@ -178,6 +178,54 @@ fn cuda_backend_errors_are_typed() {
     }
 }
 
+/// A decode step reads back the rows it produced, whatever earlier steps grew the buffers to:
+/// one token after a 256-token prefill costs the host link exactly what one token after a
+/// 2-token prefill does (a whole grown buffer would be about 128 times more).
+#[test]
+fn cuda_decode_step_downloads_only_its_rows() {
+    use r1_runtime::checkpoint::Checkpoint;
+    use r1_runtime::config::ModelConfig;
+    use r1_runtime::cuda::CudaBackend;
+    use r1_runtime::engine::Sequence;
+    use r1_runtime::model::weights::ModelWeights;
+    use r1_runtime::model::LogitRows;
+    use std::sync::Arc;
+    const TEST: &str = "gpu_engine::cuda_decode_step_downloads_only_its_rows";
+    if gpu_support::or_skip(gpu_support::device(), TEST).is_none() {
+        return;
+    }
+    let dir = fixture("r1-heads");
+    let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
+    let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
+    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
+    let backend = CudaBackend::new(&cfg, weights.clone(), Precision::W8a8).expect("backend");
+    let dev = backend.device();
+    let vocab = cfg.vocab_size as u32;
+    let mut e = Engine::with_backend(cfg, weights, Box::new(backend), 1 << 14);
+    let mut decode_bytes_after = |prefill: usize| {
+        let tokens: Vec<u32> = (0..=prefill as u32)
+            .map(|i| (i * 37 + 11) % vocab)
+            .collect();
+        let mut s = Sequence::default();
+        e.forward(&mut s, &tokens[..prefill], LogitRows::All)
+            .expect("cuda prefill");
+        let before = dev.bytes_downloaded();
+        e.forward(&mut s, &tokens[prefill..], LogitRows::Last)
+            .expect("cuda decode");
+        e.release(&mut s);
+        dev.bytes_downloaded() - before
+    };
+    // Short first: the long prefill then grows the step buffers past what the short had.
+    let short = decode_bytes_after(2);
+    let long = decode_bytes_after(256);
+    println!("one decode step downloads {long} bytes after 256 tokens, {short} after 2");
+    assert!(short > 0, "a decode step downloaded nothing");
+    assert_eq!(
+        long, short,
+        "a decode step's download depends on earlier steps"
+    );
+}
+
 /// Copy-on-write of shared cache pages on the device: a fork of a GPU sequence continues into
 /// the partly filled page it shares, the parent continues after it, and each gets the logits
 /// of a GPU sequence that never shared anything (same kernels, same batch layouts).

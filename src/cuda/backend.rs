@@ -271,8 +271,8 @@ impl CudaBackend {
         })
     }
 
-    /// The device this backend runs on.
-    pub fn device(&self) -> &Device {
+    /// The device this backend runs on (opened for the process's lifetime).
+    pub fn device(&self) -> &'static Device {
         self.core.dev
     }
 }
@@ -1000,16 +1000,16 @@ impl Backend for CudaBackend {
                 Vec::new()
             } else {
                 match desc.storage {
+                    // Only the rows this step produced: the slot may have grown for an
+                    // earlier, longer step (a long prefill before many decode steps).
                     Storage::F32 => {
                         let buf = slot.f.as_ref().ok_or_else(|| missing(&desc.name))?;
-                        let mut v = core.dev.download(buf)?;
-                        v.truncate(n);
-                        v
+                        core.dev.download_prefix(buf, n)?
                     }
                     Storage::Activation => {
                         let buf = slot.bf.as_ref().ok_or_else(|| missing(&desc.name))?;
-                        let v = core.dev.download(buf)?;
-                        v[..n].iter().map(|x| x.to_f32()).collect()
+                        let v = core.dev.download_prefix(buf, n)?;
+                        v.iter().map(|x| x.to_f32()).collect()
                     }
                 }
             };

@@ -99,13 +99,26 @@ impl Device {
 
     /// Copies the whole buffer back (waits for the stream: kernel faults surface here).
     pub fn download<T: Pod>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>> {
-        let mut out = vec![T::zeroed(); src.len];
+        self.download_prefix(src, src.len)
+    }
+
+    /// Copies the first `len` elements back (waits for the stream: kernel faults surface
+    /// here); a buffer grown for an earlier, larger step costs only what is read.
+    pub fn download_prefix<T: Pod>(&self, src: &DeviceBuffer<T>, len: usize) -> Result<Vec<T>> {
+        if len > src.len {
+            return Err(CudaError::Driver(format!(
+                "download of {len} elements from a buffer of {}",
+                src.len
+            )));
+        }
+        let mut out = vec![T::zeroed(); len];
         if !out.is_empty() {
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
             let n = bytes.len();
             self.stream()
                 .memcpy_dtoh(&src.raw.slice(..n), bytes)
                 .map_err(|e| CudaError::driver("cuMemcpyDtoHAsync", e))?;
+            self.count_downloaded(n);
         }
         self.synchronize()?;
         Ok(out)

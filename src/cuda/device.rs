@@ -7,6 +7,7 @@
 //! register budgets), and creates the one stream all work of this [`Device`] runs on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self as cu, CUdevice_attribute as Attr, CUresult};
@@ -53,6 +54,8 @@ pub struct Device {
     stream: Arc<CudaStream>,
     pub(crate) kernels: Kernels,
     modules: Modules,
+    /// Bytes copied device -> host so far ([`Device::bytes_downloaded`]).
+    downloaded: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
@@ -201,6 +204,7 @@ impl Device {
             stream,
             kernels,
             modules,
+            downloaded: AtomicU64::new(0),
         })
     }
 
@@ -221,6 +225,16 @@ impl Device {
     /// kernels' shared-memory limits raised and register budgets checked.
     pub(crate) fn load_cubin(&self, stem: &str) -> Result<Arc<CudaModule>> {
         self.modules.get(stem)
+    }
+
+    /// Bytes copied from this device to the host so far: what the steps of a serving loop
+    /// cost the host link (a decode step should read back its new rows, not its history).
+    pub fn bytes_downloaded(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_downloaded(&self, bytes: usize) {
+        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Makes this device's context current on the calling thread (before raw driver calls).
