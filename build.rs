@@ -120,9 +120,16 @@ struct Cubin {
     kernels: Vec<(String, u32)>,
 }
 
+/// nvcc's log split into ptxas's `--verbose` report and everything else.
+struct PtxasLog<'a> {
+    /// (kernel name, registers per thread) in ptxas's order.
+    kernels: Vec<(String, u32)>,
+    other: Vec<&'a str>,
+}
+
 /// The kernels of ptxas's `--verbose` report: "Compiling entry function 'NAME' for 'sm_90a'"
-/// followed by "Used N registers, ..." for each; returns them and the log without the report.
-fn ptxas_report(log: &str) -> Result<(Vec<(String, u32)>, Vec<&str>)> {
+/// followed by "Used N registers, ..." for each.
+fn ptxas_report(log: &str) -> Result<PtxasLog<'_>> {
     let mut kernels = Vec::new();
     let mut other = Vec::new();
     let mut current: Option<String> = None;
@@ -148,7 +155,7 @@ fn ptxas_report(log: &str) -> Result<(Vec<(String, u32)>, Vec<&str>)> {
     if current.is_some() {
         return Err(format!("ptxas reported no register count for {current:?}"));
     }
-    Ok((kernels, other))
+    Ok(PtxasLog { kernels, other })
 }
 
 /// Compiles every source to `$OUT_DIR/<stem>.cubin` (in parallel).
@@ -192,7 +199,7 @@ fn compile_kernels(
         let log = String::from_utf8_lossy(&output.stderr).to_string()
             + &String::from_utf8_lossy(&output.stdout);
         if output.status.success() {
-            let (kernels, other) = ptxas_report(&log)?;
+            let PtxasLog { kernels, other } = ptxas_report(&log)?;
             for line in other {
                 println!("cargo::warning=nvcc {stem}.cu: {line}");
             }
