@@ -23,9 +23,9 @@
 //!   |gpu - ref| <= 2^-5 |ref| + 2e-2 max|ref| per token, rms <= 1e-2 rms(ref) (two GEMMs,
 //!   SiLU and three bf16 roundings: a 1-ulp bf16 difference before act_quant can move a code).
 
+mod common;
 mod gpu_support;
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -1034,7 +1034,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/r1-heads");
+        let dir = common::fixture("r1-heads");
         let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
         let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
         let weights = ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights");
