@@ -1229,12 +1229,18 @@ fn moe_block_nan_input_is_an_error() {
 }
 
 /// moe_forward recorded into a CUDA graph and replayed equals the eager run bit for bit.
+///
+/// The capture runs on a `Device` of its own (`Device::open(0)` again: its own stream in the
+/// same primary context). The other tests of this binary run on other threads and queue work on
+/// the shared device's stream: a capture there would record their kernels into this graph, and
+/// their synchronizations would break the capture. Thread-local capture mode keeps their driver
+/// calls, on their own stream, legal while this thread captures.
 #[test]
 fn moe_block_is_capture_safe() {
-    let Some(ops) = gpu("moe_block_is_capture_safe") else {
+    let Some(dev) = or_skip(Device::open(0), "moe_block_is_capture_safe") else {
         return;
     };
-    let dev = ops.device();
+    let ops = &MoeOps::load(&dev).unwrap();
     let (cfg, w) = block_weights(ops);
     let tokens = 16;
     let x = activations(&mut Rng::new(12), tokens, cfg.hidden);
@@ -1246,7 +1252,7 @@ fn moe_block_is_capture_safe() {
     ] {
         let (eager, _, errors) = gpu_block(ops, cfg, &w, &x, tokens, layout, MoeGemmPath::Fast);
         errors.unwrap();
-        let mut ws = MoeWorkspace::new(dev, cfg, tokens, layout, MoeGemmPath::Fast).unwrap();
+        let mut ws = MoeWorkspace::new(&dev, cfg, tokens, layout, MoeGemmPath::Fast).unwrap();
         let xd = dev.upload(&x).unwrap();
         let mut out: DeviceBuffer<bf16> = dev.alloc_zeros(tokens * cfg.hidden).unwrap();
         dev.synchronize().unwrap();
