@@ -22,6 +22,9 @@
 //!   the r1-heads fixture's MoE layer, routing identical, outputs within [`BLOCK_TOLERANCE`]:
 //!   |gpu - ref| <= 2^-5 |ref| + 2e-2 max|ref| per token, rms <= 1e-2 rms(ref) (two GEMMs,
 //!   SiLU and three bf16 roundings: a 1-ulp bf16 difference before act_quant can move a code).
+//! - the block at DeepSeek-V3's routing scale (4096 tokens, 256 experts, one expert chosen by
+//!   every token; random weights): every token's routing identical to the CPU router, 64
+//!   tokens within [`BLOCK_TOLERANCE`] of the same w8a8 recipe on the CPU.
 
 mod common;
 mod gpu_support;
