@@ -6,7 +6,9 @@
 //! From these: tokens/s speedup with k = 1 draft at acceptance a is
 //!   (1 + a) * t_decode / (t_verify(s_q = 2) + t_draft).
 
-use std::path::Path;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -16,8 +18,7 @@ use r1_runtime::model::LogitRows;
 const CONTEXT: usize = 64;
 
 fn engine() -> Engine {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/r1-heads");
-    Engine::load(&dir, &EngineOptions::default()).expect("fixture loads")
+    Engine::load(&common::fixture("r1-heads"), &EngineOptions::default()).expect("fixture loads")
 }
 
 fn prompt(seed: usize) -> Vec<u32> {

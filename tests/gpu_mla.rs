@@ -25,7 +25,6 @@
 
 mod gpu_support;
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -44,7 +43,7 @@ use r1_runtime::kv_cache::{Batch, BlockId, Segment, PAGE_TOKENS};
 use r1_runtime::numerics::round_bf16;
 use r1_runtime::Precision;
 
-use gpu_support::{err_of, say, to_bf16, Rng};
+use gpu_support::{deepseek_r1_config, err_of, say, to_bf16, Rng};
 
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
@@ -67,12 +66,6 @@ fn gpu(test: &str) -> Option<&'static Mla<'static>> {
 // ------------------------------------------------------------------------------------------
 // Data
 // ------------------------------------------------------------------------------------------
-
-/// The released DeepSeek-R1 config.json (the fields that matter here).
-fn r1_config() -> ModelConfig {
-    const R1: &str = include_str!("fixtures/deepseek-r1-config.json");
-    ModelConfig::from_json(R1, Path::new("config.json")).expect("R1 config parses")
-}
 
 /// The latent-attention shape with identity absorption (see the module docs).
 fn latent_shape(cfg: &ModelConfig, heads: usize) -> MlaShape {
@@ -917,7 +910,7 @@ fn prefill_form_cost_model() {
 /// attention over the same bf16 data (within the CPU's own bf16 roundings).
 #[test]
 fn cpu_identity_absorption_is_latent_attention() {
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(7);
     let heads = 2;
     let p = problem(&mut rng, &cfg, heads, &[1, 65, 130, 64], &[1, 2, 7, 2]);
@@ -954,7 +947,7 @@ fn cache_write_matches_cpu() {
         return;
     };
     let dev = mla.device();
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(11);
     // Sequences at short, page-straddling and very long positions (YaRN's full range).
     let specs = [
@@ -1066,7 +1059,7 @@ fn q_rope_matches_cpu() {
         return;
     };
     let dev = mla.device();
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let rope_cpu = Rope::new(&cfg);
     let mut rng = Rng::new(12);
     let heads = 16;
@@ -1162,7 +1155,7 @@ fn decode_matches_cpu_all_head_counts() {
     let Some(mla) = gpu("decode_matches_cpu_all_head_counts") else {
         return;
     };
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(21);
     for heads in [128, 64, 32, 16] {
         let absorbed = identity_absorbed(heads, KV_LORA);
@@ -1195,7 +1188,7 @@ fn decode_random_batches() {
     let Some(mla) = gpu("decode_random_batches") else {
         return;
     };
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(22);
     for case in 0..6 {
         let heads = [16, 32, 64, 128][case % 4];
@@ -1222,7 +1215,7 @@ fn prefill_chunks_match_cpu() {
     let Some(mla) = gpu("prefill_chunks_match_cpu") else {
         return;
     };
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(31);
     for (case, heads) in [16usize, 16, 128, 32].into_iter().enumerate() {
         // (chunk, prefix) per sequence: from scratch, over a prefix, page-aligned or not.
@@ -1254,7 +1247,7 @@ fn prefill_then_decode_equals_single_prefill() {
         return;
     };
     let dev = mla.device();
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(41);
     let heads = 16;
     let n = 230;
@@ -1384,7 +1377,7 @@ fn sanitizer_smoke() {
     let Some(mla) = gpu("sanitizer_smoke") else {
         return;
     };
-    let cfg = r1_config();
+    let cfg = deepseek_r1_config();
     let mut rng = Rng::new(51);
     let heads = 16;
     let p = problem(&mut rng, &cfg, heads, &[2, 65, 129, 300], &[2; 4]);

@@ -22,10 +22,13 @@
 //!   the r1-heads fixture's MoE layer, routing identical, outputs within [`BLOCK_TOLERANCE`]:
 //!   |gpu - ref| <= 2^-5 |ref| + 2e-2 max|ref| per token, rms <= 1e-2 rms(ref) (two GEMMs,
 //!   SiLU and three bf16 roundings: a 1-ulp bf16 difference before act_quant can move a code).
+//! - the block at DeepSeek-V3's routing scale (4096 tokens, 256 experts, one expert chosen by
+//!   every token; random weights): every token's routing identical to the CPU router, 64
+//!   tokens within [`BLOCK_TOLERANCE`] of the same w8a8 recipe on the CPU.
 
+mod common;
 mod gpu_support;
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -42,13 +45,15 @@ use r1_runtime::cuda::ops::{
     MoeGemmPath, MoeGeometry, MoeLayout, MoeOps, MoePlanBuffers, MoeWorkspace, PermutedRows,
     PlanArgs, RouterArgs, RouterConfig, RouterLogitsArgs, SiluQuantArgs, UnpermuteArgs,
 };
-use r1_runtime::cuda::{act_scale_m_pad, CudaError, Device, DeviceBuffer, QuantizedActivations};
+use r1_runtime::cuda::{
+    act_scale_m_pad, CudaError, Device, DeviceBuffer, Fp8Weight, QuantizedActivations,
+};
 use r1_runtime::model::weights::{FfnWeights, ModelWeights, Weight};
 use r1_runtime::numerics::{self, round_bf16, QuantizedRows, QUANT_BLOCK};
 
 use gpu_support::{
     allow_no_device, check_close, deepseek_router, fp8_weights, or_skip, ref_kernel_dot, route_ids,
-    skipped, w8a8_row, widen, Rng, Tolerance, TOLERANCE,
+    skipped, to_bf16, w8a8_row, widen, Rng, Tolerance, TOLERANCE,
 };
 
 /// The whole block's tolerance: (relative, of the token's max|ref|, rms).
@@ -78,6 +83,21 @@ fn activations(rng: &mut Rng, m: usize, k: usize) -> Vec<bf16> {
         x.extend((0..k).map(|_| bf16::from_f32(rng.normal() * mag)));
     }
     x
+}
+
+/// Expert `e`'s codes `[n][k]` and multipliers of stacked weights (`fp8_weights` layout).
+fn expert_weight<'a>(
+    codes: &'a [u8],
+    scales: &'a [f32],
+    e: usize,
+    n: usize,
+    k: usize,
+) -> (&'a [u8], &'a [f32]) {
+    let blocks = n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK);
+    (
+        &codes[e * n * k..(e + 1) * n * k],
+        &scales[e * blocks..(e + 1) * blocks],
+    )
 }
 
 fn s<T: std::fmt::Display>(e: T) -> String {
@@ -763,12 +783,7 @@ impl GroupedProblem {
     }
 
     fn expert(&self, e: usize) -> (&[u8], &[f32]) {
-        let (n, k) = (self.n, self.k);
-        let blocks = n.div_ceil(128) * k.div_ceil(128);
-        (
-            &self.codes[e * n * k..(e + 1) * n * k],
-            &self.scales[e * blocks..(e + 1) * blocks],
-        )
+        expert_weight(&self.codes, &self.scales, e, self.n, self.k)
     }
 
     /// Runs `kernel`; returns (kernel that ran, D [R][n] downloaded, dest_row).
@@ -1034,7 +1049,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/r1-heads");
+        let dir = common::fixture("r1-heads");
         let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
         let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
         let weights = ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights");
@@ -1194,6 +1209,174 @@ fn moe_block_matches_cpu_moecall() {
     }
 }
 
+/// A MoE layer of random weights, host copies kept for the CPU reference: router bf16 `[E][H]`,
+/// bias, experts' gate+up `[E][2I][H]` (gate rows then up rows) and down `[E][H][I]`, one
+/// shared expert (`[2 Is][H]`, `[H][Is]`).
+struct RandomMoeLayer {
+    cfg: MoeBlockConfig,
+    router: Vec<bf16>,
+    bias: Vec<f32>,
+    gate_up: (Vec<u8>, Vec<f32>),
+    down: (Vec<u8>, Vec<f32>),
+    shared_gate_up: (Vec<u8>, Vec<f32>),
+    shared_down: (Vec<u8>, Vec<f32>),
+}
+
+impl RandomMoeLayer {
+    fn new(rng: &mut Rng, cfg: MoeBlockConfig, bias: Vec<f32>) -> Self {
+        let (e, h, i, si) = (cfg.router.experts, cfg.hidden, cfg.inter, cfg.shared_inter);
+        let router = (0..e * h)
+            .map(|_| bf16::from_f32(rng.normal() * 0.05))
+            .collect();
+        RandomMoeLayer {
+            cfg,
+            router,
+            bias,
+            gate_up: fp8_weights(rng, e, 2 * i, h),
+            down: fp8_weights(rng, e, h, i),
+            shared_gate_up: fp8_weights(rng, 1, 2 * si, h),
+            shared_down: fp8_weights(rng, 1, h, si),
+        }
+    }
+
+    fn upload(&self, dev: &Device) -> MoeBlockWeights {
+        let (e, h, i, si) = (
+            self.cfg.router.experts,
+            self.cfg.hidden,
+            self.cfg.inter,
+            self.cfg.shared_inter,
+        );
+        let grouped = |(codes, scales): &(Vec<u8>, Vec<f32>), n, k| {
+            GroupedFp8Weight::upload(dev, codes, scales, e, n, k).unwrap()
+        };
+        let dense = |(codes, scales): &(Vec<u8>, Vec<f32>), n, k| {
+            Fp8Weight::upload(dev, codes, scales, n, k).unwrap()
+        };
+        MoeBlockWeights {
+            router: dev.upload(&self.router).unwrap(),
+            bias: Some(dev.upload(&self.bias).unwrap()),
+            gate_up: grouped(&self.gate_up, 2 * i, h),
+            down: grouped(&self.down, h, i),
+            shared: Some((
+                dense(&self.shared_gate_up, 2 * si, h),
+                dense(&self.shared_down, h, si),
+            )),
+        }
+    }
+
+    /// The CPU w8a8 block of one token as `cpu_block` computes it (`MoeCall`'s steps: per
+    /// expert act_quant -> GEMM -> bf16 for gate and up, bf16(silu(gate) * up), act_quant ->
+    /// down -> bf16; the weighted sum over experts in ascending order, bf16; + the shared
+    /// expert's MLP, bf16), on this layer's weights and the token's CPU routing.
+    fn cpu_token(&self, x: &[f32], route: &[(usize, f32)]) -> Vec<f32> {
+        let (h, i, si) = (self.cfg.hidden, self.cfg.inter, self.cfg.shared_inter);
+        let xq = numerics::act_quant(x, h);
+        let mlp = |gate_up: (&[u8], &[f32]), down: (&[u8], &[f32]), inter: usize| {
+            let gu = w8a8_row(&xq, 0, gate_up.0, gate_up.1, 2 * inter);
+            let act: Vec<f32> = gu[..inter]
+                .iter()
+                .zip(&gu[inter..])
+                .map(|(&g, &u)| round_bf16(numerics::silu(g) * u))
+                .collect();
+            w8a8_row(&numerics::act_quant(&act, inter), 0, down.0, down.1, h)
+        };
+        let mut by_expert = route.to_vec();
+        by_expert.sort_by_key(|&(e, _)| e);
+        let mut routed = vec![0f32; h];
+        for (e, w) in by_expert {
+            let y = mlp(
+                expert_weight(&self.gate_up.0, &self.gate_up.1, e, 2 * i, h),
+                expert_weight(&self.down.0, &self.down.1, e, h, i),
+                i,
+            );
+            for (r, v) in routed.iter_mut().zip(y) {
+                *r += w * v;
+            }
+        }
+        let shared = mlp(
+            (&self.shared_gate_up.0, &self.shared_gate_up.1),
+            (&self.shared_down.0, &self.shared_down.1),
+            si,
+        );
+        routed
+            .iter()
+            .zip(shared)
+            .map(|(&r, s)| round_bf16(round_bf16(r) + s))
+            .collect()
+    }
+}
+
+/// DeepSeek-V3's routing at prefill scale on the contiguous layout: 4096 tokens, 256 experts in
+/// 8 groups, top-4 groups, top-8, and expert 7 chosen by every token (its bias outweighs any
+/// score), so one expert holds 4096 rows: the per-expert padding and the tile scheduler at
+/// their extreme. GEMM dims are moderate (hidden 512, moe_intermediate 256, one shared expert)
+/// so the CPU side stays short. Every token's routing equals the CPU router's; 64 tokens spread
+/// over the batch match the CPU w8a8 block within [`BLOCK_TOLERANCE`].
+#[test]
+fn moe_deepseek_scale_contiguous() {
+    let Some(ops) = gpu("moe_deepseek_scale_contiguous") else {
+        return;
+    };
+    const TOKENS: usize = 4096;
+    const HOT: usize = 7;
+    let cfg = MoeBlockConfig {
+        router: deepseek_router(),
+        hidden: 512,
+        inter: 256,
+        shared_inter: 256,
+    };
+    let (e, h) = (cfg.router.experts, cfg.hidden);
+    let mut rng = Rng::new(4096);
+    // Choices are sigmoid + bias <= 1 + 0.01 elsewhere: +2 puts expert 7 first and its group
+    // (experts 0..31) among the kept ones for every token.
+    let mut bias: Vec<f32> = (0..e).map(|_| rng.normal() * 0.01).collect();
+    bias[HOT] = 2.0;
+    let layer = RandomMoeLayer::new(&mut rng, cfg, bias);
+    // Logits of unit spread (router weights 0.05 x sqrt(512)): routing varies per token.
+    let x = to_bf16(&(0..TOKENS * h).map(|_| rng.normal()).collect::<Vec<_>>());
+
+    let w = layer.upload(ops.device());
+    let (got, routes, errors) = gpu_block(
+        ops,
+        cfg,
+        &w,
+        &x,
+        TOKENS,
+        MoeLayout::Contiguous,
+        MoeGemmPath::Fast,
+    );
+    errors.unwrap();
+
+    let logits = router_logits_host(&x, &layer.router, TOKENS, h);
+    let router = cfg.router.cpu();
+    let cpu_routes: Vec<Vec<(usize, f32)>> = logits
+        .par_chunks(e)
+        .map(|l| router.route(l, &layer.bias))
+        .collect();
+    for (t, (gpu, cpu)) in routes.iter().zip(&cpu_routes).enumerate() {
+        let cpu: Vec<usize> = cpu.iter().map(|&(e, _)| e).collect();
+        assert_eq!(gpu, &cpu, "token {t}: routing");
+        assert_eq!(cpu[0], HOT, "token {t}: the hot expert comes first");
+    }
+
+    let sample: Vec<usize> = (0..64).map(|s| s * (TOKENS - 1) / 63).collect();
+    let results: Vec<Result<(), String>> = sample
+        .par_iter()
+        .map(|&t| {
+            let want = layer.cpu_token(&widen(&x[t * h..(t + 1) * h]), &cpu_routes[t]);
+            check_close(
+                &got[t * h..(t + 1) * h],
+                &want,
+                BLOCK_TOLERANCE,
+                &format!("DeepSeek routing scale, token {t}"),
+            )
+        })
+        .collect();
+    for r in results {
+        r.unwrap();
+    }
+}
+
 #[test]
 fn moe_block_nan_input_is_an_error() {
     let Some(ops) = gpu("moe_block_nan_input_is_an_error") else {
@@ -1229,12 +1412,18 @@ fn moe_block_nan_input_is_an_error() {
 }
 
 /// moe_forward recorded into a CUDA graph and replayed equals the eager run bit for bit.
+///
+/// The capture runs on a `Device` of its own (`Device::open(0)` again: its own stream in the
+/// same primary context). The other tests of this binary run on other threads and queue work on
+/// the shared device's stream: a capture there would record their kernels into this graph, and
+/// their synchronizations would break the capture. Thread-local capture mode keeps their driver
+/// calls, on their own stream, legal while this thread captures.
 #[test]
 fn moe_block_is_capture_safe() {
-    let Some(ops) = gpu("moe_block_is_capture_safe") else {
+    let Some(dev) = or_skip(Device::open(0), "moe_block_is_capture_safe") else {
         return;
     };
-    let dev = ops.device();
+    let ops = &MoeOps::load(&dev).unwrap();
     let (cfg, w) = block_weights(ops);
     let tokens = 16;
     let x = activations(&mut Rng::new(12), tokens, cfg.hidden);
@@ -1246,7 +1435,7 @@ fn moe_block_is_capture_safe() {
     ] {
         let (eager, _, errors) = gpu_block(ops, cfg, &w, &x, tokens, layout, MoeGemmPath::Fast);
         errors.unwrap();
-        let mut ws = MoeWorkspace::new(dev, cfg, tokens, layout, MoeGemmPath::Fast).unwrap();
+        let mut ws = MoeWorkspace::new(&dev, cfg, tokens, layout, MoeGemmPath::Fast).unwrap();
         let xd = dev.upload(&x).unwrap();
         let mut out: DeviceBuffer<bf16> = dev.alloc_zeros(tokens * cfg.hidden).unwrap();
         dev.synchronize().unwrap();

@@ -14,18 +14,30 @@ pub struct Reference {
 /// The committed fixtures and the number of new tokens their greedy reference asked for.
 pub const FIXTURES: [(&str, usize); 2] = [("r1-heads", 8), ("small-odd", 6)];
 
-/// A committed fixture: under the crate that built the test, or under the current directory
-/// (test binaries staged to another machine by tools/gpu-suite run from the repository root).
+/// A committed fixture (`tests/fixtures/<name>`), from the first place that holds it:
+/// `$R1_FIXTURES/<name>` (test binaries staged to another machine by tools/gpu-suite run there
+/// with R1_FIXTURES naming the stage's copy of tests/fixtures), the crate that built the test,
+/// then `tests/fixtures/<name>` under the current directory. Panics naming every place tried.
 pub fn fixture(name: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let here = Path::new("tests/fixtures").join(name);
-    if !built.exists() && here.exists() {
-        here
-    } else {
-        built
+    let mut tried = Vec::new();
+    if let Some(dir) = std::env::var_os("R1_FIXTURES").filter(|d| !d.is_empty()) {
+        tried.push(PathBuf::from(dir).join(name));
     }
+    tried.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    );
+    tried.push(Path::new("tests/fixtures").join(name));
+    if let Some(found) = tried.iter().find(|p| p.exists()) {
+        return found.clone();
+    }
+    let places: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    panic!(
+        "fixture `{name}` not found; looked in {} (set R1_FIXTURES to the folder holding the \
+         fixtures)",
+        places.join(", ")
+    )
 }
 
 pub fn reference(name: &str) -> Reference {

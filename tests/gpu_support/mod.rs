@@ -14,6 +14,7 @@ use std::io::Write as _;
 use std::sync::OnceLock;
 
 use half::bf16;
+use r1_runtime::config::ModelConfig;
 use r1_runtime::cuda::ops::RouterConfig;
 use r1_runtime::cuda::{CudaError, Device};
 use r1_runtime::engine::sampling;
@@ -127,6 +128,12 @@ pub fn deepseek_router() -> RouterConfig {
         normalize: true,
         scaling: 2.5,
     }
+}
+
+/// The released DeepSeek-R1 config.json (tests/fixtures/deepseek-r1-config.json, compiled in).
+pub fn deepseek_r1_config() -> ModelConfig {
+    const R1: &str = include_str!("../fixtures/deepseek-r1-config.json");
+    ModelConfig::from_json(R1, std::path::Path::new("config.json")).expect("R1 config parses")
 }
 
 /// Deterministic test data: the runtime's SplitMix64 (`engine::sampling::Rng`) with helpers.
