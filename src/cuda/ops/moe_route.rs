@@ -271,8 +271,8 @@ pub struct RoutedHost {
 
 /// What moe_router computes, on the host: [`crate::cpu::moe::Router::route`] per token, and
 /// for a token whose logits (or logit + bias) hold a NaN: ids -1, weights 0, flagged.
-/// (The GPU's sigmoid uses exp in double rounded to f32; the CPU's uses libm's expf, so a
-/// weight may differ in the last bit; decisions agree unless two choices are within an ulp.)
+/// (Both sigmoids take exp in f64 rounded to f32 (`numerics::sigmoid`), so the routing
+/// decisions agree bit for bit.)
 pub fn route_host(
     cfg: &RouterConfig,
     logits: &[f32],
