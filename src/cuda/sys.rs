@@ -33,6 +33,7 @@ use cudarc::driver::DeviceRepr;
 unsafe impl DeviceRepr for R1ActQuantParams {}
 unsafe impl DeviceRepr for R1Fp8GemmRefParams {}
 unsafe impl DeviceRepr for R1Fp8GemmParams {}
+unsafe impl DeviceRepr for R1ProbeWgmmaParams {}
 
 // The header's opaque tensor map must be bit-compatible with the driver's CUtensorMap
 // (cuTensorMapEncodeTiled writes the latter; the kernel reads the former).

@@ -348,6 +348,20 @@ impl PreparedFp8Gemm<'_> {
         self.cfg
     }
 
+    /// The same launch on `ctas` persistent CTAs instead of min(tiles, SMs): any count >= 1
+    /// is valid (CTA i runs tiles i, i + ctas, ...), e.g. one CTA walking every tile. The
+    /// reference kernel's grid is its output tiling, so it has no such choice.
+    pub fn with_persistent_ctas(mut self, ctas: u32) -> Result<Self> {
+        let c = Checker {
+            kernel: self.kernel.name(),
+        };
+        c.req(self.kernel != GemmKernel::Reference && ctas >= 1, || {
+            format!("a persistent grid needs a wgmma kernel and >= 1 CTA (asked for {ctas})")
+        })?;
+        self.cfg.grid_dim.0 = ctas;
+        Ok(self)
+    }
+
     /// Queues the kernel on the device's stream.
     pub fn launch(&self) -> Result<()> {
         let k = &self.dev.kernels;

@@ -13,6 +13,7 @@ mod moe_block;
 mod moe_gemm;
 mod moe_permute;
 mod moe_route;
+mod probe;
 mod small_ops;
 
 pub use act_quant::{ActQuantArgs, ActQuantDesc, PreparedActQuant, QuantizedActivations};
@@ -44,6 +45,7 @@ pub use moe_route::{
     route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
     RouterLogitsDesc,
 };
+pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
 pub use small_ops::{
     CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc,
     PreparedSmallOp, RmsNormDesc, SmallOps,
