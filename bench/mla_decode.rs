@@ -9,7 +9,7 @@
 //! L2 is flushed before every timed call.
 //!   GB/s   = (Q + KV once + O bytes) / t = 2 * (b s_q h 576 + sum(s_k) 576 + b s_q h 512) / t
 //!   TFLOPS = 2 * h * s_q * sum(s_k) * (576 + 512) / t
-//! Anchors (issue / DESIGN.md): h <= 64, s_q = 1: >= 2.9 TB/s; h = 128, s_q = 2: >= 650 TFLOPS
+//! Anchors (FlashMLA-class): h <= 64, s_q = 1: >= 2.9 TB/s; h = 128, s_q = 2: >= 650 TFLOPS
 //! (FlashMLA: 3000 GB/s / 660 TFLOPS on H800). The reference kernel runs once for scale.
 //! Without a GPU: `skipped: no CUDA device (<reason>)`, exit 0.
 

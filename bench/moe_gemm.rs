@@ -14,7 +14,7 @@
 //! TFLOPS = 2 * (valid rows) * N * K / t. GB/s = bytes moved / t, counting A's valid rows, the
 //! weights of the experts that received tokens (all of them for the prefill shapes), the
 //! scales and D; for the block, every weight it reads. % of H100 SXM (1979 dense FP8 TFLOPS,
-//! 3.35 TB/s). Targets (issue): contiguous 4x8192 (4096, 7168) >= 1300 TFLOPS; masked 4x256
+//! 3.35 TB/s). Targets: contiguous 4x8192 (4096, 7168) >= 1300 TFLOPS; masked 4x256
 //! (7168, 2048) >= 2.0 TB/s; decode at batch 1: the active experts' weights at >= 2.5 TB/s.
 //! Weight values: random for the prefill/masked shapes; the decode shapes' 256 experts
 //! (11 GiB) are filled with a constant code (timing does not depend on values). L2 is flushed

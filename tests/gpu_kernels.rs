@@ -237,7 +237,7 @@ fn host_checks_choose_kernels_and_name_requirements() {
         GemmKernel::Reference
     );
 
-    // K % 128 != 0 on the fast path: the message.
+    // K % 128 != 0 on the fast path: the message names the requirement.
     for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
         let e = err_of(desc(3, 5, 100).resolve(kernel));
         assert!(e.contains("K must be a multiple of 128"), "{e}");

@@ -1138,7 +1138,7 @@ fn q_rope_matches_cpu() {
 // GPU: decode
 // ------------------------------------------------------------------------------------------
 
-/// Sequence lengths of a decode batch: the edge lengths plus random ones.
+/// Sequence lengths of a decode batch: the edge lengths (page boundaries) plus random ones.
 fn decode_lengths(rng: &mut Rng, s_q: usize) -> Vec<usize> {
     let mut v = vec![63, 64, 65, 4097, 1 + rng.below(300), 1 + rng.below(2000)];
     if s_q == 1 {

@@ -10,7 +10,7 @@
 //! latent, 1088 MACs per (query, key, head) vs 320 for the expanded form with
 //! qk 192 / v 128 after kv_b_proj). [`prefill_form_by_cost`] says which form is cheaper for a
 //! chunk; only the absorbed form is implemented here (the expanded form needs the kv_b GEMM
-//! over the prefix, a separate kernel: see the report in the issue).
+//! over the prefix, a separate kernel).
 
 use std::marker::PhantomData;
 
