@@ -11,12 +11,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // Shared address of a kernel's dynamic shared memory, which must start 1024-byte aligned
-// (TMA's 128-byte swizzle and the wgmma descriptors need 1024-aligned tiles). The driver
-// places it so; a base that is not aligned would corrupt every tile silently, so trap.
+// (TMA's 128-byte swizzle and the wgmma descriptors need 1024-aligned tiles). ptxas pads
+// static shared memory to the extern array's __align__(1024) and the window starts after the
+// 1 KiB sm_90 reserves, so it is; a base that is not would corrupt every tile silently, so
+// trap. The address is read through PTX the compiler cannot fold: it would otherwise trust
+// the declared alignment and drop the check.
 __device__ __forceinline__ uint32_t aligned_dynamic_smem(const void* smem) {
-    const uint32_t base = smem_addr(smem);
+    uint64_t base;
+    asm volatile("cvta.to.shared.u64 %0, %1;" : "=l"(base) : "l"(smem));
     if (base & 1023u) __trap();
-    return base;
+    return static_cast<uint32_t>(base);
 }
 
 // ---- mbarrier ------------------------------------------------------------------------------

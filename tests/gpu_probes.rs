@@ -140,7 +140,9 @@ fn check_fragments(out: &[f32], k: usize) -> Result<(), String> {
          than cuda/ptx.cuh's fragment layout says (the layout formula is wrong)"
     } else {
         "the values are not a permutation of D: the tensor cores read wrong shared-memory bytes \
-         (descriptor fields, the 128-byte swizzle, or the k-advance)"
+         (descriptor fields, the 128-byte swizzle, or the k-advance); if only the lowest bits \
+         (1, 2) of the codes differ, suspect the FP8 accumulator's precision (13 bits are \
+         summed in one k32 step) rather than the layout"
     };
     let mut msg = format!(
         "{} of {CODES} accumulators wrong (K = {k}); {verdict}.",

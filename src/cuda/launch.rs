@@ -101,7 +101,12 @@ impl Modules {
     }
 
     /// The module of `cuda/<stem>.cu`, loaded (`cuModuleLoadData`) and prepared on first use.
+    /// Binds the context to the calling thread, so kernel lookups that follow work on any
+    /// thread.
     pub(crate) fn get(&self, stem: &str) -> Result<Arc<CudaModule>> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, m)) = loaded.iter().find(|(s, _)| *s == stem) {
             return Ok(m.clone());

@@ -67,7 +67,6 @@ impl std::fmt::Debug for Mla<'_> {
 impl Device {
     /// Loads cuda/mla.cu's kernels (the fast path's shared-memory limit is raised at load).
     pub fn mla(&self) -> Result<Mla<'_>> {
-        self.bind()?;
         let module = self.load_cubin("mla")?;
         let function = |name: &str| kernel(&module, name);
         let f = MlaFunctions {
