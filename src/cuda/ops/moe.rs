@@ -315,7 +315,6 @@ impl<'d> MoeOps<'d> {
         if !sys::KERNELS_BUILT {
             return Err(CudaError::BuiltWithoutKernels);
         }
-        dev.bind()?;
         let small = dev.load_cubin("moe")?;
         let gemm = dev.load_cubin("moe_gemm")?;
         let f = kernel;
@@ -399,7 +398,7 @@ impl<P: DeviceRepr> PreparedMoeLaunch<'_, P> {
         // SAFETY: the parameters passed the kernel's *Desc::check (shapes, strides, alignment,
         // buffer lengths) for buffers borrowed for this value's lifetime; every MoE kernel
         // takes exactly one parameter struct by value; the GEMMs' dynamic shared memory was
-        // raised in MoeOps::load.
+        // raised when their module was loaded.
         unsafe {
             self.dev
                 .launch(self.func, self.name, &self.params, self.cfg)

@@ -65,7 +65,6 @@ impl Device {
                 )
             },
         )?;
-        self.bind()?;
         let func = kernel(&self.load_cubin("probe")?, probe.name())?;
         let a = self.upload(a)?;
         let b = self.upload(b)?;

@@ -454,7 +454,6 @@ impl<'d> SmallOps<'d> {
         if !sys::KERNELS_BUILT {
             return Err(CudaError::BuiltWithoutKernels);
         }
-        dev.bind()?;
         let module = dev.load_cubin("small_ops")?;
         let function = |name: &str| kernel(&module, name);
         let f = Functions {
