@@ -43,7 +43,7 @@ use r1_runtime::kv_cache::{Batch, BlockId, Segment, PAGE_TOKENS};
 use r1_runtime::numerics::round_bf16;
 use r1_runtime::Precision;
 
-use gpu_support::{deepseek_r1_config, err_of, say, to_bf16, Rng};
+use gpu_support::{deepseek_r1_config, err_of, mla_attention_on_gpu, say, to_bf16, MlaRun, Rng};
 
 const KV_LORA: usize = 512;
 const ROPE: usize = 64;
@@ -343,22 +343,12 @@ fn check_attention(
     Ok(())
 }
 
-/// Which kernel configuration a GPU run uses.
-#[derive(Debug, Clone, Copy)]
-enum Run {
-    Reference,
-    /// The fast path with the device's plan (every SM busy).
-    Fast,
-    /// The fast path with this many parts per head block (1: no split; many: tiny splits).
-    FastParts(usize),
-}
-
 /// Runs attention on the GPU: (out [total_q][heads][512], lse [total_q][heads]).
 fn run_gpu(
     mla: &Mla<'_>,
     cfg: &ModelConfig,
     p: &Problem,
-    run: Run,
+    run: MlaRun,
 ) -> Result<(Vec<bf16>, Vec<f32>), String> {
     let dev = mla.device();
     let e = |e: CudaError| e.to_string();
@@ -367,46 +357,10 @@ fn run_gpu(
     dev.copy_to_device(&p.cache_gpu, &mut cache.data)
         .map_err(e)?;
     let q = dev.upload(&p.q_gpu).map_err(e)?;
-    let rows = p.layout.total_q() * p.heads;
-    let mut out = dev.alloc::<bf16>(rows * KV_LORA).map_err(e)?;
-    dev.memset(&mut out, 0xFF).map_err(e)?;
-    let mut lse = dev.alloc::<f32>(rows).map_err(e)?;
-    dev.memset(&mut lse, 0xFF).map_err(e)?;
-    let (kernel, mut ws) = match run {
-        Run::Reference => (MlaKernel::Reference, None),
-        Run::Fast => (
-            MlaKernel::Wgmma,
-            Some(MlaWorkspace::new(dev, batch.batch, p.heads, batch.max_q_len).map_err(e)?),
-        ),
-        Run::FastParts(parts) => (
-            MlaKernel::Wgmma,
-            Some(
-                MlaWorkspace::with_parts(dev, batch.batch, p.heads, batch.max_q_len, parts)
-                    .map_err(e)?,
-            ),
-        ),
-    };
-    let ran = mla
-        .attention(
-            MlaAttnArgs {
-                q: &q,
-                heads: p.heads,
-                scale: cfg.softmax_scale(),
-                cache: &cache,
-                batch: &batch,
-                out: &mut out,
-                lse: &mut lse,
-                workspace: ws.as_mut(),
-                schedule: true,
-            },
-            kernel,
-        )
+    let got = mla_attention_on_gpu(mla, &q, p.heads, cfg.softmax_scale(), &cache, &batch, run)
         .map_err(e)?;
-    assert_eq!(ran, kernel);
-    let got = dev.download(&out).map_err(e)?;
-    let got_lse = dev.download(&lse).map_err(e)?;
     // The device scheduler must produce exactly the host mirror's schedule.
-    if let Some(ws) = &ws {
+    if let Some(ws) = &got.workspace {
         let seqlens: Vec<i32> = p.layout.kv_lens.iter().map(|&v| v as i32).collect();
         let want = mla_schedule_host(
             &seqlens,
@@ -414,12 +368,14 @@ fn run_gpu(
             ws.parts,
             MLA_SCHED_FIXED_OVERHEAD,
         );
-        let got = ws.download_schedule(dev, batch.batch).map_err(e)?;
-        if got != want {
-            return Err(format!("device schedule {got:?} != host mirror {want:?}"));
+        let schedule = ws.download_schedule(dev, batch.batch).map_err(e)?;
+        if schedule != want {
+            return Err(format!(
+                "device schedule {schedule:?} != host mirror {want:?}"
+            ));
         }
     }
-    Ok((got, got_lse))
+    Ok((got.out, got.lse))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1166,10 +1122,10 @@ fn decode_matches_cpu_all_head_counts() {
             let want = cpu_reference(&cfg, &p, &absorbed);
             let (want_lse, _) = f64_reference(&cfg, &p);
             for run in [
-                Run::Reference,
-                Run::Fast,
-                Run::FastParts(1),
-                Run::FastParts(300),
+                MlaRun::Reference,
+                MlaRun::Fast,
+                MlaRun::FastParts(1),
+                MlaRun::FastParts(300),
             ] {
                 let what = format!("heads {heads} s_q {s_q} {run:?}");
                 let (got, lse) =
@@ -1198,7 +1154,7 @@ fn decode_random_batches() {
         let p = problem(&mut rng, &cfg, heads, &kv, &vec![s_q; n]);
         let want = cpu_reference(&cfg, &p, &identity_absorbed(heads, KV_LORA));
         let (want_lse, _) = f64_reference(&cfg, &p);
-        for run in [Run::Reference, Run::Fast] {
+        for run in [MlaRun::Reference, MlaRun::Fast] {
             let what = format!("case {case}: heads {heads} s_q {s_q} {run:?} lengths {kv:?}");
             let (got, lse) = run_gpu(mla, &cfg, &p, run).unwrap_or_else(|e| panic!("{what}: {e}"));
             check_attention(&what, &p, &got, &lse, &want, &want_lse).unwrap();
@@ -1231,7 +1187,7 @@ fn prefill_chunks_match_cpu() {
         let p = problem(&mut rng, &cfg, heads, &kv, &q);
         let want = cpu_reference(&cfg, &p, &identity_absorbed(heads, KV_LORA));
         let (want_lse, _) = f64_reference(&cfg, &p);
-        for run in [Run::Reference, Run::Fast, Run::FastParts(7)] {
+        for run in [MlaRun::Reference, MlaRun::Fast, MlaRun::FastParts(7)] {
             let what = format!("case {case}: heads {heads} {run:?} q {q:?} kv {kv:?}");
             let (got, lse) = run_gpu(mla, &cfg, &p, run).unwrap_or_else(|e| panic!("{what}: {e}"));
             check_attention(&what, &p, &got, &lse, &want, &want_lse).unwrap();
@@ -1383,7 +1339,11 @@ fn sanitizer_smoke() {
     let p = problem(&mut rng, &cfg, heads, &[2, 65, 129, 300], &[2; 4]);
     let want = cpu_reference(&cfg, &p, &identity_absorbed(heads, KV_LORA));
     let (want_lse, _) = f64_reference(&cfg, &p);
-    for run in [Run::Reference, Run::FastParts(1), Run::FastParts(40)] {
+    for run in [
+        MlaRun::Reference,
+        MlaRun::FastParts(1),
+        MlaRun::FastParts(40),
+    ] {
         let (got, lse) = run_gpu(mla, &cfg, &p, run).unwrap();
         check_attention(&format!("{run:?}"), &p, &got, &lse, &want, &want_lse).unwrap();
     }

@@ -34,13 +34,12 @@ use r1_runtime::cuda::ops::{
     WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS,
 };
 use r1_runtime::cuda::{
-    CudaError, Device, Fp8GemmArgs, Fp8Weight, GemmKernel, MlaAttnArgs, MlaCache, MlaKernel,
-    MlaLayout, MlaWorkspace, QuantizedActivations, MLA_FAST_KV_LORA, MLA_FAST_ROPE,
-    MLA_PAGE_TOKENS,
+    CudaError, Device, Fp8GemmArgs, Fp8Weight, GemmKernel, MlaCache, MlaLayout,
+    QuantizedActivations, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS,
 };
 use r1_runtime::numerics::{e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
 
-use gpu_support::{gpu, say, Rng};
+use gpu_support::{gpu, mla_attention_on_gpu, say, MlaRun, Rng};
 
 // ------------------------------------------------------------------------------------------
 // Bare wgmma: data, fragment layout, diagnosis
@@ -514,14 +513,6 @@ struct MlaProbe {
     heads: usize,
 }
 
-/// Which kernel runs an [`MlaProbe`].
-#[derive(Debug, Clone, Copy)]
-enum MlaRun {
-    Reference,
-    /// The fast path with this many parts per head block, or the device's plan.
-    Wgmma(Option<usize>),
-}
-
 /// Runs `f` on its own thread and waits at most [`DEADLINE`] for it, so that a hanging
 /// kernel fails the test with a message naming `what` before the runner's watchdog fires.
 fn within_deadline<T: Send + 'static>(
@@ -554,49 +545,12 @@ fn mla_on_gpu(dev: &Device, p: &MlaProbe, run: MlaRun) -> Result<(Vec<bf16>, Vec
     let mut batch = p.layout.upload(dev).map_err(e)?;
     dev.copy_to_device(&p.block_table, &mut batch.block_table)
         .map_err(e)?;
-    // After the first copies: they make the device's context current on this thread, which
-    // looking up the kernels needs.
     let mla = dev.mla().map_err(e)?;
     let mut cache = MlaCache::new(dev, p.num_pages, KV_LORA, ROPE).map_err(e)?;
     dev.copy_to_device(&p.cache, &mut cache.data).map_err(e)?;
     let q = dev.upload(&p.q).map_err(e)?;
-    let rows = batch.total_q * p.heads;
-    let mut out = dev.alloc::<bf16>(rows * KV_LORA).map_err(e)?;
-    dev.memset(&mut out, 0xFF).map_err(e)?;
-    let mut lse = dev.alloc::<f32>(rows).map_err(e)?;
-    dev.memset(&mut lse, 0xFF).map_err(e)?;
-    let (kernel, mut ws) = match run {
-        MlaRun::Reference => (MlaKernel::Reference, None),
-        MlaRun::Wgmma(parts) => {
-            let (b, mq) = (batch.batch, batch.max_q_len);
-            let ws = match parts {
-                Some(parts) => MlaWorkspace::with_parts(dev, b, p.heads, mq, parts),
-                None => MlaWorkspace::new(dev, b, p.heads, mq),
-            };
-            (MlaKernel::Wgmma, Some(ws.map_err(e)?))
-        }
-    };
-    let ran = mla
-        .attention(
-            MlaAttnArgs {
-                q: &q,
-                heads: p.heads,
-                scale: SCALE,
-                cache: &cache,
-                batch: &batch,
-                out: &mut out,
-                lse: &mut lse,
-                workspace: ws.as_mut(),
-                schedule: true,
-            },
-            kernel,
-        )
-        .map_err(e)?;
-    assert_eq!(ran, kernel);
-    Ok((
-        dev.download(&out).map_err(e)?,
-        dev.download(&lse).map_err(e)?,
-    ))
+    let got = mla_attention_on_gpu(&mla, &q, p.heads, SCALE, &cache, &batch, run).map_err(e)?;
+    Ok((got.out, got.lse))
 }
 
 /// [`mla_on_gpu`] under the deadline.
@@ -734,11 +688,7 @@ fn mla_v_transpose_one_hot() {
         return;
     };
     let p = Arc::new(one_hot_problem());
-    for run in [
-        MlaRun::Reference,
-        MlaRun::Wgmma(Some(1)),
-        MlaRun::Wgmma(None),
-    ] {
+    for run in [MlaRun::Reference, MlaRun::FastParts(1), MlaRun::Fast] {
         let (out, lse) = run_mla(dev, &p, run);
         check_one_hot(&format!("{run:?}"), &out, &lse, p.heads).unwrap();
     }
@@ -899,7 +849,7 @@ fn mla_invalid_page_ids() {
     let reference: Vec<f64> = reference.iter().map(|v| f64::from(v.to_f32())).collect();
     let reference_lse: Vec<f64> = reference_lse.iter().map(|&v| f64::from(v)).collect();
     for parts in [1, 3] {
-        let (got, got_lse) = run_mla(dev, &p, MlaRun::Wgmma(Some(parts)));
+        let (got, got_lse) = run_mla(dev, &p, MlaRun::FastParts(parts));
         check_close_attention(
             &format!("mla_decode_wgmma ({parts} parts) vs mla_attn_ref"),
             &got,

@@ -16,7 +16,10 @@ use std::sync::OnceLock;
 use half::bf16;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cuda::ops::RouterConfig;
-use r1_runtime::cuda::{CudaError, Device};
+use r1_runtime::cuda::{
+    CudaError, Device, DeviceBuffer, Mla, MlaAttnArgs, MlaBatch, MlaCache, MlaKernel, MlaWorkspace,
+    MLA_FAST_KV_LORA,
+};
 use r1_runtime::engine::sampling;
 use r1_runtime::numerics::{self, e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
 
@@ -333,4 +336,79 @@ pub fn check_close_at(
 pub fn check_close(got: &[f32], want: &[f32], tol: Tolerance, what: &str) -> Result<(), String> {
     assert_eq!(got.len(), want.len());
     check_close_at(got.iter().copied(), want, tol, what, |i| format!("[{i}]"))
+}
+
+// ------------------------------------------------------------------------------------------
+// MLA attention on the GPU
+// ------------------------------------------------------------------------------------------
+
+/// Which MLA kernels a GPU attention call runs.
+#[derive(Debug, Clone, Copy)]
+pub enum MlaRun {
+    Reference,
+    /// The fast path with the device's plan (every SM busy).
+    Fast,
+    /// The fast path with this many parts per head block (1: no split; many: tiny splits).
+    FastParts(usize),
+}
+
+/// What [`mla_attention_on_gpu`] read back.
+pub struct MlaAttention {
+    /// bf16 `[total_q][heads][512]`.
+    pub out: Vec<bf16>,
+    /// f32 `[total_q][heads]`.
+    pub lse: Vec<f32>,
+    /// The fast path's workspace, for a look at its schedule.
+    pub workspace: Option<MlaWorkspace>,
+}
+
+/// One attention call of `run`'s kernels into outputs filled with 0xFF first (a row the
+/// kernel leaves unwritten reads as NaN).
+pub fn mla_attention_on_gpu(
+    mla: &Mla<'_>,
+    q: &DeviceBuffer<bf16>,
+    heads: usize,
+    scale: f32,
+    cache: &MlaCache,
+    batch: &MlaBatch,
+    run: MlaRun,
+) -> Result<MlaAttention, CudaError> {
+    let dev = mla.device();
+    let rows = batch.total_q * heads;
+    let mut out = dev.alloc::<bf16>(rows * MLA_FAST_KV_LORA)?;
+    dev.memset(&mut out, 0xFF)?;
+    let mut lse = dev.alloc::<f32>(rows)?;
+    dev.memset(&mut lse, 0xFF)?;
+    let (b, mq) = (batch.batch, batch.max_q_len);
+    let (kernel, mut ws) = match run {
+        MlaRun::Reference => (MlaKernel::Reference, None),
+        MlaRun::Fast => (
+            MlaKernel::Wgmma,
+            Some(MlaWorkspace::new(dev, b, heads, mq)?),
+        ),
+        MlaRun::FastParts(parts) => (
+            MlaKernel::Wgmma,
+            Some(MlaWorkspace::with_parts(dev, b, heads, mq, parts)?),
+        ),
+    };
+    let ran = mla.attention(
+        MlaAttnArgs {
+            q,
+            heads,
+            scale,
+            cache,
+            batch,
+            out: &mut out,
+            lse: &mut lse,
+            workspace: ws.as_mut(),
+            schedule: true,
+        },
+        kernel,
+    )?;
+    assert_eq!(ran, kernel);
+    Ok(MlaAttention {
+        out: dev.download(&out)?,
+        lse: dev.download(&lse)?,
+        workspace: ws,
+    })
 }
