@@ -516,7 +516,18 @@ def run_tests(args):
 # ------------------------------------------------------------------------------ sanitizer
 
 
-class SanitizerOutput:
+class LineHandler:
+    """What pump feeds: complete lines; by default the unfinished last line is ignored and
+    nothing but the watchdog and the deadline stops the process."""
+
+    def partial(self, text):
+        pass
+
+    def stop_reason(self, now):
+        return None
+
+
+class SanitizerOutput(LineHandler):
     """Keeps compute-sanitizer's error summary and its first reports (each with a few detail
     lines, which name the kernel and the address)."""
 
@@ -526,12 +537,6 @@ class SanitizerOutput:
         self.reports = []
         self.test_result = None
         self.last_kernel = None
-
-    def partial(self, text):
-        pass
-
-    def stop_reason(self, now):
-        return None
 
     def line(self, text):
         if TRACE_MARK in text:
@@ -609,17 +614,11 @@ def run_sanitizer(args):
 # ------------------------------------------------------------------------------ one command
 
 
-class PlainOutput:
+class PlainOutput(LineHandler):
     def __init__(self, log):
         self.log = log
         self.last_line = None
         self.skip_line = None
-
-    def partial(self, text):
-        pass
-
-    def stop_reason(self, now):
-        return None
 
     def line(self, text):
         self.log.line(text)
