@@ -20,6 +20,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod numerics;
 pub mod server;
+pub mod text;
 
 pub use backend::{Backend, Precision};
 pub use error::{Error, Result};

@@ -447,7 +447,7 @@ fn json_mode_on_random_weights() {
         let v = r.json();
         let content = v["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(
-            r1_runtime::chat::constrained::JsonValidator::default().feed(content.as_bytes()),
+            r1_runtime::text::constrained::JsonValidator::default().feed(content.as_bytes()),
             "{content:?}"
         );
         if v["choices"][0]["finish_reason"] == "stop" {

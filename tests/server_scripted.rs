@@ -211,7 +211,7 @@ fn json_body(response_format: bool) -> Value {
 }
 
 fn is_json_prefix(s: &str) -> bool {
-    r1_runtime::chat::constrained::JsonValidator::default().feed(s.as_bytes())
+    r1_runtime::text::constrained::JsonValidator::default().feed(s.as_bytes())
 }
 
 /// JSON mode passes a valid object through and stops when it closes.
@@ -387,7 +387,7 @@ fn person_schema() -> Value {
 
 /// The text is a prefix of a value the schema accepts (and the whole value when `complete`).
 fn conforms(schema: &Value, text: &str, complete: bool) -> bool {
-    use r1_runtime::chat::constrained::{Schema, SchemaValidator};
+    use r1_runtime::text::constrained::{Schema, SchemaValidator};
     let mut v = SchemaValidator::new(Schema::compile(schema).unwrap());
     v.feed(text.as_bytes()) && (!complete || v.complete())
 }

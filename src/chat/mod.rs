@@ -13,21 +13,19 @@
 //! # Ok::<(), r1_runtime::Error>(())
 //! ```
 
-pub mod constrained;
 pub mod messages;
 pub mod output;
 pub mod reasoning;
 pub mod template;
 pub mod terminal;
-pub mod tokenizer;
 pub mod tool_calls;
 
 use std::path::Path;
 
+pub use crate::text::{IncrementalDecoder, Tokenizer};
 pub use messages::{FunctionCall, FunctionDef, Message, Role, Tool, ToolCall};
 pub use output::{Delta, OutputParser, ParsedOutput};
 pub use template::{ChatTemplate, RenderOptions, Thinking};
-pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use tool_calls::ToolCallDelta;
 
 use crate::error::Result;

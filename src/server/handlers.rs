@@ -21,12 +21,12 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::api::{ChatCompletionRequest, CommonParams, CompletionPrompt, CompletionRequest};
 use super::error::ApiError;
 use super::{unix_now, AppState};
-use crate::chat::constrained::{AnswerFormat, Schema};
 use crate::chat::Tool;
 use crate::chat::{Delta, OutputParser, RenderOptions, Thinking, ToolCallDelta};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::Submission;
 use crate::engine::scheduler::{AnswerMode, Event, Finish, Request, StopReason};
+use crate::text::constrained::{AnswerFormat, Schema};
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
 

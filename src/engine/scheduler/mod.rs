@@ -32,11 +32,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::sampling::{pick, sample, sampling_distribution, Rng, SamplingParams};
 use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
-use crate::chat::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
 use crate::chat::reasoning::partial_suffix;
 use crate::chat::{IncrementalDecoder, Tokenizer};
 use crate::error::{Error, Result};
 use crate::kv_cache::PAGE_TOKENS;
+use crate::text::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
 
 pub type RequestId = u64;
 

@@ -4,13 +4,13 @@
 //! - one JSON object (`response_format: {"type": "json_object"}`);
 //! - one R1 tool call (`tool_choice` "required" or naming a function): the call markers, one
 //!   of the allowed function names, and JSON-object arguments, in the R1-0528 layout that
-//!   [`super::tool_calls`] parses.
+//!   [`crate::chat::tool_calls`] parses.
 
 use std::sync::Arc;
 
-use super::template::{THINK_CLOSE, THINK_OPEN};
-use super::tool_calls::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
 use super::Tokenizer;
+use crate::chat::template::{THINK_CLOSE, THINK_OPEN};
+use crate::chat::tool_calls::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
 
 /// Every token's bytes (byte-level BPE pieces mapped back to raw bytes; added tokens as their
 /// text); `None` for special tokens, which never belong in JSON.
@@ -405,7 +405,7 @@ mod tests {
             assert!(!g.clone().feed(b"x"), "nothing after the call");
             assert!(g.clone().feed(b"\n\n"), "but whitespace");
             // The parser reads what the grammar produced.
-            let mut p = super::super::tool_calls::ToolCallParser::new("t");
+            let mut p = crate::chat::tool_calls::ToolCallParser::new("t");
             let mut out = p.push(&text);
             out.calls.extend(p.finish().calls);
             assert_eq!(out.calls[0].name.as_deref(), Some(name));
