@@ -6,7 +6,19 @@
 
 use crate::error::{Error, Result};
 use crate::kv_cache::Batch;
-use crate::model::weights::{MlpWeights, WeightId};
+
+/// A weight, as a graph op names it: an index into the model's weight table
+/// (`model::weights::ModelWeights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WeightId(pub u32);
+
+/// The three projections of a SwiGLU MLP (a dense FFN, one expert, the shared expert).
+#[derive(Debug, Clone, Copy)]
+pub struct MlpWeights {
+    pub gate: WeightId,
+    pub up: WeightId,
+    pub down: WeightId,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Buf(pub u32);

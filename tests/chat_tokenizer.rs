@@ -4,9 +4,10 @@
 mod chat_support;
 
 use r1_runtime::chat::{
-    ChatFormat, ChatTemplate, FunctionCall, FunctionDef, Message, RenderOptions, Thinking,
-    Tokenizer, Tool, ToolCall,
+    ChatFormat, ChatTemplate, FunctionCall, FunctionDef, Message, RenderOptions, Thinking, Tool,
+    ToolCall,
 };
+use r1_runtime::text::Tokenizer;
 
 fn tokenizer() -> Option<(Tokenizer, std::path::PathBuf)> {
     let dir = chat_support::test_tokenizer_dir()?;
@@ -262,7 +263,7 @@ fn tools_and_tool_messages_render_in_deepseek_markers() {
 #[test]
 fn token_bytes_match_decoding() {
     let Some((tok, _)) = tokenizer() else { return };
-    let table = r1_runtime::text::constrained::TokenBytes::from_tokenizer(&tok, 129_280);
+    let table = r1_runtime::text::TokenBytes::from_tokenizer(&tok, 129_280);
     assert!(table.get(0).is_none(), "BOS is special");
     assert!(table.get(1).is_none(), "EOS is special");
     assert_eq!(table.get(128798), Some("<think>".as_bytes()));
@@ -296,7 +297,8 @@ fn token_bytes_match_decoding() {
 /// the arguments and again after them, and the answer is then complete.
 #[test]
 fn forced_tool_call_markup_uses_marker_tokens() {
-    use r1_runtime::text::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
+    use r1_runtime::text::constrained::{AnswerConstraint, AnswerFormat};
+    use r1_runtime::text::TokenBytes;
     use std::sync::Arc;
     let Some((tok, _)) = tokenizer() else { return };
     let table = Arc::new(TokenBytes::from_tokenizer(&tok, 129_280));

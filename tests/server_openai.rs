@@ -7,7 +7,7 @@ mod server_support;
 
 use std::process::Command;
 
-use r1_runtime::chat::Tokenizer;
+use r1_runtime::text::Tokenizer;
 use server_support::{scripted_engine, TestServer, MODEL};
 
 #[test]

@@ -6,7 +6,7 @@
 mod chat_support;
 mod server_support;
 
-use r1_runtime::chat::Tokenizer;
+use r1_runtime::text::Tokenizer;
 use serde_json::{json, Value};
 use server_support::{scripted_engine, TestServer, MODEL};
 

@@ -1,5 +1,6 @@
-//! The chat layer over token ids: the checkpoint's tokenizer, its chat template, and parsing
-//! generated text back into reasoning, answer and tool calls (incrementally, for streaming).
+//! The chat layer, above the engine: the checkpoint's chat template, messages, and parsing
+//! generated text back into reasoning, answer and tool calls (incrementally, for streaming);
+//! the terminal chat. The tokenizer and decoding are the [`text`](crate::text) layer's.
 //!
 //! ```no_run
 //! # use r1_runtime::chat::{ChatFormat, Message, RenderOptions};
@@ -22,13 +23,13 @@ pub mod tool_calls;
 
 use std::path::Path;
 
-pub use crate::text::{IncrementalDecoder, Tokenizer};
 pub use messages::{FunctionCall, FunctionDef, Message, Role, Tool, ToolCall};
 pub use output::{Delta, OutputParser, ParsedOutput};
 pub use template::{ChatTemplate, RenderOptions, Thinking};
 pub use tool_calls::ToolCallDelta;
 
 use crate::error::Result;
+use crate::text::Tokenizer;
 
 /// A rendered and tokenized chat prompt.
 #[derive(Debug, Clone)]

@@ -3,7 +3,8 @@
 //! certain so far. The tags themselves never appear in either part; whitespace right inside
 //! the reasoning block and right after `</think>` is dropped.
 
-use super::template::{THINK_CLOSE, THINK_OPEN};
+use crate::text::markup::{THINK_CLOSE, THINK_OPEN};
+use crate::text::stop::partial_suffix;
 
 /// Text decided by one [`ReasoningSplitter::push`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,14 +117,4 @@ impl ReasoningSplitter {
         }
         out
     }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `marker` (so it might
-/// become the marker once more text arrives).
-pub(crate) fn partial_suffix(text: &str, marker: &str) -> usize {
-    let max = text.len().min(marker.len().saturating_sub(1));
-    (1..=max)
-        .rev()
-        .find(|&k| marker.is_char_boundary(k) && text.ends_with(&marker[..k]))
-        .unwrap_or(0)
 }

@@ -9,14 +9,13 @@ use serde_json::{json, Map, Value};
 
 use super::messages::{Message, Role, Tool};
 use crate::error::{Error, Result};
+use crate::text::markup::THINK_OPEN;
 
 /// DeepSeek's special-token strings.
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS: &str = "<｜end▁of▁sentence｜>";
 pub const USER: &str = "<｜User｜>";
 pub const ASSISTANT: &str = "<｜Assistant｜>";
-pub const THINK_OPEN: &str = "<think>";
-pub const THINK_CLOSE: &str = "</think>";
 
 const BUILTIN: &str = include_str!("builtin_template.jinja");
 

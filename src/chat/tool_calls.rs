@@ -13,13 +13,8 @@
 //! carries its index, id and name; later ones carry pieces of its arguments.
 
 use super::messages::{FunctionCall, ToolCall};
-use super::reasoning::partial_suffix;
-
-pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
-pub const CALLS_END: &str = "<｜tool▁calls▁end｜>";
-pub const CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
-pub const CALL_END: &str = "<｜tool▁call▁end｜>";
-pub const SEP: &str = "<｜tool▁sep｜>";
+use crate::text::markup::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
+use crate::text::stop::partial_suffix;
 
 /// One streamed piece of a tool call (OpenAI `delta.tool_calls[i]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,5 +328,30 @@ pub fn merge_call_deltas(calls: &mut Vec<ToolCall>, deltas: &[ToolCallDelta]) {
             c.function.name = name.clone();
         }
         c.function.arguments.push_str(&d.arguments);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout a constrained tool-call answer is written in (text::constrained's grammar
+    /// accepts exactly this) parses back into the call.
+    #[test]
+    fn parses_the_constrained_call_layout() {
+        for name in ["get", "get_time"] {
+            let args = r#"{"tz": "UTC", "n": [1, 2]}"#;
+            let text = format!(
+                "{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n{args}\n```{CALL_END}{CALLS_END}"
+            );
+            let mut p = ToolCallParser::new("t");
+            let mut out = p.push(&text);
+            out.calls.extend(p.finish().calls);
+            assert_eq!(out.calls[0].name.as_deref(), Some(name));
+            let mut calls = Vec::new();
+            merge_call_deltas(&mut calls, &out.calls);
+            assert_eq!(calls.len(), 1);
+            assert_eq!(calls[0].function.arguments, args);
+        }
     }
 }

@@ -4,8 +4,8 @@
 pub mod weights;
 
 use crate::config::ModelConfig;
-use crate::graph::{Buf, Graph, Op, Rows, Storage};
-use weights::{BlockWeights, FfnWeights, MlpWeights, ModelWeights, QueryWeights};
+use crate::graph::{Buf, Graph, MlpWeights, Op, Rows, Storage};
+use weights::{BlockWeights, FfnWeights, ModelWeights, QueryWeights};
 
 /// Graph inputs and outputs by name.
 pub const HIDDEN_IN: &str = "hidden_in";

@@ -9,9 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::{Checkpoint, Fp8Weight};
 use crate::config::ModelConfig;
 use crate::error::Result;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WeightId(pub u32);
+// The ids are the graph's (its ops name weights by them); they stay reachable here, where
+// the weights they address live.
+pub use crate::graph::{MlpWeights, WeightId};
 
 #[derive(Debug)]
 pub enum Weight {
@@ -54,13 +54,6 @@ pub struct AttentionWeights {
     pub kv_a_norm: WeightId,
     pub kv_b: WeightId,
     pub o: WeightId,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct MlpWeights {
-    pub gate: WeightId,
-    pub up: WeightId,
-    pub down: WeightId,
 }
 
 #[derive(Debug, Clone)]

@@ -32,11 +32,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::sampling::{pick, sample, sampling_distribution, Rng, SamplingParams};
 use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
 use super::{Engine, Sequence, Step};
-use crate::chat::reasoning::partial_suffix;
-use crate::chat::{IncrementalDecoder, Tokenizer};
 use crate::error::{Error, Result};
 use crate::kv_cache::PAGE_TOKENS;
-use crate::text::constrained::{AnswerConstraint, AnswerFormat, TokenBytes};
+use crate::text::constrained::{AnswerConstraint, AnswerFormat};
+use crate::text::stop::{earliest_stop, partial_suffix};
+use crate::text::{IncrementalDecoder, TokenBytes, Tokenizer};
 
 pub type RequestId = u64;
 
@@ -1117,14 +1117,6 @@ fn constrained_sample(
     }
     let kept: Vec<(u32, f64)> = kept.into_iter().map(|(t, q)| (t, q / total)).collect();
     Some(pick(&kept, rng))
-}
-
-fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
 }
 
 /// Checks a request against the model; returns its effective token limit.
