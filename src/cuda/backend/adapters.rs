@@ -135,3 +135,55 @@ pub fn upload_moe_block(
         shared,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::Segment;
+
+    fn r1() -> ModelConfig {
+        let json = include_str!("../../../tests/fixtures/deepseek-r1-config.json");
+        ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn deepseek_r1_shapes_fit_the_moe_block() {
+        let cfg = moe_block_config(&r1());
+        assert_eq!(
+            cfg,
+            MoeBlockConfig {
+                router: RouterConfig {
+                    experts: 256,
+                    n_group: 8,
+                    topk_group: 4,
+                    top_k: 8,
+                    normalize: true,
+                    scaling: 2.5,
+                },
+                hidden: 7168,
+                inter: 2048,
+                shared_inter: 2048,
+            }
+        );
+        cfg.check().unwrap();
+        assert_eq!(cfg.router.host().n_experts, 256);
+    }
+
+    #[test]
+    fn batch_segments_become_sequences() {
+        let segment = |blocks: Vec<u32>, start_pos, len| Segment {
+            blocks,
+            start_pos,
+            len,
+            logit_rows: 1,
+        };
+        let batch = Batch {
+            tokens: vec![0; 5],
+            segments: vec![segment(vec![3, 1], 70, 2), segment(vec![0], 0, 3)],
+            page_copies: Vec::new(),
+        };
+        let l = mla_layout(&batch);
+        assert_eq!(l.tables, vec![vec![3, 1], vec![0]]);
+        assert_eq!((l.kv_lens, l.q_lens), (vec![72, 3], vec![2, 3]));
+    }
+}

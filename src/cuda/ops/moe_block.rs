@@ -1,6 +1,6 @@
 //! The whole MoE block of a DeepSeek-V3 layer on the GPU for a batch of tokens, the GPU
-//! counterpart of the graph's `MoeRouted` + shared-expert MLP + `Add` (cpu::moe::MoeCall and
-//! the CPU's mlp nodes, in w8a8):
+//! counterpart of the graph's `MoeRouted` + shared-expert MLP + `Add` (the CPU backend's
+//! MoeCall and mlp nodes, in w8a8):
 //!
 //! ```text
 //! x (bf16 [T, H]) -> moe_router_logits -> moe_router -> topk ids / weights (+ error flags)
