@@ -33,7 +33,7 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_neg(x))
 }
 
-/// sum_i a[i] b[i] in f32, in a fixed order: eight interleaved partial sums, then the tail.
+/// `sum_i a[i] * b[i]` in f32, in a fixed order: eight interleaved partial sums, then the tail.
 /// The GPU router-logits kernel reproduces this order, so CPU and GPU logits agree bit for bit.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -8,9 +8,9 @@
 //! borrowing the buffers, `prepare_*` (checked once, launch many times: benches, graph capture).
 //!
 //! Layouts (launch_params.h): cache `bf16 [num_pages][64][kv_lora + rope]`, one page id per 64
-//! positions of a sequence's block table (the engine's KV-cache block ids); queries and outputs packed by
-//! token, sequence `b` owning tokens `q_starts[b] .. q_starts[b + 1]` whose last one sits at
-//! position `kv_len[b] - 1` (the cache holds the new tokens too).
+//! positions of a sequence's block table (the engine's KV-cache block ids); queries and
+//! outputs packed by token, sequence `b` owning tokens `q_starts[b] .. q_starts[b + 1]` whose
+//! last one sits at position `kv_len[b] - 1` (the cache holds the new tokens too).
 
 use std::marker::PhantomData;
 
