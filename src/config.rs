@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::numerics::routing::Router;
 
 /// YaRN rope scaling (the only `rope_scaling.type` DeepSeek-V3 uses).
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +192,18 @@ impl ModelConfig {
                 (interpolated * (1.0 - keep_extrapolated) + extra * keep_extrapolated) as f32
             })
             .collect()
+    }
+
+    /// The MoE routing hyper-parameters.
+    pub fn router(&self) -> Router {
+        Router {
+            n_experts: self.n_routed_experts,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            top_k: self.num_experts_per_tok,
+            normalize: self.norm_topk_prob,
+            scaling: self.routed_scaling_factor,
+        }
     }
 
     /// Multiplier on cos/sin: `mscale(mscale) / mscale(mscale_all_dim)` (1 for R1).

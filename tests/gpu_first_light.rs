@@ -293,7 +293,7 @@ fn light_mla(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let mut cache = MlaCache::new(dev, 5, kv_lora, rope).unwrap();
     let old = to_bf16(&rng.uniform(cache.data.len(), -1.0, 1.0));
     dev.copy_to_device(&old, &mut cache.data).unwrap();
-    let rope_table = MlaRope::new(dev, &cfg).unwrap();
+    let rope_table = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
     let kv = dev
         .upload(&to_bf16(&rng.uniform(tokens * width, -2.0, 2.0)))
         .unwrap();

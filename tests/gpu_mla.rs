@@ -33,6 +33,7 @@ use rayon::prelude::*;
 
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cpu::attention::{self as cpu_attn, Absorbed, LayerCache, MlaShape, Rope};
+use r1_runtime::cuda::backend::mla_layout;
 use r1_runtime::cuda::{
     mla_plan_parts, mla_schedule_host, prefill_form_by_cost, CudaError, Mla, MlaAttnArgs,
     MlaAttnDesc, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaKernel, MlaLayout,
@@ -827,7 +828,7 @@ fn layout_checks_and_positions() {
         ],
         page_copies: Vec::new(),
     };
-    let l = MlaLayout::from_batch(&batch);
+    let l = mla_layout(&batch);
     assert_eq!(l.kv_lens, vec![72, 3]);
     assert_eq!(l.q_lens, vec![2, 3]);
     assert_eq!(l.total_q(), 5);
@@ -960,7 +961,7 @@ fn cache_write_matches_cpu() {
     dev.memset(&mut cache.data, 0xFF).unwrap();
     let kv_d = dev.upload(&to_bf16(&kv)).unwrap();
     let norm_d = dev.upload(&to_bf16(&norm)).unwrap();
-    let rope = MlaRope::new(dev, &cfg).unwrap();
+    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
     mla.cache_write(MlaCacheWriteArgs {
         kv: &kv_d,
         ld_kv,
@@ -1030,7 +1031,7 @@ fn q_rope_matches_cpu() {
         .map(|_| round_bf16(rng.normal()))
         .collect();
     let batch = layout.upload(dev).unwrap();
-    let rope = MlaRope::new(dev, &cfg).unwrap();
+    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
     let qb_d = dev.upload(&to_bf16(&qb)).unwrap();
     let mut q = dev.alloc::<bf16>(tokens * heads * WIDTH).unwrap();
     dev.memset(&mut q, 0xFF).unwrap();
@@ -1214,7 +1215,7 @@ fn prefill_then_decode_equals_single_prefill() {
     let q_all: Vec<f32> = (0..n * heads * WIDTH)
         .map(|_| round_bf16(rng.normal() * 0.3))
         .collect();
-    let rope = MlaRope::new(dev, &cfg).unwrap();
+    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
     let norm_d = dev.upload(&to_bf16(&norm)).unwrap();
 
     // Steps as (new tokens) lists: [all n] vs [130, 60, 1 x 20, 2 x 10].
@@ -1355,7 +1356,7 @@ fn sanitizer_smoke() {
         .upload(&to_bf16(&vec![0.5f32; p.layout.total_q() * WIDTH]))
         .unwrap();
     let norm = dev.upload(&to_bf16(&[1.0f32; KV_LORA])).unwrap();
-    let rope = MlaRope::new(dev, &cfg).unwrap();
+    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
     mla.cache_write(MlaCacheWriteArgs {
         kv: &kv,
         ld_kv: WIDTH,

@@ -9,10 +9,11 @@
 //! of this file).
 //!
 //! What is compared, and how strictly:
-//! - moe_router_logits: bit-identical to `cpu::linear::dot` (the CPU router's logits).
-//! - moe_router: expert ids identical to `cpu::moe::Router::route` (ties: lowest index), in
-//!   the same order; weights within 4 ulp (the GPU's exp is exp(double) rounded to f32, the
-//!   CPU's is libm's expf); a NaN token: ids -1, weights 0, flags -> an error naming it.
+//! - moe_router_logits: bit-identical to `numerics::dot` (the CPU router's logits).
+//! - moe_router: expert ids identical to `numerics::routing::Router::route` (ties: lowest
+//!   index), in the same order; weights within 4 ulp (the GPU's exp is exp(double) rounded to
+//!   f32, the CPU's is libm's expf); a NaN token: ids -1, weights 0, flags -> an error naming
+//!   it.
 //! - moe_plan, moe_gather, moe_silu_quant, moe_unpermute, moe_gemm_ref: bit-identical to the
 //!   host models / a CPU loop in the kernel's order; rows the layout leaves unused untouched.
 //! - wgmma grouped GEMMs: against `numerics::block_gemm_w8a8` rounded to bf16 with
@@ -38,7 +39,8 @@ use r1_runtime::backend::Precision;
 use r1_runtime::checkpoint::Checkpoint;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cpu::linear::linear;
-use r1_runtime::cpu::moe::{MoeCall, Router};
+use r1_runtime::cpu::moe::MoeCall;
+use r1_runtime::cuda::backend::{moe_block_config, upload_moe_block};
 use r1_runtime::cuda::ops::{
     plan_host, route_host, router_logits_host, silu_quant_host, unpermute_host, GatherArgs,
     GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel, MoeBlockConfig, MoeBlockWeights,
@@ -1071,7 +1073,7 @@ fn cpu_block(f: &Fixture, x: &[f32]) -> (Vec<f32>, Vec<Vec<usize>>) {
         unreachable!()
     };
     let h = f.cfg.hidden_size;
-    let router = Router::new(&f.cfg);
+    let router = f.cfg.router();
     let Weight::Dense { data: bias, .. } = f.weights.get(moe.bias) else {
         unreachable!()
     };
@@ -1116,10 +1118,7 @@ fn cpu_block(f: &Fixture, x: &[f32]) -> (Vec<f32>, Vec<Vec<usize>>) {
     let routes = x
         .chunks(h)
         .map(|xt| {
-            let logits: Vec<f32> = rw
-                .chunks(h)
-                .map(|w| r1_runtime::cpu::linear::dot(xt, w))
-                .collect();
+            let logits: Vec<f32> = rw.chunks(h).map(|w| numerics::dot(xt, w)).collect();
             router
                 .route(&logits, bias)
                 .into_iter()
@@ -1135,8 +1134,8 @@ fn block_weights(ops: &MoeOps<'_>) -> (MoeBlockConfig, MoeBlockWeights) {
     let FfnWeights::Moe(moe) = &f.weights.blocks[f.layer].ffn else {
         unreachable!()
     };
-    let cfg = MoeBlockConfig::from_model(&f.cfg);
-    let w = MoeBlockWeights::from_model(ops.device(), &cfg, &f.weights, moe).unwrap();
+    let cfg = moe_block_config(&f.cfg);
+    let w = upload_moe_block(ops.device(), &cfg, &f.weights, moe).unwrap();
     (cfg, w)
 }
 
@@ -1348,7 +1347,7 @@ fn moe_deepseek_scale_contiguous() {
     errors.unwrap();
 
     let logits = router_logits_host(&x, &layer.router, TOKENS, h);
-    let router = cfg.router.cpu();
+    let router = cfg.router.host();
     let cpu_routes: Vec<Vec<(usize, f32)>> = logits
         .par_chunks(e)
         .map(|l| router.route(l, &layer.bias))
@@ -1501,7 +1500,7 @@ fn sanitizer_smoke() {
 #[test]
 fn fixture_moe_layer_fits_the_gpu_path() {
     let f = fixture();
-    let cfg = MoeBlockConfig::from_model(&f.cfg);
+    let cfg = moe_block_config(&f.cfg);
     cfg.check().unwrap();
     let FfnWeights::Moe(moe) = &f.weights.blocks[f.layer].ffn else {
         unreachable!()

@@ -7,9 +7,7 @@ use rayon::prelude::*;
 use crate::backend::Precision;
 use crate::config::ModelConfig;
 use crate::kv_cache::{slot, Batch, PAGE_TOKENS};
-use crate::numerics::round_bf16;
-
-use super::linear::dot;
+use crate::numerics::{dot, round_bf16};
 
 /// cos/sin of every rotated pair at a position, YaRN-corrected.
 pub struct Rope {

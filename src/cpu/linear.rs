@@ -6,7 +6,7 @@ use crate::backend::Precision;
 use crate::checkpoint::Fp8Weight;
 use crate::model::weights::Weight;
 use crate::numerics::quant::{dot_w8a8, QuantizedRows};
-use crate::numerics::{act_quant, e4m3_to_f32, QUANT_BLOCK};
+use crate::numerics::{act_quant, dot, e4m3_to_f32, QUANT_BLOCK};
 
 /// Output features computed per rayon task.
 const FEATURES_PER_TASK: usize = 16;
@@ -98,23 +98,6 @@ fn fp8_w8a8(a: &QuantizedRows, w: &Fp8Weight, out_t: &mut [f32]) {
             );
         }
     });
-}
-
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorize.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[i * 8 + l] * b[i * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {

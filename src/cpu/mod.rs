@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
 use crate::kv_cache::{Batch, PAGE_TOKENS};
 use crate::model::weights::{ModelWeights, Weight, WeightId};
+use crate::numerics::routing::Router;
 use crate::numerics::{e4m3_to_f32, round_bf16, silu, QUANT_BLOCK};
 
 use attention::{Absorbed, LayerCache, MlaShape, Rope};
-use moe::{MoeCall, Router};
+use moe::MoeCall;
 
 pub struct CpuBackend {
     cfg: ModelConfig,
@@ -47,7 +48,7 @@ impl CpuBackend {
             precision,
             rope: Rope::new(cfg),
             mla: MlaShape::new(cfg),
-            router: Router::new(cfg),
+            router: cfg.router(),
             cache: (0..absorbed.len()).map(|_| LayerCache::default()).collect(),
             absorbed,
             weights,

@@ -589,7 +589,7 @@ pub struct MlaAttnArgs<'a> {
     /// bf16 `[total_q][heads][kv_lora + rope]`: latent query (q_nope . W_UK) | roped q_pe.
     pub q: &'a DeviceBuffer<bf16>,
     pub heads: usize,
-    /// Softmax scale ([`crate::config::ModelConfig::softmax_scale`]: 192^-0.5 * mscale^2).
+    /// Softmax scale (the model config's `softmax_scale`: 192^-0.5 * mscale^2).
     pub scale: f32,
     pub cache: &'a MlaCache,
     pub batch: &'a MlaBatch,

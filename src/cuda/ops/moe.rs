@@ -24,6 +24,7 @@ use crate::cuda::sys::{self, R1MoeGatherParams, R1MoeGemmParams, R1MoeGemmRefPar
 use crate::cuda::sys::{R1MoePlanParams, R1MoeRouterLogitsParams, R1MoeRouterParams};
 use crate::cuda::sys::{R1MoeSiluQuantParams, R1MoeUnpermuteParams};
 use crate::cuda::Device;
+use crate::numerics::routing::Router;
 
 // SAFETY: plain `#[repr(C)]` structs of integers, floats and opaque tensor-map blobs, laid out
 // like the C header the kernels are compiled against (bindgen's layout tests check offsets);
@@ -46,7 +47,7 @@ pub const MOE_BLOCK_M: usize = sys::R1_MOE_BLOCK_M as usize;
 /// Words in the error-flag buffer (R1_MOE_FLAGS_LEN).
 pub const MOE_FLAGS_LEN: usize = sys::R1_MOE_FLAGS_LEN as usize;
 
-/// Routing hyper-parameters (config.json), as [`crate::cpu::moe::Router`] holds them.
+/// Routing hyper-parameters (config.json), as [`Router`] holds them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouterConfig {
     pub experts: usize,
@@ -57,8 +58,8 @@ pub struct RouterConfig {
     pub scaling: f32,
 }
 
-impl From<&crate::cpu::moe::Router> for RouterConfig {
-    fn from(r: &crate::cpu::moe::Router) -> Self {
+impl From<&Router> for RouterConfig {
+    fn from(r: &Router) -> Self {
         RouterConfig {
             experts: r.n_experts,
             n_group: r.n_group,
@@ -71,14 +72,9 @@ impl From<&crate::cpu::moe::Router> for RouterConfig {
 }
 
 impl RouterConfig {
-    /// DeepSeek-V3 / R1 from a parsed config.json.
-    pub fn from_model(cfg: &crate::config::ModelConfig) -> Self {
-        RouterConfig::from(&crate::cpu::moe::Router::new(cfg))
-    }
-
-    /// The CPU router with the same parameters.
-    pub fn cpu(&self) -> crate::cpu::moe::Router {
-        crate::cpu::moe::Router {
+    /// The host routing rule with the same parameters.
+    pub fn host(&self) -> Router {
+        Router {
             n_experts: self.experts,
             n_group: self.n_group,
             topk_group: self.topk_group,
@@ -471,7 +467,7 @@ mod tests {
             ..ok
         })
         .contains("experts = 1024"));
-        assert_eq!(ok.cpu().n_experts, 256);
+        assert_eq!(ok.host().n_experts, 256);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The whole MoE block of a DeepSeek-V3 layer on the GPU for a batch of tokens, the GPU
-//! counterpart of the graph's `MoeRouted` + shared-expert MLP + `Add` (cpu::moe::MoeCall and
-//! the CPU's mlp nodes, in w8a8):
+//! counterpart of the graph's `MoeRouted` + shared-expert MLP + `Add` (the CPU backend's
+//! MoeCall and mlp nodes, in w8a8):
 //!
 //! ```text
 //! x (bf16 [T, H]) -> moe_router_logits -> moe_router -> topk ids / weights (+ error flags)
@@ -19,7 +19,7 @@
 use half::bf16;
 
 use super::moe::{MoeGeometry, MoeLayout, MoeOps, RouterConfig};
-use super::moe_gemm::{ExpertWeight, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel};
+use super::moe_gemm::{GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel};
 use super::moe_permute::{
     GatherArgs, MoePlanBuffers, PermutedRows, PlanArgs, SiluQuantArgs, UnpermuteArgs,
 };
@@ -28,10 +28,8 @@ use super::{
     act_scale_m_pad, ActQuantArgs, Checker, Fp8GemmArgs, Fp8Weight, GemmKernel,
     QuantizedActivations, QUANT_BLOCK,
 };
-use crate::config::ModelConfig;
-use crate::cuda::error::{CudaError, Result};
+use crate::cuda::error::Result;
 use crate::cuda::{Device, DeviceBuffer};
-use crate::model::weights::{ModelWeights, MoeWeights, Weight};
 
 const BLOCK: &str = "moe_block";
 
@@ -47,15 +45,6 @@ pub struct MoeBlockConfig {
 }
 
 impl MoeBlockConfig {
-    pub fn from_model(cfg: &ModelConfig) -> Self {
-        MoeBlockConfig {
-            router: RouterConfig::from_model(cfg),
-            hidden: cfg.hidden_size,
-            inter: cfg.moe_intermediate_size,
-            shared_inter: cfg.moe_intermediate_size * cfg.n_shared_experts,
-        }
-    }
-
     pub fn check(&self) -> Result<()> {
         self.router.check(BLOCK)?;
         let c = Checker { kernel: BLOCK };
@@ -95,97 +84,6 @@ pub struct MoeBlockWeights {
     pub down: GroupedFp8Weight,
     /// `[2 Is][H]`, `[H][Is]`.
     pub shared: Option<(Fp8Weight, Fp8Weight)>,
-}
-
-fn fp8_parts<'a>(
-    weights: &'a ModelWeights,
-    id: crate::model::weights::WeightId,
-) -> Result<ExpertWeight<'a>> {
-    match weights.get(id) {
-        Weight::Fp8(w) => Ok((w.codes.as_slice(), &w.scales)),
-        Weight::Dense { .. } => Err(CudaError::requirement(
-            BLOCK,
-            format!(
-                "`{}` must be an FP8 weight for the GPU MoE path",
-                weights.name(id)
-            ),
-        )),
-    }
-}
-
-fn dense(weights: &ModelWeights, id: crate::model::weights::WeightId) -> Result<&[f32]> {
-    match weights.get(id) {
-        Weight::Dense { data, .. } => Ok(data),
-        Weight::Fp8(_) => Err(CudaError::requirement(
-            BLOCK,
-            format!("`{}` must be a BF16/F32 tensor", weights.name(id)),
-        )),
-    }
-}
-
-impl MoeBlockWeights {
-    /// Uploads a layer's MoE weights from the loaded checkpoint (the router weight was bf16 on
-    /// disk and is narrowed back exactly).
-    pub fn from_model(
-        dev: &Device,
-        cfg: &MoeBlockConfig,
-        weights: &ModelWeights,
-        moe: &MoeWeights,
-    ) -> Result<Self> {
-        cfg.check()?;
-        let (e, h, i) = (cfg.router.experts, cfg.hidden, cfg.inter);
-        let c = Checker { kernel: BLOCK };
-        c.req(moe.experts.len() == e, || {
-            format!(
-                "the layer has {} experts; the config says {e}",
-                moe.experts.len()
-            )
-        })?;
-        let router: Vec<bf16> = dense(weights, moe.router)?
-            .iter()
-            .map(|&v| bf16::from_f32(v))
-            .collect();
-        c.req(router.len() == e * h, || {
-            format!(
-                "mlp.gate.weight has {} values, not [{e}, {h}]",
-                router.len()
-            )
-        })?;
-        let bias = dense(weights, moe.bias)?;
-        c.req(bias.len() == e, || {
-            format!("e_score_correction_bias has {} values, not {e}", bias.len())
-        })?;
-        let parts =
-            |f: fn(&crate::model::weights::MlpWeights) -> crate::model::weights::WeightId| {
-                moe.experts
-                    .iter()
-                    .map(|m| fp8_parts(weights, f(m)))
-                    .collect::<Result<Vec<_>>>()
-            };
-        let (gate, up, down) = (parts(|m| m.gate)?, parts(|m| m.up)?, parts(|m| m.down)?);
-        let (gu_codes, gu_scales) = GroupedFp8Weight::stack_gate_up(&gate, &up, i, h)?;
-        let (d_codes, d_scales) = GroupedFp8Weight::stack(&down, h, i)?;
-        let shared = match (&moe.shared, cfg.shared_inter) {
-            (Some(s), si) if si > 0 => {
-                let g = fp8_parts(weights, s.gate)?;
-                let u = fp8_parts(weights, s.up)?;
-                let (codes, scales) = GroupedFp8Weight::stack_gate_up(&[g], &[u], si, h)?;
-                let (dc, ds) = fp8_parts(weights, s.down)?;
-                Some((
-                    Fp8Weight::upload(dev, &codes, &scales, 2 * si, h)?,
-                    Fp8Weight::upload(dev, dc, ds, h, si)?,
-                ))
-            }
-            _ => None,
-        };
-        Ok(MoeBlockWeights {
-            router: dev.upload(&router)?,
-            bias: Some(dev.upload(bias)?),
-            gate_up: GroupedFp8Weight::upload(dev, &gu_codes, &gu_scales, e, 2 * i, h)?,
-            down: GroupedFp8Weight::upload(dev, &d_codes, &d_scales, e, h, i)?,
-            shared,
-        })
-    }
 }
 
 /// Every intermediate buffer of the block for up to `capacity` tokens (reused across layers).

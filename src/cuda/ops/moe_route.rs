@@ -2,7 +2,7 @@
 //! summation order) and `moe_router` (noaux_tc: sigmoid, bias for choice only, group top-2
 //! sums, topk_group groups, top-k with lowest-index ties, normalized weights x scaling).
 //! Contracts: cuda/launch_params.h, MoE section. [`route_host`] is the host model the GPU
-//! output is compared with (the CPU [`crate::cpu::moe::Router`] plus the NaN rule).
+//! output is compared with ([`crate::numerics::routing::Router`] plus the NaN rule).
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -12,6 +12,7 @@ use super::{Checker, Region};
 use crate::cuda::error::Result;
 use crate::cuda::sys::{self, R1MoeRouterLogitsParams, R1MoeRouterParams};
 use crate::cuda::DeviceBuffer;
+use crate::numerics::dot;
 
 const LOGITS: &str = "moe_router_logits";
 const ROUTER: &str = "moe_router";
@@ -241,7 +242,7 @@ impl MoeOps<'_> {
 // Host models
 // ------------------------------------------------------------------------------------------
 
-/// What moe_router_logits computes: `cpu::linear::dot` of each token row with each router
+/// What moe_router_logits computes: [`dot`] of each token row with each router
 /// row (bf16 widened to f32), `[tokens][experts]`.
 pub fn router_logits_host(x: &[bf16], w: &[bf16], tokens: usize, hidden: usize) -> Vec<f32> {
     let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
@@ -251,10 +252,7 @@ pub fn router_logits_host(x: &[bf16], w: &[bf16], tokens: usize, hidden: usize) 
             .iter()
             .map(|v| v.to_f32())
             .collect();
-        out.extend(
-            wf.chunks(hidden)
-                .map(|row| crate::cpu::linear::dot(&xt, row)),
-        );
+        out.extend(wf.chunks(hidden).map(|row| dot(&xt, row)));
     }
     out
 }
@@ -269,8 +267,8 @@ pub struct RoutedHost {
     pub flags: MoeFlags,
 }
 
-/// What moe_router computes, on the host: [`crate::cpu::moe::Router::route`] per token, and
-/// for a token whose logits (or logit + bias) hold a NaN: ids -1, weights 0, flagged.
+/// What moe_router computes, on the host: [`crate::numerics::routing::Router::route`] per
+/// token, and for a token whose logits (or logit + bias) hold a NaN: ids -1, weights 0, flagged.
 /// (Both sigmoids take exp in f64 rounded to f32 (`numerics::sigmoid`), so the routing
 /// decisions agree bit for bit.)
 pub fn route_host(
@@ -282,7 +280,7 @@ pub fn route_host(
     let (e, k) = (cfg.experts, cfg.top_k);
     let zero = vec![0f32; e];
     let bias = bias.unwrap_or(&zero);
-    let router = cfg.cpu();
+    let router = cfg.host();
     let mut out = RoutedHost {
         ids: Vec::with_capacity(tokens * k),
         weights: Vec::with_capacity(tokens * k),
@@ -427,7 +425,7 @@ mod tests {
         assert_eq!(&r.weights[4..8], &[0.0; 4]);
         assert_eq!(r.flags.first_nan_token, Some(1));
         assert!(r.flags.into_result().is_err());
-        let cpu = c.cpu().route(&logits[32..48], &[0.0; 16]);
+        let cpu = c.host().route(&logits[32..48], &[0.0; 16]);
         let ids: Vec<i32> = cpu.iter().map(|&(e, _)| e as i32).collect();
         assert_eq!(&r.ids[8..12], &ids[..]);
         // Normalized weights sum to the scaling factor.
@@ -447,6 +445,6 @@ mod tests {
         let got = router_logits_host(&x, &w, t, h);
         let xf: Vec<f32> = x[h..2 * h].iter().map(|v| v.to_f32()).collect();
         let wf: Vec<f32> = w[2 * h..3 * h].iter().map(|v| v.to_f32()).collect();
-        assert_eq!(got[e + 2], crate::cpu::linear::dot(&xf, &wf));
+        assert_eq!(got[e + 2], dot(&xf, &wf));
     }
 }
