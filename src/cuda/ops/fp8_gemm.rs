@@ -12,6 +12,7 @@ use half::bf16;
 
 use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::heuristics::{self, Choice};
 use crate::cuda::sys::{self, R1Fp8GemmParams, R1Fp8GemmRefParams};
 use crate::cuda::tma::{TensorMap2d, TmaElem};
 use crate::cuda::{Device, DeviceBuffer};
@@ -47,9 +48,6 @@ impl GemmKernel {
         }
     }
 }
-
-/// Auto picks the BLOCK_M 64 kernel up to this M.
-pub const AUTO_M64_MAX_M: usize = sys::R1_FP8_GEMM_M64_BLOCK_M as usize;
 
 /// The operands of the wgmma pipeline (cuda/fp8_gemm_pipeline.cuh), shared by the dense and
 /// the grouped MoE kernels: A `[a_rows][lda]` fp8 with SA scales `[K/128][sa_pad]`, B
@@ -165,16 +163,9 @@ impl Fp8GemmDesc {
         match kernel {
             GemmKernel::Auto => {
                 self.check_common(GemmKernel::Reference)?;
-                let fast = if self.m <= AUTO_M64_MAX_M {
-                    GemmKernel::WgmmaM64
-                } else {
-                    GemmKernel::Wgmma
-                };
-                Ok(if self.check_fast(fast).is_ok() {
-                    fast
-                } else {
-                    GemmKernel::Reference
-                })
+                Ok(heuristics::fp8_gemm_kernel(self.m, |fast| {
+                    self.check_fast(fast).is_ok()
+                }))
             }
             GemmKernel::Reference => {
                 self.check_common(kernel)?;
@@ -480,7 +471,7 @@ impl Device {
                 } else {
                     (sys::R1_FP8_GEMM_THREADS, sys::R1_FP8_GEMM_SMEM_BYTES)
                 };
-                let grid = desc.tiles(kernel).min(self.info().sm_count).max(1);
+                let grid = heuristics::persistent_ctas(desc.tiles(kernel), self.info());
                 let cfg = LaunchConfig {
                     grid_dim: (grid as u32, 1, 1),
                     block_dim: (threads, 1, 1),
@@ -490,6 +481,13 @@ impl Device {
             }
             GemmKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
         };
+        heuristics::report(&Choice::Fp8Gemm {
+            m: desc.m,
+            n: desc.n,
+            k: desc.k,
+            kernel,
+            ctas: (kernel != GemmKernel::Reference).then_some(cfg.grid_dim.0 as usize),
+        });
         Ok(PreparedFp8Gemm {
             dev: self,
             kernel,

@@ -23,9 +23,8 @@ pub use mla::{
     MlaQRopeDesc, MlaRope, PreparedMlaCacheWrite, PreparedMlaQRope, MLA_PAGE_TOKENS,
 };
 pub use mla_attn::{
-    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaAttnArgs, MlaAttnDesc, MlaKernel,
-    MlaSchedule, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, PreparedMlaAttn, MLA_BLOCK_M,
-    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
+    MlaAttnArgs, MlaAttnDesc, MlaKernel, MlaWorkspace, MlaWorkspaceDesc, PreparedMlaAttn,
+    MLA_BLOCK_M, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
 };
 pub use moe::{
     MoeFlags, MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_BLOCK_M,
