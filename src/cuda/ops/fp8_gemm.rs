@@ -525,3 +525,66 @@ impl Device {
         Ok((d, ran))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::heuristics::tests::fp8_gemm_desc as desc;
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    /// Every requirement the kernels document, named in the error, for every kernel that has
+    /// it (Auto included); the choice among the kernels is heuristics' test.
+    #[test]
+    fn host_checks_name_requirements() {
+        assert_eq!(
+            desc(3, 5, 100).resolve(GemmKernel::Reference).unwrap(),
+            GemmKernel::Reference
+        );
+
+        // K % 128 != 0 on the fast path: the message names the requirement.
+        for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+            let e = err_of(desc(3, 5, 100).resolve(kernel));
+            assert!(e.contains("K must be a multiple of 128"), "{e}");
+            assert!(e.starts_with(kernel.name()), "{e}");
+        }
+
+        // Strides: TMA needs 16-byte rows.
+        let mut d = desc(70, 300, 256);
+        d.lda = 264;
+        d.a.len = 70 * 264;
+        assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("lda must be a multiple of 16"));
+        let mut d = desc(70, 300, 256);
+        d.ldd = 301;
+        d.d.len = 70 * 301;
+        assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("ldd must be even"));
+        let mut d = desc(70, 300, 256);
+        d.a.addr += 8;
+        assert!(
+            err_of(d.resolve(GemmKernel::WgmmaM64)).contains("A (0x10000008) must be 16-byte aligned")
+        );
+
+        // Common requirements fail for every kernel, Auto included.
+        let mut d = desc(70, 300, 256);
+        d.b.len -= 1;
+        for kernel in [GemmKernel::Auto, GemmKernel::Reference, GemmKernel::Wgmma] {
+            assert!(err_of(d.resolve(kernel)).contains("B holds"), "{kernel:?}");
+        }
+        let mut d = desc(70, 300, 256);
+        d.m_pad = 70;
+        assert!(err_of(d.resolve(GemmKernel::Reference)).contains("multiple of 4 (SA layout)"));
+        let mut d = desc(70, 300, 256);
+        d.sb.len -= 1;
+        assert!(err_of(d.resolve(GemmKernel::Auto)).contains("sb holds"));
+        let mut d = desc(70, 300, 256);
+        d.ldb = 128;
+        assert!(err_of(d.resolve(GemmKernel::Auto)).contains("ldb (128) must be >= K (256)"));
+        assert!(err_of(desc(0, 1, 128).resolve(GemmKernel::Auto)).contains("must be >= 1"));
+
+        // Tiles for the persistent grid.
+        assert_eq!(desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), 32 * 56);
+        assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
+    }
+}

@@ -175,3 +175,23 @@ impl Checker {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sa_layout_round_trips() {
+        let (rows, kb) = (5, 3);
+        let m_pad = act_scale_m_pad(rows);
+        assert_eq!(m_pad, 8);
+        let row_major: Vec<f32> = (0..rows * kb).map(|i| i as f32).collect();
+        let sa = scales_to_sa(&row_major, rows, kb, m_pad);
+        assert_eq!(sa.len(), kb * m_pad);
+        assert_eq!(sa[m_pad + 2], row_major[2 * kb + 1]); // row 2, block 1
+        assert_eq!(
+            scales_from_sa(&sa, rows, kb, m_pad),
+            row_major
+        );
+    }
+}
