@@ -35,8 +35,8 @@ use r1_runtime::cuda::{
 use r1_runtime::numerics::{self, QuantizedRows, QUANT_BLOCK};
 
 use gpu_support::{
-    allow_no_device, check_close_at, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row,
-    widen, Rng, DEEPSEEK_NK, TOLERANCE,
+    allow_no_device, check_close_at, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row, widen,
+    Rng, DEEPSEEK_NK, TOLERANCE,
 };
 
 // ------------------------------------------------------------------------------------------

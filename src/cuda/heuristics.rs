@@ -572,8 +572,7 @@ pub(crate) mod tests {
             K::MaskedWgmma
         );
         assert_eq!(
-            grouped_gemm_kernel(&geom(4096, MoeLayout::Contiguous), |k| k
-                != K::ContigWgmma),
+            grouped_gemm_kernel(&geom(4096, MoeLayout::Contiguous), |k| k != K::ContigWgmma),
             K::Reference
         );
     }
@@ -587,11 +586,17 @@ pub(crate) mod tests {
         assert_eq!(persistent_ctas(0, &dev), 1);
         // The tile counts the dense GEMMs hand in.
         assert_eq!(
-            persistent_ctas(fp8_gemm_desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), &dev),
+            persistent_ctas(
+                fp8_gemm_desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64),
+                &dev
+            ),
             17
         );
         assert_eq!(
-            persistent_ctas(fp8_gemm_desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), &dev),
+            persistent_ctas(
+                fp8_gemm_desc(4096, 7168, 128).tiles(GemmKernel::Wgmma),
+                &dev
+            ),
             132
         );
     }
@@ -606,7 +611,10 @@ pub(crate) mod tests {
         assert_eq!(mla_kernel(|_| true), MlaKernel::Wgmma);
         assert_eq!(mla_kernel(|_| false), MlaKernel::Reference);
         let auto = |d: MlaAttnDesc| d.resolve(MlaKernel::Auto).unwrap();
-        assert_eq!(auto(mla_attn_desc(128, 128, 1, 64, 128 * 64)), MlaKernel::Wgmma);
+        assert_eq!(
+            auto(mla_attn_desc(128, 128, 1, 64, 128 * 64)),
+            MlaKernel::Wgmma
+        );
         for heads in [16, 32, 64, 128] {
             for s_q in [1, 2] {
                 assert_eq!(

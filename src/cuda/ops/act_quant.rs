@@ -301,7 +301,9 @@ mod tests {
         };
         ok.check().unwrap();
         let msg = |d: ActQuantDesc| d.check().unwrap_err().to_string();
-        assert!(msg(ActQuantDesc { k: 100, ..ok }).contains("act_quant: K must be a multiple of 128"));
+        assert!(
+            msg(ActQuantDesc { k: 100, ..ok }).contains("act_quant: K must be a multiple of 128")
+        );
         assert!(msg(ActQuantDesc {
             ldx: 260,
             x: Region {

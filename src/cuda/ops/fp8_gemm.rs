@@ -562,9 +562,8 @@ mod tests {
         assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("ldd must be even"));
         let mut d = desc(70, 300, 256);
         d.a.addr += 8;
-        assert!(
-            err_of(d.resolve(GemmKernel::WgmmaM64)).contains("A (0x10000008) must be 16-byte aligned")
-        );
+        assert!(err_of(d.resolve(GemmKernel::WgmmaM64))
+            .contains("A (0x10000008) must be 16-byte aligned"));
 
         // Common requirements fail for every kernel, Auto included.
         let mut d = desc(70, 300, 256);

@@ -718,3 +718,82 @@ impl<'d> Mla<'d> {
         Ok(p.kernel())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::heuristics::tests::{mla_attn_desc as attn_desc, ROPE};
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    /// Every requirement the kernels document, named in the error, for every kernel that has
+    /// it (Auto included); which kernel Auto picks is heuristics' test.
+    #[test]
+    fn host_checks_name_requirements() {
+        let d = attn_desc(128, 128, 1, 64, 128 * 64);
+        assert_eq!(
+            d.resolve(MlaKernel::Reference).unwrap(),
+            MlaKernel::Reference
+        );
+        assert_eq!(d.m_blocks(), 2);
+
+        // Other latent widths: the fast path says why not.
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.kv_lora = 256;
+        x.q.len = 4 * 2 * 16 * (256 + ROPE);
+        x.cache.len = 40 * 64 * (256 + ROPE);
+        x.out.len = 4 * 2 * 16 * 256;
+        let e = err_of(x.resolve(MlaKernel::Wgmma));
+        assert!(
+            e.starts_with("mla_decode_wgmma") && e.contains("kv_lora and rope must be 512 and 64"),
+            "{e}"
+        );
+
+        // No workspace: Wgmma says why.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.workspace = None;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("needs an MlaWorkspace"));
+
+        // TMA alignment.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.q.addr += 8;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("tmap_q: global address"));
+
+        // Short buffers name the buffer, for every kernel.
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.out.len -= 1;
+        for k in [MlaKernel::Auto, MlaKernel::Reference, MlaKernel::Wgmma] {
+            let e = err_of(x.resolve(k));
+            assert!(e.contains("out holds"), "{e}");
+        }
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.block_table.len = 31;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("block_table holds 31"));
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        if let Some(w) = x.workspace.as_mut() {
+            w.o_accum.len = 0;
+        }
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("o_accum holds 0"));
+
+        // An empty cache cannot back a TMA map (nor any sequence).
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.num_pages = 0;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("num_pages (0) must be >= 1"));
+
+        // Bad scalars.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.scale = f32::NAN;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("scale"));
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.kv_lora = 1024;
+        x.q.len = usize::MAX;
+        x.cache.len = usize::MAX;
+        x.out.len = usize::MAX;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("kv_lora (1024) must be <= 512"));
+        let mut x = attn_desc(5000, 16, 1, 8, 40);
+        x.workspace = None;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("batch (5000) must be <= 4096"));
+    }
+}

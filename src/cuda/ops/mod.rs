@@ -189,9 +189,6 @@ mod tests {
         let sa = scales_to_sa(&row_major, rows, kb, m_pad);
         assert_eq!(sa.len(), kb * m_pad);
         assert_eq!(sa[m_pad + 2], row_major[2 * kb + 1]); // row 2, block 1
-        assert_eq!(
-            scales_from_sa(&sa, rows, kb, m_pad),
-            row_major
-        );
+        assert_eq!(scales_from_sa(&sa, rows, kb, m_pad), row_major);
     }
 }
