@@ -107,7 +107,7 @@ impl From<Error> for Failure {
         let status = match &e {
             Error::Input(_) => R1Status::ErrInput,
             Error::Unsupported(_) => R1Status::ErrUnsupported,
-            Error::Backend { .. } => R1Status::ErrBackend,
+            Error::Backend { .. } | Error::Cuda(_) => R1Status::ErrBackend,
             Error::Io { .. }
             | Error::Config { .. }
             | Error::Checkpoint { .. }

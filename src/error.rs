@@ -41,6 +41,10 @@ pub enum Error {
     #[error("backend `{backend}`: {message}")]
     Backend { backend: String, message: String },
 
+    /// The CUDA backend's typed error (what failed and why stays inspectable).
+    #[error("backend `cuda`: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
+
     #[error("cannot write {path}: {message}")]
     Output { path: PathBuf, message: String },
 }

@@ -167,9 +167,9 @@ fn cuda_backend_errors_are_typed() {
                 .err()
                 .expect("no device: loading the CUDA backend fails");
             match &err {
-                Error::Backend { backend, message } => {
-                    assert_eq!(backend, "cuda");
-                    assert_eq!(message, &reason.to_string(), "the device's own reason");
+                Error::Cuda(cause) => {
+                    assert_eq!(cause, reason, "the device's own reason");
+                    assert_eq!(err.to_string(), format!("backend `cuda`: {reason}"));
                 }
                 other => panic!("expected the typed CUDA error, got {other:?}"),
             }

@@ -17,8 +17,9 @@
 //!   rms(gpu - ref) <= 5e-3 rms(ref); every output finite; stores outside [M, N] (padding
 //!   columns of ldd, the row after M) untouched.
 //!
-//! Host-side checks (requirements named in errors) and the typed "no device" errors run on
-//! every machine.
+//! The typed "no device" errors run on every machine; the host-side checks (kernel choice,
+//! requirements named in errors, tensor maps, the SA layout) are unit tests beside their code
+//! (src/cuda/heuristics.rs, ops/fp8_gemm.rs, ops/act_quant.rs, tma.rs, ops/mod.rs).
 
 mod gpu_support;
 
@@ -28,14 +29,14 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rayon::prelude::*;
 
 use r1_runtime::cuda::{
-    act_scale_m_pad, scales_to_sa, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs,
-    Fp8GemmDesc, Fp8Weight, GemmKernel, QuantizedActivations, Region, TensorMap2d, TmaElem,
+    act_scale_m_pad, scales_to_sa, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
+    GemmKernel, QuantizedActivations,
 };
 use r1_runtime::numerics::{self, QuantizedRows, QUANT_BLOCK};
 
 use gpu_support::{
-    allow_no_device, check_close_at, err_of, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row,
-    widen, Rng, DEEPSEEK_NK, TOLERANCE,
+    allow_no_device, check_close_at, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row, widen,
+    Rng, DEEPSEEK_NK, TOLERANCE,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -171,225 +172,8 @@ fn runner(cases: u32) -> TestRunner {
 }
 
 // ------------------------------------------------------------------------------------------
-// Host-side checks and typed errors: run everywhere
+// Typed errors: run everywhere
 // ------------------------------------------------------------------------------------------
-
-/// A well-formed fast-path call with fake (aligned) addresses; tests break one thing at a time.
-fn desc(m: usize, n: usize, k: usize) -> Fp8GemmDesc {
-    let kb = k.div_ceil(QUANT_BLOCK);
-    let m_pad = act_scale_m_pad(m);
-    Fp8GemmDesc {
-        m,
-        n,
-        k,
-        a: Region {
-            addr: 0x1000_0000,
-            len: m * k,
-        },
-        lda: k,
-        sa: Region {
-            addr: 0x2000_0000,
-            len: kb * m_pad,
-        },
-        m_pad,
-        b: Region {
-            addr: 0x3000_0000,
-            len: n * k,
-        },
-        ldb: k,
-        sb: Region {
-            addr: 0x4000_0000,
-            len: n.div_ceil(QUANT_BLOCK) * kb,
-        },
-        d: Region {
-            addr: 0x5000_0000,
-            len: m * n,
-        },
-        ldd: n,
-    }
-}
-
-#[test]
-fn host_checks_choose_kernels_and_name_requirements() {
-    // Auto: m64 for small M, BLOCK_M 128 above, the reference for what the fast path refuses.
-    assert_eq!(
-        desc(1, 2112, 7168).resolve(GemmKernel::Auto).unwrap(),
-        GemmKernel::WgmmaM64
-    );
-    assert_eq!(
-        desc(64, 256, 128).resolve(GemmKernel::Auto).unwrap(),
-        GemmKernel::WgmmaM64
-    );
-    assert_eq!(
-        desc(65, 256, 128).resolve(GemmKernel::Auto).unwrap(),
-        GemmKernel::Wgmma
-    );
-    assert_eq!(
-        desc(4096, 7168, 16384).resolve(GemmKernel::Auto).unwrap(),
-        GemmKernel::Wgmma
-    );
-    assert_eq!(
-        desc(3, 5, 100).resolve(GemmKernel::Auto).unwrap(),
-        GemmKernel::Reference
-    );
-    assert_eq!(
-        desc(3, 5, 100).resolve(GemmKernel::Reference).unwrap(),
-        GemmKernel::Reference
-    );
-
-    // K % 128 != 0 on the fast path: the message names the requirement.
-    for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
-        let e = err_of(desc(3, 5, 100).resolve(kernel));
-        assert!(e.contains("K must be a multiple of 128"), "{e}");
-        assert!(e.starts_with(kernel.name()), "{e}");
-    }
-
-    // Strides: TMA needs 16-byte rows; Auto falls back to the reference.
-    let mut d = desc(70, 300, 256);
-    d.lda = 264;
-    d.a.len = 70 * 264;
-    assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("lda must be a multiple of 16"));
-    assert_eq!(d.resolve(GemmKernel::Auto).unwrap(), GemmKernel::Reference);
-    let mut d = desc(70, 300, 256);
-    d.ldd = 301;
-    d.d.len = 70 * 301;
-    assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("ldd must be even"));
-    let mut d = desc(70, 300, 256);
-    d.a.addr += 8;
-    assert!(
-        err_of(d.resolve(GemmKernel::WgmmaM64)).contains("A (0x10000008) must be 16-byte aligned")
-    );
-    assert_eq!(d.resolve(GemmKernel::Auto).unwrap(), GemmKernel::Reference);
-
-    // Common requirements fail for every kernel, Auto included.
-    let mut d = desc(70, 300, 256);
-    d.b.len -= 1;
-    for kernel in [GemmKernel::Auto, GemmKernel::Reference, GemmKernel::Wgmma] {
-        assert!(err_of(d.resolve(kernel)).contains("B holds"), "{kernel:?}");
-    }
-    let mut d = desc(70, 300, 256);
-    d.m_pad = 70;
-    assert!(err_of(d.resolve(GemmKernel::Reference)).contains("multiple of 4 (SA layout)"));
-    let mut d = desc(70, 300, 256);
-    d.sb.len -= 1;
-    assert!(err_of(d.resolve(GemmKernel::Auto)).contains("sb holds"));
-    let mut d = desc(70, 300, 256);
-    d.ldb = 128;
-    assert!(err_of(d.resolve(GemmKernel::Auto)).contains("ldb (128) must be >= K (256)"));
-    assert!(err_of(desc(0, 1, 128).resolve(GemmKernel::Auto)).contains("must be >= 1"));
-
-    // Tiles for the persistent grid.
-    assert_eq!(desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), 32 * 56);
-    assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
-}
-
-#[test]
-fn host_checks_act_quant_and_tensor_maps() {
-    let ok = ActQuantDesc {
-        m: 5,
-        k: 256,
-        x: Region {
-            addr: 0x1000,
-            len: 5 * 256,
-        },
-        ldx: 256,
-        q: Region {
-            addr: 0x2000,
-            len: 5 * 256,
-        },
-        ldq: 256,
-        scales: Region {
-            addr: 0x3000,
-            len: 2 * 8,
-        },
-        m_pad: 8,
-    };
-    ok.check().unwrap();
-    let msg = |d: ActQuantDesc| d.check().unwrap_err().to_string();
-    assert!(msg(ActQuantDesc { k: 100, ..ok }).contains("act_quant: K must be a multiple of 128"));
-    assert!(msg(ActQuantDesc {
-        ldx: 260,
-        x: Region {
-            addr: 0x1000,
-            len: 5 * 260
-        },
-        ..ok
-    })
-    .contains("ldx must be a multiple of 8"));
-    assert!(msg(ActQuantDesc {
-        ldq: 264,
-        q: Region {
-            addr: 0x2000,
-            len: 5 * 264
-        },
-        ..ok
-    })
-    .contains("ldq must be a multiple of 16"));
-    assert!(msg(ActQuantDesc { m_pad: 6, ..ok }).contains("multiple of 4"));
-    assert!(msg(ActQuantDesc {
-        scales: Region {
-            addr: 0x3004,
-            len: 16
-        },
-        ..ok
-    })
-    .contains("16-byte aligned"));
-    assert!(msg(ActQuantDesc {
-        scales: Region {
-            addr: 0x3000,
-            len: 15
-        },
-        ..ok
-    })
-    .contains("scales holds 15"));
-
-    let map = TensorMap2d {
-        name: "tmap_a",
-        elem: TmaElem::U8,
-        addr: 0x1000,
-        dims: [256, 70],
-        stride_bytes: 256,
-        box_dims: [128, 128],
-        swizzle_128b: true,
-    };
-    map.check("k").unwrap();
-    let e = |m: TensorMap2d| m.check("k").unwrap_err().to_string();
-    assert!(e(TensorMap2d {
-        stride_bytes: 264,
-        ..map
-    })
-    .contains("multiple of 16"));
-    assert!(e(TensorMap2d {
-        box_dims: [256, 128],
-        ..map
-    })
-    .contains("128-byte swizzle"));
-    assert!(e(TensorMap2d {
-        box_dims: [128, 300],
-        ..map
-    })
-    .contains("boxDim[1]"));
-    assert!(e(TensorMap2d {
-        addr: 0x1001,
-        ..map
-    })
-    .contains("16-byte aligned"));
-}
-
-#[test]
-fn sa_layout_round_trips() {
-    let (rows, kb) = (5, 3);
-    let m_pad = act_scale_m_pad(rows);
-    assert_eq!(m_pad, 8);
-    let row_major: Vec<f32> = (0..rows * kb).map(|i| i as f32).collect();
-    let sa = scales_to_sa(&row_major, rows, kb, m_pad);
-    assert_eq!(sa.len(), kb * m_pad);
-    assert_eq!(sa[m_pad + 2], row_major[2 * kb + 1]); // row 2, block 1
-    assert_eq!(
-        r1_runtime::cuda::scales_from_sa(&sa, rows, kb, m_pad),
-        row_major
-    );
-}
 
 /// Opening a device never panics: on a machine without one it is a typed error.
 #[test]
@@ -415,7 +199,8 @@ fn device_open_reports_typed_errors() {
                         | CudaError::NoDevice { .. }
                         | CudaError::WrongArch { .. }
                         | CudaError::BuiltWithoutKernels
-                        | CudaError::Driver(_)
+                        | CudaError::Driver { .. }
+                        | CudaError::DriverPanic { .. }
                 ),
                 "{e:?}"
             );

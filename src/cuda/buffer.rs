@@ -81,7 +81,7 @@ impl Device {
     /// Copies `data` into the start of `dst` (which must be at least as long).
     pub fn copy_to_device<T: Pod>(&self, data: &[T], dst: &mut DeviceBuffer<T>) -> Result<()> {
         if data.len() > dst.len {
-            return Err(CudaError::Driver(format!(
+            return Err(CudaError::OutOfBounds(format!(
                 "copy of {} elements into a buffer of {}",
                 data.len(),
                 dst.len
@@ -106,7 +106,7 @@ impl Device {
     /// here); a buffer grown for an earlier, larger step costs only what is read.
     pub fn download_prefix<T: Pod>(&self, src: &DeviceBuffer<T>, len: usize) -> Result<Vec<T>> {
         if len > src.len {
-            return Err(CudaError::Driver(format!(
+            return Err(CudaError::OutOfBounds(format!(
                 "download of {len} elements from a buffer of {}",
                 src.len
             )));
@@ -135,7 +135,7 @@ impl Device {
     ) -> Result<()> {
         let fits = |start: usize| start.checked_add(len).is_some_and(|end| end <= buf.len);
         if !fits(src) || !fits(dst) || src.abs_diff(dst) < len {
-            return Err(CudaError::Driver(format!(
+            return Err(CudaError::OutOfBounds(format!(
                 "copy of {len} elements from {src} to {dst} within a buffer of {}",
                 buf.len
             )));

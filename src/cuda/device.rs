@@ -80,7 +80,10 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(CudaError::Driver(format!("{what}: {msg}")))
+            Err(CudaError::DriverPanic {
+                call: what.to_string(),
+                message: msg,
+            })
         }
     }
 }

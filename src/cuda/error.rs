@@ -52,9 +52,25 @@ pub enum CudaError {
         needed: u32,
     },
 
-    /// Any other driver failure: the call that failed and the driver's message.
-    #[error("CUDA driver: {0}")]
-    Driver(String),
+    /// A host-side copy or download outside a buffer's length.
+    #[error("out of bounds: {0}")]
+    OutOfBounds(String),
+
+    /// A kernel module the build did not embed.
+    #[error("cuda/{stem}.cu is not among the embedded cubins (rebuild the crate)")]
+    MissingCubin { stem: String },
+
+    /// The driver library panicked inside cudarc (e.g. a symbol missing from an old libcuda).
+    #[error("CUDA driver: {call}: {message}")]
+    DriverPanic { call: String, message: String },
+
+    /// Any other driver failure: the call that failed and the driver's result code.
+    #[error("CUDA driver: {call}: {}", describe(*.source))]
+    Driver {
+        call: String,
+        #[source]
+        source: DriverError,
+    },
 }
 
 impl CudaError {
@@ -67,12 +83,46 @@ impl CudaError {
 
     /// Wraps a driver error with the call that returned it.
     pub(crate) fn driver(call: &str, e: DriverError) -> Self {
-        CudaError::Driver(format!("{call}: {}", describe(e)))
+        CudaError::Driver {
+            call: call.to_string(),
+            source: e,
+        }
+    }
+
+    /// The driver's result code, for a driver error.
+    pub fn driver_result(&self) -> Option<CUresult> {
+        match self {
+            CudaError::Driver { source, .. } => Some(source.0),
+            _ => None,
+        }
+    }
+
+    /// Device memory ran out: an allocation, or any driver call answering
+    /// CUDA_ERROR_OUT_OF_MEMORY (module loads, launches).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CudaError::OutOfMemory { .. })
+            || self.driver_result() == Some(CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+    }
+
+    /// A host-side check caught a call that breaks a kernel's rules, or a kernel was built
+    /// against its register budget: a bug in this crate or its caller, not a device state.
+    pub fn is_broken_requirement(&self) -> bool {
+        matches!(
+            self,
+            CudaError::Requirement { .. }
+                | CudaError::RegisterBudget { .. }
+                | CudaError::OutOfBounds(_)
+        )
     }
 }
 
-/// "CUDA_ERROR_X (description)" for a driver error.
+/// "CUDA_ERROR_X (description)" for a driver error (the bare code name when no driver library
+/// is loaded to describe it).
 pub(crate) fn describe(e: DriverError) -> String {
+    // SAFETY: only tries dlopen on the usual libcuda names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return format!("{:?}", e.0);
+    }
     let name = e
         .error_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -92,11 +142,82 @@ pub(crate) fn alloc_error(bytes: usize, e: DriverError) -> CudaError {
     }
 }
 
-impl From<CudaError> for crate::Error {
-    fn from(e: CudaError) -> Self {
-        crate::Error::Backend {
-            backend: "cuda".into(),
-            message: e.to_string(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_keep_their_code_and_call() {
+        let e = CudaError::driver(
+            "cuLaunchKernel(fp8_gemm_wgmma)",
+            DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+        );
+        assert_eq!(
+            e.driver_result(),
+            Some(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS)
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "CUDA driver: cuLaunchKernel(fp8_gemm_wgmma): CUDA_ERROR_ILLEGAL_ADDRESS"
+            ),
+            "{msg}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(!e.is_out_of_memory() && !e.is_broken_requirement());
+        // The crate error keeps the typed cause and reads as before.
+        let top = crate::Error::from(e.clone());
+        assert!(matches!(&top, crate::Error::Cuda(c) if *c == e));
+        assert_eq!(top.to_string(), format!("backend `cuda`: {msg}"));
+    }
+
+    #[test]
+    fn out_of_memory_stays_recognizable() {
+        let oom = DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        assert_eq!(
+            alloc_error(4096, oom),
+            CudaError::OutOfMemory { bytes: 4096 }
+        );
+        assert!(alloc_error(4096, oom).is_out_of_memory());
+        assert!(CudaError::driver("cuModuleLoadData(mla.cubin)", oom).is_out_of_memory());
+        let other = alloc_error(4096, DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        assert!(!other.is_out_of_memory());
+        assert!(
+            other.to_string().contains("cuMemAlloc(4096 bytes)"),
+            "{other}"
+        );
+    }
+
+    #[test]
+    fn our_bugs_are_told_apart_from_device_states() {
+        assert!(
+            CudaError::requirement("act_quant", "K must be a multiple of 128")
+                .is_broken_requirement()
+        );
+        assert!(CudaError::RegisterBudget {
+            kernel: "fp8_gemm_wgmma".into(),
+            registers: 90,
+            needed: 240,
         }
+        .is_broken_requirement());
+        assert!(
+            CudaError::OutOfBounds("download of 5 elements from a buffer of 4".into())
+                .is_broken_requirement()
+        );
+        for e in [
+            CudaError::OutOfMemory { bytes: 1 },
+            CudaError::BuiltWithoutKernels,
+            CudaError::MissingCubin { stem: "mla".into() },
+            CudaError::DriverPanic {
+                call: "cuInit".into(),
+                message: "symbol missing".into(),
+            },
+        ] {
+            assert!(!e.is_broken_requirement(), "{e}");
+        }
+        assert_eq!(
+            CudaError::MissingCubin { stem: "mla".into() }.to_string(),
+            "cuda/mla.cu is not among the embedded cubins (rebuild the crate)"
+        );
     }
 }

@@ -114,10 +114,8 @@ impl Modules {
         let (stem, cubin) = sys::CUBINS
             .iter()
             .find(|(s, _)| *s == stem)
-            .ok_or_else(|| {
-                CudaError::Driver(format!(
-                    "cuda/{stem}.cu is not among the embedded cubins (rebuild the crate)"
-                ))
+            .ok_or_else(|| CudaError::MissingCubin {
+                stem: stem.to_string(),
             })?;
         let module = self
             .ctx

@@ -9,6 +9,8 @@
 //! - [`ops`]: host-checked launch wrappers: [`Device::act_quant`], [`Device::fp8_gemm`] (wgmma
 //!   for large M, the BLOCK_M 64 variant for small M, the reference kernel explicitly and as
 //!   the fallback), each also as `prepare_*` + launch for benches and graph capture.
+//! - [`heuristics`]: every choice made from shapes and device info (kernel, persistent CTAs,
+//!   MLA split, MoE layout and path) as pure functions; `R1_PRINT_CHOICES=1` prints each once.
 //! - [`timing`]: CUDA-event timing with an L2 flush between calls (benches).
 //! - [`backend`]: [`CudaBackend`], the engine's `--backend cuda` (w8a8): every graph op on the
 //!   GPU with the kernels above, MLA, MoE and the small ops of cuda/small_ops.cu.
@@ -21,6 +23,7 @@ pub mod backend;
 mod buffer;
 mod device;
 pub mod error;
+pub mod heuristics;
 mod launch;
 pub mod ops;
 mod sys;
@@ -31,6 +34,9 @@ pub use backend::CudaBackend;
 pub use buffer::DeviceBuffer;
 pub use device::{kernels_built, Device, DeviceInfo};
 pub use error::{CudaError, Result};
+pub use heuristics::{
+    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaSchedule, PrefillForm,
+};
 pub use launch::KernelAttributes;
 pub use ops::{
     act_scale_m_pad, scales_from_sa, scales_to_sa, ActQuantArgs, ActQuantDesc, Fp8GemmArgs,
@@ -38,10 +44,9 @@ pub use ops::{
     Region,
 };
 pub use ops::{
-    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, Mla, MlaAttnArgs, MlaAttnDesc,
-    MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaKernel, MlaLayout, MlaQRopeArgs,
-    MlaQRopeDesc, MlaRope, MlaSchedule, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, MLA_BLOCK_M,
-    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS, MLA_SCHED_FIXED_OVERHEAD,
+    Mla, MlaAttnArgs, MlaAttnDesc, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc,
+    MlaKernel, MlaLayout, MlaQRopeArgs, MlaQRopeDesc, MlaRope, MlaWorkspace, MlaWorkspaceDesc,
+    MLA_BLOCK_M, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS, MLA_SCHED_FIXED_OVERHEAD,
     MLA_SCHED_MAX_BATCH,
 };
 pub use tma::{TensorMap2d, TmaElem};

@@ -8,7 +8,7 @@ use cudarc::driver::sys::{
     CUtensorMapSwizzle as Swizzle,
 };
 
-use super::error::{describe, CudaError, Result};
+use super::error::{CudaError, Result};
 use super::sys::R1TensorMap;
 
 /// One 2-D tiled tensor map, as plain numbers (so its checks run without a GPU).
@@ -128,12 +128,51 @@ impl TensorMap2d {
             )
         };
         r.result().map_err(|e| {
-            CudaError::Driver(format!(
-                "cuTensorMapEncodeTiled({kernel} {}: {self:?}): {}",
-                self.name,
-                describe(e)
-            ))
+            CudaError::driver(
+                &format!("cuTensorMapEncodeTiled({kernel} {}: {self:?})", self.name),
+                e,
+            )
         })?;
         Ok(R1TensorMap { opaque: map.opaque })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_map_checks_name_the_rule() {
+        let map = TensorMap2d {
+            name: "tmap_a",
+            elem: TmaElem::U8,
+            addr: 0x1000,
+            dims: [256, 70],
+            stride_bytes: 256,
+            box_dims: [128, 128],
+            swizzle_128b: true,
+        };
+        map.check("k").unwrap();
+        let e = |m: TensorMap2d| m.check("k").unwrap_err().to_string();
+        assert!(e(TensorMap2d {
+            stride_bytes: 264,
+            ..map
+        })
+        .contains("multiple of 16"));
+        assert!(e(TensorMap2d {
+            box_dims: [256, 128],
+            ..map
+        })
+        .contains("128-byte swizzle"));
+        assert!(e(TensorMap2d {
+            box_dims: [128, 300],
+            ..map
+        })
+        .contains("boxDim[1]"));
+        assert!(e(TensorMap2d {
+            addr: 0x1001,
+            ..map
+        })
+        .contains("16-byte aligned"));
     }
 }

@@ -98,6 +98,15 @@ impl From<crate::Error> for ApiError {
             crate::Error::Input(m) => ApiError::invalid(m),
             crate::Error::Unsupported(m) => ApiError::invalid(m),
             crate::Error::Backend { .. } => ApiError::unavailable(e.to_string()),
+            // A broken kernel requirement or register budget is a bug here (500); device
+            // memory running out is a state that may pass (503), like any other device error.
+            crate::Error::Cuda(ref c) if c.is_broken_requirement() => {
+                ApiError::internal(e.to_string())
+            }
+            crate::Error::Cuda(ref c) if c.is_out_of_memory() => {
+                ApiError::unavailable(e.to_string()).code("out_of_memory")
+            }
+            crate::Error::Cuda(_) => ApiError::unavailable(e.to_string()),
             other => ApiError::internal(other.to_string()),
         }
     }
@@ -106,5 +115,93 @@ impl From<crate::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::CudaError;
+    use cudarc::driver::{sys::CUresult, DriverError};
+
+    fn status(e: crate::Error) -> StatusCode {
+        ApiError::from(e).status
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let cuda = |c: CudaError| status(crate::Error::Cuda(c));
+        // Our bugs: 500.
+        assert_eq!(
+            cuda(CudaError::Requirement {
+                kernel: "fp8_gemm_wgmma",
+                requirement: "K must be a multiple of 128 (K = 100)".into(),
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            cuda(CudaError::RegisterBudget {
+                kernel: "mla_decode_wgmma".into(),
+                registers: 128,
+                needed: 168,
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        // Device out of memory, from an allocation or any driver call: 503.
+        let oom = ApiError::from(crate::Error::Cuda(CudaError::OutOfMemory {
+            bytes: 1 << 30,
+        }));
+        assert_eq!(oom.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(oom.code, Some("out_of_memory"));
+        assert!(
+            oom.message.contains("out of device memory"),
+            "{}",
+            oom.message
+        );
+        assert_eq!(
+            cuda(CudaError::driver(
+                "cuModuleLoadData(mla.cubin)",
+                DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+            )),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Other device failures stay 503, as every backend error was.
+        assert_eq!(
+            cuda(CudaError::driver(
+                "cuLaunchKernel(mla_decode_wgmma)",
+                DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+            )),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            cuda(CudaError::NoDevice {
+                ordinal: 0,
+                count: 0
+            }),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // The existing mappings.
+        assert_eq!(
+            status(crate::Error::Input("empty".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(crate::Error::Unsupported("x".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(crate::Error::Backend {
+                backend: "scheduler".into(),
+                message: "gone".into(),
+            }),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(crate::Error::Config {
+                path: "config.json".into(),
+                message: "bad".into(),
+            }),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -97,14 +97,6 @@ pub fn allow_no_device(e: &CudaError) {
     );
 }
 
-/// The message of an expected error.
-pub fn err_of<T: Debug>(r: Result<T, CudaError>) -> String {
-    match r {
-        Ok(k) => panic!("expected an error, got {k:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Data
 // ------------------------------------------------------------------------------------------

@@ -273,3 +273,71 @@ impl Device {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_checks_name_requirements() {
+        let ok = ActQuantDesc {
+            m: 5,
+            k: 256,
+            x: Region {
+                addr: 0x1000,
+                len: 5 * 256,
+            },
+            ldx: 256,
+            q: Region {
+                addr: 0x2000,
+                len: 5 * 256,
+            },
+            ldq: 256,
+            scales: Region {
+                addr: 0x3000,
+                len: 2 * 8,
+            },
+            m_pad: 8,
+        };
+        ok.check().unwrap();
+        let msg = |d: ActQuantDesc| d.check().unwrap_err().to_string();
+        assert!(
+            msg(ActQuantDesc { k: 100, ..ok }).contains("act_quant: K must be a multiple of 128")
+        );
+        assert!(msg(ActQuantDesc {
+            ldx: 260,
+            x: Region {
+                addr: 0x1000,
+                len: 5 * 260
+            },
+            ..ok
+        })
+        .contains("ldx must be a multiple of 8"));
+        assert!(msg(ActQuantDesc {
+            ldq: 264,
+            q: Region {
+                addr: 0x2000,
+                len: 5 * 264
+            },
+            ..ok
+        })
+        .contains("ldq must be a multiple of 16"));
+        assert!(msg(ActQuantDesc { m_pad: 6, ..ok }).contains("multiple of 4"));
+        assert!(msg(ActQuantDesc {
+            scales: Region {
+                addr: 0x3004,
+                len: 16
+            },
+            ..ok
+        })
+        .contains("16-byte aligned"));
+        assert!(msg(ActQuantDesc {
+            scales: Region {
+                addr: 0x3000,
+                len: 15
+            },
+            ..ok
+        })
+        .contains("scales holds 15"));
+    }
+}

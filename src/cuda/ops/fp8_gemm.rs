@@ -12,6 +12,7 @@ use half::bf16;
 
 use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::heuristics::{self, Choice};
 use crate::cuda::sys::{self, R1Fp8GemmParams, R1Fp8GemmRefParams};
 use crate::cuda::tma::{TensorMap2d, TmaElem};
 use crate::cuda::{Device, DeviceBuffer};
@@ -47,9 +48,6 @@ impl GemmKernel {
         }
     }
 }
-
-/// Auto picks the BLOCK_M 64 kernel up to this M.
-pub const AUTO_M64_MAX_M: usize = sys::R1_FP8_GEMM_M64_BLOCK_M as usize;
 
 /// The operands of the wgmma pipeline (cuda/fp8_gemm_pipeline.cuh), shared by the dense and
 /// the grouped MoE kernels: A `[a_rows][lda]` fp8 with SA scales `[K/128][sa_pad]`, B
@@ -165,16 +163,9 @@ impl Fp8GemmDesc {
         match kernel {
             GemmKernel::Auto => {
                 self.check_common(GemmKernel::Reference)?;
-                let fast = if self.m <= AUTO_M64_MAX_M {
-                    GemmKernel::WgmmaM64
-                } else {
-                    GemmKernel::Wgmma
-                };
-                Ok(if self.check_fast(fast).is_ok() {
-                    fast
-                } else {
-                    GemmKernel::Reference
-                })
+                Ok(heuristics::fp8_gemm_kernel(self.m, |fast| {
+                    self.check_fast(fast).is_ok()
+                }))
             }
             GemmKernel::Reference => {
                 self.check_common(kernel)?;
@@ -480,7 +471,7 @@ impl Device {
                 } else {
                     (sys::R1_FP8_GEMM_THREADS, sys::R1_FP8_GEMM_SMEM_BYTES)
                 };
-                let grid = desc.tiles(kernel).min(self.info().sm_count).max(1);
+                let grid = heuristics::persistent_ctas(desc.tiles(kernel), self.info());
                 let cfg = LaunchConfig {
                     grid_dim: (grid as u32, 1, 1),
                     block_dim: (threads, 1, 1),
@@ -490,6 +481,13 @@ impl Device {
             }
             GemmKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
         };
+        heuristics::report(&Choice::Fp8Gemm {
+            m: desc.m,
+            n: desc.n,
+            k: desc.k,
+            kernel,
+            ctas: (kernel != GemmKernel::Reference).then_some(cfg.grid_dim.0 as usize),
+        });
         Ok(PreparedFp8Gemm {
             dev: self,
             kernel,
@@ -525,5 +523,67 @@ impl Device {
         let mut d = self.alloc::<bf16>(a.m * w.n)?;
         let ran = self.fp8_gemm_into(Fp8GemmArgs::new(a, w, &mut d), kernel)?;
         Ok((d, ran))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::heuristics::tests::fp8_gemm_desc as desc;
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    /// Every requirement the kernels document, named in the error, for every kernel that has
+    /// it (Auto included); the choice among the kernels is heuristics' test.
+    #[test]
+    fn host_checks_name_requirements() {
+        assert_eq!(
+            desc(3, 5, 100).resolve(GemmKernel::Reference).unwrap(),
+            GemmKernel::Reference
+        );
+
+        // K % 128 != 0 on the fast path: the message names the requirement.
+        for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+            let e = err_of(desc(3, 5, 100).resolve(kernel));
+            assert!(e.contains("K must be a multiple of 128"), "{e}");
+            assert!(e.starts_with(kernel.name()), "{e}");
+        }
+
+        // Strides: TMA needs 16-byte rows.
+        let mut d = desc(70, 300, 256);
+        d.lda = 264;
+        d.a.len = 70 * 264;
+        assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("lda must be a multiple of 16"));
+        let mut d = desc(70, 300, 256);
+        d.ldd = 301;
+        d.d.len = 70 * 301;
+        assert!(err_of(d.resolve(GemmKernel::Wgmma)).contains("ldd must be even"));
+        let mut d = desc(70, 300, 256);
+        d.a.addr += 8;
+        assert!(err_of(d.resolve(GemmKernel::WgmmaM64))
+            .contains("A (0x10000008) must be 16-byte aligned"));
+
+        // Common requirements fail for every kernel, Auto included.
+        let mut d = desc(70, 300, 256);
+        d.b.len -= 1;
+        for kernel in [GemmKernel::Auto, GemmKernel::Reference, GemmKernel::Wgmma] {
+            assert!(err_of(d.resolve(kernel)).contains("B holds"), "{kernel:?}");
+        }
+        let mut d = desc(70, 300, 256);
+        d.m_pad = 70;
+        assert!(err_of(d.resolve(GemmKernel::Reference)).contains("multiple of 4 (SA layout)"));
+        let mut d = desc(70, 300, 256);
+        d.sb.len -= 1;
+        assert!(err_of(d.resolve(GemmKernel::Auto)).contains("sb holds"));
+        let mut d = desc(70, 300, 256);
+        d.ldb = 128;
+        assert!(err_of(d.resolve(GemmKernel::Auto)).contains("ldb (128) must be >= K (256)"));
+        assert!(err_of(desc(0, 1, 128).resolve(GemmKernel::Auto)).contains("must be >= 1"));
+
+        // Tiles for the persistent grid.
+        assert_eq!(desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), 32 * 56);
+        assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
     }
 }

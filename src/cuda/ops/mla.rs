@@ -697,3 +697,105 @@ impl<'d> Mla<'d> {
         self.prepare_q_rope(args)?.launch()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KV_LORA: usize = 512;
+    const ROPE: usize = 64;
+    const WIDTH: usize = KV_LORA + ROPE;
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn host_checks_cache_write_and_q_rope() {
+        let r = |addr: u64, len: usize| Region { addr, len };
+        let good = MlaCacheWriteDesc {
+            tokens: 3,
+            kv_lora: KV_LORA,
+            rope: ROPE,
+            kv: r(0x1000, 3 * WIDTH),
+            ld_kv: WIDTH,
+            norm_w: r(0x8000, KV_LORA),
+            inv_freq: r(0x9000, ROPE / 2),
+            positions: r(0xA000, 3),
+            token_seq: r(0xB000, 3),
+            block_table: r(0xC000, 2 * 4),
+            num_seqs: 2,
+            bt_stride: 4,
+            cache: r(0x10_0000, 8 * 64 * WIDTH),
+            num_pages: 8,
+            eps: 1e-6,
+            attention_factor: 1.0,
+        };
+        good.check().unwrap();
+        let mut x = good;
+        x.rope = 63;
+        assert!(err_of(x.check()).contains("rope (63) must be even"));
+        let mut x = good;
+        x.ld_kv = WIDTH - 1;
+        x.kv.len = usize::MAX;
+        assert!(err_of(x.check()).contains("ld_kv (575) must be >= kv_lora + rope (576)"));
+        let mut x = good;
+        x.cache.len -= 1;
+        assert!(err_of(x.check()).starts_with("mla_cache_write: cache holds"));
+        let mut x = good;
+        x.positions.addr += 2;
+        assert!(err_of(x.check()).contains("positions"));
+
+        let q = MlaQRopeDesc {
+            tokens: 3,
+            heads: 16,
+            rope: ROPE,
+            src: r(0x1000, 3 * 16 * 192),
+            src_offset: 128,
+            src_ld_token: 16 * 192,
+            src_ld_head: 192,
+            dst: r(0x10_0000, 3 * 16 * WIDTH),
+            dst_offset: KV_LORA,
+            dst_ld_token: 16 * WIDTH,
+            dst_ld_head: WIDTH,
+            positions: r(0x20_0000, 3),
+            inv_freq: r(0x30_0000, 32),
+            attention_factor: 1.0,
+        };
+        q.check().unwrap();
+        let mut x = q;
+        x.src.len -= 1;
+        assert!(err_of(x.check()).contains("src holds"));
+        let mut x = q;
+        x.dst_ld_head = 32;
+        assert!(err_of(x.check()).contains("dst: ld_head (32) must be >= rope (64)"));
+    }
+
+    #[test]
+    fn layout_checks_and_positions() {
+        // Sequence 0 continues at position 70 with 2 tokens, sequence 1 starts with 3.
+        let l = MlaLayout {
+            tables: vec![vec![3, 1], vec![0]],
+            kv_lens: vec![72, 3],
+            q_lens: vec![2, 3],
+        };
+        assert_eq!(l.kv_lens, vec![72, 3]);
+        assert_eq!(l.q_lens, vec![2, 3]);
+        assert_eq!(l.total_q(), 5);
+        assert_eq!(l.max_q_len(), 3);
+        assert_eq!(
+            l.token_positions(),
+            vec![(0, 70), (0, 71), (1, 0), (1, 1), (1, 2)]
+        );
+        l.check().unwrap();
+        let mut bad = l.clone();
+        bad.kv_lens[0] = 129;
+        assert!(err_of(bad.check()).contains("2 pages cannot hold 129 positions"));
+        let mut bad = l.clone();
+        bad.q_lens[1] = 4;
+        assert!(err_of(bad.check()).contains("q_len = 4 must be >= 1 and <= kv_len = 3"));
+        let decode = MlaLayout::decode(vec![vec![0], vec![1, 2]], vec![10, 100], 2);
+        assert_eq!(decode.total_q(), 4);
+        decode.check().unwrap();
+    }
+}

@@ -8,8 +8,8 @@
 //!
 //! Prefill form: this module runs prefill in the absorbed form too (scores over the 576-wide
 //! latent, 1088 MACs per (query, key, head) vs 320 for the expanded form with
-//! qk 192 / v 128 after kv_b_proj). [`prefill_form_by_cost`] says which form is cheaper for a
-//! chunk; only the absorbed form is implemented here (the expanded form needs the kv_b GEMM
+//! qk 192 / v 128 after kv_b_proj). [`heuristics::prefill_form_by_cost`] says which form is
+//! cheaper for a chunk; only the absorbed form is implemented here (the expanded form needs the kv_b GEMM
 //! over the prefix, a separate kernel).
 
 use std::marker::PhantomData;
@@ -20,6 +20,7 @@ use half::bf16;
 use super::mla::{Mla, MlaBatch, MlaCache, MLA_PAGE_TOKENS};
 use super::{Checker, Region};
 use crate::cuda::error::Result;
+use crate::cuda::heuristics::{self, mla_plan_parts, Choice, MlaSchedule};
 use crate::cuda::sys::{
     self, R1MlaAttnRefParams, R1MlaCombineParams, R1MlaDecodeParams, R1MlaScheduleParams,
 };
@@ -60,96 +61,8 @@ impl MlaKernel {
 }
 
 // ------------------------------------------------------------------------------------------
-// Scheduler (host mirror of mla_schedule) and workspace
+// Workspace (the schedule's host mirror is heuristics::mla_schedule_host)
 // ------------------------------------------------------------------------------------------
-
-/// Parts (CTAs per 64-row head block) the fast path splits the keys over: every SM busy,
-/// as FlashMLA sizes it (`sm_count / head blocks`, at least 1).
-pub fn mla_plan_parts(sm_count: usize, heads: usize, max_q_len: usize) -> usize {
-    let m_blocks = (max_q_len * heads).div_ceil(MLA_BLOCK_M).max(1);
-    (sm_count / m_blocks).max(1)
-}
-
-/// What `mla_schedule` writes: per part `[begin_b, begin_blk, end_b, end_blk, begin_split,
-/// 0, 0, 0]` and the per-sequence split prefix sums (launch_params.h).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MlaSchedule {
-    pub parts: Vec<[i32; SCHED_FIELDS]>,
-    pub splits: Vec<i32>,
-}
-
-impl MlaSchedule {
-    /// Partial-result slots used (<= batch + parts).
-    pub fn slots(&self) -> usize {
-        self.splits.last().copied().unwrap_or(0) as usize
-    }
-}
-
-/// The device scheduler's loop on the host, statement for statement (same clamps), so that
-/// its coverage can be tested without a GPU and a host-known layout can skip the kernel
-/// ([`MlaWorkspace::upload_schedule`]).
-pub fn mla_schedule_host(
-    seqlens_k: &[i32],
-    bt_stride: usize,
-    parts: usize,
-    overhead: usize,
-) -> MlaSchedule {
-    let cap = (bt_stride * MLA_PAGE_TOKENS) as i64;
-    let nblk: Vec<i64> = seqlens_k
-        .iter()
-        .map(|&l| {
-            (i64::from(l).clamp(0, cap) + MLA_PAGE_TOKENS as i64 - 1) / MLA_PAGE_TOKENS as i64
-        })
-        .collect();
-    let batch = nblk.len();
-    let overhead = overhead as i64;
-    let total: i64 = nblk.iter().map(|n| n + overhead).sum();
-    let nparts = parts.max(1) as i64;
-    let payload = (total + nparts - 1) / nparts + overhead;
-    let mut splits = vec![0i32; batch + 1];
-    let mut out = Vec::with_capacity(nparts as usize);
-    let (mut cur_b, mut cur_blk, mut cur_split, mut cum) = (0usize, 0i64, 0i32, 0i32);
-    for _ in 0..nparts {
-        let mut rec = [0i32; SCHED_FIELDS];
-        rec[0] = cur_b as i32;
-        rec[1] = cur_blk as i32;
-        rec[4] = cur_split;
-        let mut remain = payload;
-        while cur_b < batch {
-            let left = nblk[cur_b] - cur_blk;
-            if remain >= left + overhead {
-                cum += cur_split + 1;
-                splits[cur_b + 1] = cum;
-                remain -= left + overhead;
-                cur_b += 1;
-                cur_blk = 0;
-                cur_split = 0;
-            } else {
-                let take = remain - overhead;
-                if take > 0 {
-                    cur_blk += take;
-                    cur_split += 1;
-                }
-                break;
-            }
-        }
-        if cur_blk > 0 {
-            rec[2] = cur_b as i32;
-            rec[3] = cur_blk as i32;
-        } else {
-            rec[2] = cur_b as i32 - 1;
-            rec[3] = if cur_b > 0 { nblk[cur_b - 1] as i32 } else { 0 };
-        }
-        out.push(rec);
-    }
-    while cur_b < batch {
-        cum += cur_split + 1;
-        cur_split = 0;
-        splits[cur_b + 1] = cum;
-        cur_b += 1;
-    }
-    MlaSchedule { parts: out, splits }
-}
 
 /// Scratch of the fast path for up to `batch` sequences of up to `max_q_len` new tokens and
 /// `heads` heads: the schedule and the split-KV partial results.
@@ -247,43 +160,6 @@ impl MlaWorkspace {
     }
 }
 
-/// Prefill form with the lower cost for a chunk of `chunk` new tokens over `prefix` cached
-/// ones (per layer, multiply-accumulates):
-/// absorbed = chunk * heads * (kv_lora + rope + kv_lora) * keys_avg, plus W_UK / W_UV on the
-/// chunk (2 * chunk * heads * nope_or_v * kv_lora); expanded = chunk * heads * (qk + v) *
-/// keys_avg plus kv_b_proj over every key (keys * heads * (nope + v) * kv_lora).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefillForm {
-    Absorbed,
-    Expanded,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_form_by_cost(
-    chunk: usize,
-    prefix: usize,
-    heads: usize,
-    kv_lora: usize,
-    rope: usize,
-    nope: usize,
-    v: usize,
-) -> (PrefillForm, f64, f64) {
-    let (c, p, h) = (chunk as f64, prefix as f64, heads as f64);
-    let keys = p + c;
-    // Average keys per query under the causal mask: prefix + (chunk + 1) / 2.
-    let pairs = c * (p + (c + 1.0) / 2.0);
-    let absorbed =
-        pairs * h * (2 * kv_lora + rope) as f64 + c * h * (nope + v) as f64 * kv_lora as f64;
-    let expanded =
-        pairs * h * (nope + rope + v) as f64 + keys * h * (nope + v) as f64 * kv_lora as f64;
-    let form = if absorbed <= expanded {
-        PrefillForm::Absorbed
-    } else {
-        PrefillForm::Expanded
-    };
-    (form, absorbed, expanded)
-}
-
 // ------------------------------------------------------------------------------------------
 // Desc and checks
 // ------------------------------------------------------------------------------------------
@@ -331,12 +207,11 @@ impl MlaAttnDesc {
         match kernel {
             MlaKernel::Auto => {
                 self.check_common(MlaKernel::Reference)?;
-                if self.check_fast().is_ok() {
-                    Ok(MlaKernel::Wgmma)
-                } else {
+                let kernel = heuristics::mla_kernel(|_| self.check_fast().is_ok());
+                if kernel == MlaKernel::Reference {
                     self.check_ref()?;
-                    Ok(MlaKernel::Reference)
                 }
+                Ok(kernel)
             }
             MlaKernel::Reference => {
                 self.check_common(kernel)?;
@@ -818,6 +693,16 @@ impl<'d> Mla<'d> {
             }
             MlaKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
         };
+        heuristics::report(&Choice::MlaAttn {
+            batch: desc.batch,
+            heads: desc.heads,
+            max_q_len: desc.max_q_len,
+            kernel,
+            parts: desc
+                .workspace
+                .filter(|_| kernel == MlaKernel::Wgmma)
+                .map(|w| w.parts),
+        });
         Ok(PreparedMlaAttn {
             mla: self,
             kernel,
@@ -831,5 +716,84 @@ impl<'d> Mla<'d> {
         let p = self.prepare_attention(args, kernel)?;
         p.launch()?;
         Ok(p.kernel())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::heuristics::tests::{mla_attn_desc as attn_desc, ROPE};
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    /// Every requirement the kernels document, named in the error, for every kernel that has
+    /// it (Auto included); which kernel Auto picks is heuristics' test.
+    #[test]
+    fn host_checks_name_requirements() {
+        let d = attn_desc(128, 128, 1, 64, 128 * 64);
+        assert_eq!(
+            d.resolve(MlaKernel::Reference).unwrap(),
+            MlaKernel::Reference
+        );
+        assert_eq!(d.m_blocks(), 2);
+
+        // Other latent widths: the fast path says why not.
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.kv_lora = 256;
+        x.q.len = 4 * 2 * 16 * (256 + ROPE);
+        x.cache.len = 40 * 64 * (256 + ROPE);
+        x.out.len = 4 * 2 * 16 * 256;
+        let e = err_of(x.resolve(MlaKernel::Wgmma));
+        assert!(
+            e.starts_with("mla_decode_wgmma") && e.contains("kv_lora and rope must be 512 and 64"),
+            "{e}"
+        );
+
+        // No workspace: Wgmma says why.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.workspace = None;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("needs an MlaWorkspace"));
+
+        // TMA alignment.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.q.addr += 8;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("tmap_q: global address"));
+
+        // Short buffers name the buffer, for every kernel.
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.out.len -= 1;
+        for k in [MlaKernel::Auto, MlaKernel::Reference, MlaKernel::Wgmma] {
+            let e = err_of(x.resolve(k));
+            assert!(e.contains("out holds"), "{e}");
+        }
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        x.block_table.len = 31;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("block_table holds 31"));
+        let mut x = attn_desc(4, 16, 2, 8, 40);
+        if let Some(w) = x.workspace.as_mut() {
+            w.o_accum.len = 0;
+        }
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("o_accum holds 0"));
+
+        // An empty cache cannot back a TMA map (nor any sequence).
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.num_pages = 0;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("num_pages (0) must be >= 1"));
+
+        // Bad scalars.
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.scale = f32::NAN;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("scale"));
+        let mut x = attn_desc(4, 16, 1, 8, 40);
+        x.kv_lora = 1024;
+        x.q.len = usize::MAX;
+        x.cache.len = usize::MAX;
+        x.out.len = usize::MAX;
+        assert!(err_of(x.resolve(MlaKernel::Auto)).contains("kv_lora (1024) must be <= 512"));
+        let mut x = attn_desc(5000, 16, 1, 8, 40);
+        x.workspace = None;
+        assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("batch (5000) must be <= 4096"));
     }
 }

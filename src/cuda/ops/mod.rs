@@ -23,9 +23,8 @@ pub use mla::{
     MlaQRopeDesc, MlaRope, PreparedMlaCacheWrite, PreparedMlaQRope, MLA_PAGE_TOKENS,
 };
 pub use mla_attn::{
-    mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaAttnArgs, MlaAttnDesc, MlaKernel,
-    MlaSchedule, MlaWorkspace, MlaWorkspaceDesc, PrefillForm, PreparedMlaAttn, MLA_BLOCK_M,
-    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
+    MlaAttnArgs, MlaAttnDesc, MlaKernel, MlaWorkspace, MlaWorkspaceDesc, PreparedMlaAttn,
+    MLA_BLOCK_M, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
 };
 pub use moe::{
     MoeFlags, MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_BLOCK_M,
@@ -174,5 +173,22 @@ impl Checker {
         self.req(r.len >= need, || {
             format!("{name} holds {} elements; {what} needs {need}", r.len)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sa_layout_round_trips() {
+        let (rows, kb) = (5, 3);
+        let m_pad = act_scale_m_pad(rows);
+        assert_eq!(m_pad, 8);
+        let row_major: Vec<f32> = (0..rows * kb).map(|i| i as f32).collect();
+        let sa = scales_to_sa(&row_major, rows, kb, m_pad);
+        assert_eq!(sa.len(), kb * m_pad);
+        assert_eq!(sa[m_pad + 2], row_major[2 * kb + 1]); // row 2, block 1
+        assert_eq!(scales_from_sa(&sa, rows, kb, m_pad), row_major);
     }
 }

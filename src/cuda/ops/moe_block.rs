@@ -112,20 +112,6 @@ pub struct MoeWorkspace {
     pub shared: Option<(DeviceBuffer<bf16>, QuantizedActivations, DeviceBuffer<bf16>)>,
 }
 
-impl MoeLayout {
-    /// Masked (decode) for up to 128 tokens, else contiguous (prefill); masked rows hold
-    /// `capacity` tokens per expert, so no routing can overflow them.
-    pub fn auto(capacity: usize) -> MoeLayout {
-        if capacity <= 128 {
-            MoeLayout::Masked {
-                max_tokens_per_expert: capacity,
-            }
-        } else {
-            MoeLayout::Contiguous
-        }
-    }
-}
-
 fn quantized(dev: &Device, m: usize, k: usize) -> Result<QuantizedActivations> {
     let m_pad = act_scale_m_pad(m);
     Ok(QuantizedActivations {
@@ -461,12 +447,5 @@ mod tests {
             e.contains("moe_intermediate = 96 must be a positive multiple of 128"),
             "{e}"
         );
-        assert_eq!(
-            MoeLayout::auto(1),
-            MoeLayout::Masked {
-                max_tokens_per_expert: 1
-            }
-        );
-        assert_eq!(MoeLayout::auto(4096), MoeLayout::Contiguous);
     }
 }

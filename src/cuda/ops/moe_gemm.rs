@@ -15,6 +15,7 @@ use super::moe::{MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch};
 use super::moe_permute::{MoePlanBuffers, PermutedRows};
 use super::{Checker, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
+use crate::cuda::heuristics::{self, Choice};
 use crate::cuda::sys::{self, R1MoeGemmParams, R1MoeGemmRefParams};
 use crate::cuda::{Device, DeviceBuffer};
 
@@ -93,21 +94,9 @@ impl GroupedGemmDesc {
         match kernel {
             K::Auto => {
                 self.check_common(K::Reference)?;
-                let fast = match self.geom.layout {
-                    MoeLayout::Contiguous => K::ContigWgmma,
-                    MoeLayout::Masked { .. } => {
-                        if self.geom.entries().div_ceil(self.geom.experts) <= 64 {
-                            K::MaskedWgmmaM64
-                        } else {
-                            K::MaskedWgmma
-                        }
-                    }
-                };
-                Ok(if self.check_fast(fast).is_ok() {
-                    fast
-                } else {
-                    K::Reference
-                })
+                Ok(heuristics::grouped_gemm_kernel(&self.geom, |fast| {
+                    self.check_fast(fast).is_ok()
+                }))
             }
             K::Reference => {
                 self.check_common(kernel)?;
@@ -395,7 +384,16 @@ impl MoeOps<'_> {
     ) -> Result<PreparedGroupedGemm<'a>> {
         let d = args.desc();
         let kernel = d.resolve(kernel)?;
+        let choice = |ctas| Choice::GroupedGemm {
+            layout: d.geom.layout,
+            tokens: d.tokens,
+            n: d.n,
+            k: d.k,
+            kernel,
+            ctas,
+        };
         if kernel == GroupedGemmKernel::Reference {
+            heuristics::report(&choice(None));
             let p = R1MoeGemmRefParams {
                 a: d.a.addr,
                 b: d.b.addr,
@@ -456,7 +454,8 @@ impl MoeOps<'_> {
         } else {
             (sys::R1_MOE_GEMM_THREADS, sys::R1_MOE_GEMM_SMEM_BYTES)
         };
-        let grid = d.max_tiles(kernel).min(self.dev.info().sm_count).max(1);
+        let grid = heuristics::persistent_ctas(d.max_tiles(kernel), self.dev.info());
+        heuristics::report(&choice(Some(grid)));
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (threads, 1, 1),

@@ -1,0 +1,1074 @@
+//! Every choice the CUDA backend makes from shapes and device info, as pure functions: which
+//! kernel runs a GEMM or an attention call, how many persistent CTAs it gets, how MLA splits
+//! the keys over the SMs (and the scheduler's host mirror), which prefill form is cheaper, the
+//! MoE rows' layout and whether a MoE layer takes the fused block. The launch wrappers only
+//! consume the results: their `*Desc::resolve` checks a kernel's requirements and asks here
+//! which kernel `Auto` means.
+//!
+//! `R1_PRINT_CHOICES=1` prints each distinct choice once to stderr, e.g.
+//! `r1-choice: fp8_gemm m=1 n=2112 k=7168 -> fp8_gemm_wgmma_m64 (persistent ctas 17)`.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use super::ops::{
+    GemmKernel, GroupedGemmKernel, MlaKernel, MoeBlockConfig, MoeGeometry, MoeLayout, MLA_BLOCK_M,
+    MLA_PAGE_TOKENS,
+};
+use super::{sys, DeviceInfo};
+
+// ------------------------------------------------------------------------------------------
+// GEMMs
+// ------------------------------------------------------------------------------------------
+
+/// Auto picks the BLOCK_M 64 kernel up to this M.
+pub const AUTO_M64_MAX_M: usize = sys::R1_FP8_GEMM_M64_BLOCK_M as usize;
+
+/// The dense GEMM kernel for `m` rows: `WgmmaM64` up to [`AUTO_M64_MAX_M`] (half the padding
+/// waste of BLOCK_M 128 at decode sizes), else `Wgmma`; the reference kernel when the chosen
+/// wgmma kernel's requirements do not hold (`meets`).
+pub fn fp8_gemm_kernel(m: usize, meets: impl FnOnce(GemmKernel) -> bool) -> GemmKernel {
+    let fast = if m <= AUTO_M64_MAX_M {
+        GemmKernel::WgmmaM64
+    } else {
+        GemmKernel::Wgmma
+    };
+    if meets(fast) {
+        fast
+    } else {
+        GemmKernel::Reference
+    }
+}
+
+/// The grouped GEMM kernel for a MoE geometry: contiguous rows take `ContigWgmma`; masked rows
+/// take `MaskedWgmmaM64` when the average rows per expert (tokens * top_k / experts) is <= 64,
+/// else `MaskedWgmma`; the reference kernel when the choice's requirements do not hold.
+pub fn grouped_gemm_kernel(
+    geom: &MoeGeometry,
+    meets: impl FnOnce(GroupedGemmKernel) -> bool,
+) -> GroupedGemmKernel {
+    let fast = match geom.layout {
+        MoeLayout::Contiguous => GroupedGemmKernel::ContigWgmma,
+        MoeLayout::Masked { .. } => {
+            if geom.entries().div_ceil(geom.experts) <= 64 {
+                GroupedGemmKernel::MaskedWgmmaM64
+            } else {
+                GroupedGemmKernel::MaskedWgmma
+            }
+        }
+    };
+    if meets(fast) {
+        fast
+    } else {
+        GroupedGemmKernel::Reference
+    }
+}
+
+/// CTAs of a persistent wgmma grid over `tiles` output tiles: one per SM, never more than the
+/// tiles (an idle CTA only costs a launch slot), at least one.
+pub fn persistent_ctas(tiles: usize, dev: &DeviceInfo) -> usize {
+    tiles.min(dev.sm_count).max(1)
+}
+
+// ------------------------------------------------------------------------------------------
+// MLA attention
+// ------------------------------------------------------------------------------------------
+
+const SCHED_FIELDS: usize = sys::R1_MLA_SCHED_FIELDS as usize;
+
+/// The attention kernel: the split-KV wgmma path whenever its requirements hold (`meets`),
+/// else the reference kernel.
+pub fn mla_kernel(meets: impl FnOnce(MlaKernel) -> bool) -> MlaKernel {
+    if meets(MlaKernel::Wgmma) {
+        MlaKernel::Wgmma
+    } else {
+        MlaKernel::Reference
+    }
+}
+
+/// Parts (CTAs per 64-row head block) the fast path splits the keys over: every SM busy,
+/// as FlashMLA sizes it (`sm_count / head blocks`, at least 1).
+pub fn mla_plan_parts(sm_count: usize, heads: usize, max_q_len: usize) -> usize {
+    let m_blocks = (max_q_len * heads).div_ceil(MLA_BLOCK_M).max(1);
+    (sm_count / m_blocks).max(1)
+}
+
+/// What `mla_schedule` writes: per part `[begin_b, begin_blk, end_b, end_blk, begin_split,
+/// 0, 0, 0]` and the per-sequence split prefix sums (launch_params.h).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlaSchedule {
+    pub parts: Vec<[i32; SCHED_FIELDS]>,
+    pub splits: Vec<i32>,
+}
+
+impl MlaSchedule {
+    /// Partial-result slots used (<= batch + parts).
+    pub fn slots(&self) -> usize {
+        self.splits.last().copied().unwrap_or(0) as usize
+    }
+}
+
+/// The device scheduler's loop on the host, statement for statement (same clamps), so that
+/// its coverage can be tested without a GPU and a host-known layout can skip the kernel
+/// ([`super::MlaWorkspace::upload_schedule`]).
+pub fn mla_schedule_host(
+    seqlens_k: &[i32],
+    bt_stride: usize,
+    parts: usize,
+    overhead: usize,
+) -> MlaSchedule {
+    let cap = (bt_stride * MLA_PAGE_TOKENS) as i64;
+    let nblk: Vec<i64> = seqlens_k
+        .iter()
+        .map(|&l| {
+            (i64::from(l).clamp(0, cap) + MLA_PAGE_TOKENS as i64 - 1) / MLA_PAGE_TOKENS as i64
+        })
+        .collect();
+    let batch = nblk.len();
+    let overhead = overhead as i64;
+    let total: i64 = nblk.iter().map(|n| n + overhead).sum();
+    let nparts = parts.max(1) as i64;
+    let payload = (total + nparts - 1) / nparts + overhead;
+    let mut splits = vec![0i32; batch + 1];
+    let mut out = Vec::with_capacity(nparts as usize);
+    let (mut cur_b, mut cur_blk, mut cur_split, mut cum) = (0usize, 0i64, 0i32, 0i32);
+    for _ in 0..nparts {
+        let mut rec = [0i32; SCHED_FIELDS];
+        rec[0] = cur_b as i32;
+        rec[1] = cur_blk as i32;
+        rec[4] = cur_split;
+        let mut remain = payload;
+        while cur_b < batch {
+            let left = nblk[cur_b] - cur_blk;
+            if remain >= left + overhead {
+                cum += cur_split + 1;
+                splits[cur_b + 1] = cum;
+                remain -= left + overhead;
+                cur_b += 1;
+                cur_blk = 0;
+                cur_split = 0;
+            } else {
+                let take = remain - overhead;
+                if take > 0 {
+                    cur_blk += take;
+                    cur_split += 1;
+                }
+                break;
+            }
+        }
+        if cur_blk > 0 {
+            rec[2] = cur_b as i32;
+            rec[3] = cur_blk as i32;
+        } else {
+            rec[2] = cur_b as i32 - 1;
+            rec[3] = if cur_b > 0 { nblk[cur_b - 1] as i32 } else { 0 };
+        }
+        out.push(rec);
+    }
+    while cur_b < batch {
+        cum += cur_split + 1;
+        cur_split = 0;
+        splits[cur_b + 1] = cum;
+        cur_b += 1;
+    }
+    MlaSchedule { parts: out, splits }
+}
+
+/// Prefill form with the lower cost for a chunk of `chunk` new tokens over `prefix` cached
+/// ones (per layer, multiply-accumulates):
+/// absorbed = chunk * heads * (kv_lora + rope + kv_lora) * keys_avg, plus W_UK / W_UV on the
+/// chunk (2 * chunk * heads * nope_or_v * kv_lora); expanded = chunk * heads * (qk + v) *
+/// keys_avg plus kv_b_proj over every key (keys * heads * (nope + v) * kv_lora).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillForm {
+    Absorbed,
+    Expanded,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_form_by_cost(
+    chunk: usize,
+    prefix: usize,
+    heads: usize,
+    kv_lora: usize,
+    rope: usize,
+    nope: usize,
+    v: usize,
+) -> (PrefillForm, f64, f64) {
+    let (c, p, h) = (chunk as f64, prefix as f64, heads as f64);
+    let keys = p + c;
+    // Average keys per query under the causal mask: prefix + (chunk + 1) / 2.
+    let pairs = c * (p + (c + 1.0) / 2.0);
+    let absorbed =
+        pairs * h * (2 * kv_lora + rope) as f64 + c * h * (nope + v) as f64 * kv_lora as f64;
+    let expanded =
+        pairs * h * (nope + rope + v) as f64 + keys * h * (nope + v) as f64 * kv_lora as f64;
+    let form = if absorbed <= expanded {
+        PrefillForm::Absorbed
+    } else {
+        PrefillForm::Expanded
+    };
+    (form, absorbed, expanded)
+}
+
+// ------------------------------------------------------------------------------------------
+// MoE
+// ------------------------------------------------------------------------------------------
+
+/// Most tokens for which the MoE rows take the masked (decode) layout.
+pub const MOE_MASKED_MAX_TOKENS: usize = 128;
+
+impl MoeLayout {
+    /// Masked (decode) for up to [`MOE_MASKED_MAX_TOKENS`] tokens, else contiguous (prefill);
+    /// masked rows hold `capacity` tokens per expert, so no routing can overflow them.
+    pub fn auto(capacity: usize) -> MoeLayout {
+        let layout = if capacity <= MOE_MASKED_MAX_TOKENS {
+            MoeLayout::Masked {
+                max_tokens_per_expert: capacity,
+            }
+        } else {
+            MoeLayout::Contiguous
+        };
+        report(&Choice::MoeLayout { capacity, layout });
+        layout
+    }
+}
+
+/// How a MoE layer's routed experts run on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoeRoutedPath {
+    /// The fused block (`MoeOps::moe_forward`: grouped GEMMs over permuted rows).
+    Fused,
+    /// The router, then every expert's MLP over all tokens with dense GEMMs (any shape the
+    /// dense kernels take).
+    PerExpert,
+}
+
+/// The fused block wherever its shape rules hold (hidden and moe_intermediate positive
+/// multiples of 128, a router the kernels take), else the per-expert fallback.
+pub fn moe_routed_path(cfg: &MoeBlockConfig) -> MoeRoutedPath {
+    let path = if cfg.check().is_ok() {
+        MoeRoutedPath::Fused
+    } else {
+        MoeRoutedPath::PerExpert
+    };
+    report(&Choice::MoeRouted {
+        hidden: cfg.hidden,
+        inter: cfg.inter,
+        experts: cfg.router.experts,
+        path,
+    });
+    path
+}
+
+// ------------------------------------------------------------------------------------------
+// Printing the choices
+// ------------------------------------------------------------------------------------------
+
+/// One decision, as `R1_PRINT_CHOICES` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    Fp8Gemm {
+        m: usize,
+        n: usize,
+        k: usize,
+        kernel: GemmKernel,
+        /// Persistent CTAs (the wgmma kernels).
+        ctas: Option<usize>,
+    },
+    GroupedGemm {
+        layout: MoeLayout,
+        tokens: usize,
+        n: usize,
+        k: usize,
+        kernel: GroupedGemmKernel,
+        ctas: Option<usize>,
+    },
+    MlaAttn {
+        batch: usize,
+        heads: usize,
+        max_q_len: usize,
+        kernel: MlaKernel,
+        /// Split-KV parts (the wgmma path).
+        parts: Option<usize>,
+    },
+    MoeLayout {
+        capacity: usize,
+        layout: MoeLayout,
+    },
+    MoeRouted {
+        hidden: usize,
+        inter: usize,
+        experts: usize,
+        path: MoeRoutedPath,
+    },
+}
+
+impl Choice {
+    /// `r1-choice: <what> <shape> -> <decision>`.
+    pub fn line(&self) -> String {
+        let ctas =
+            |c: &Option<usize>| c.map_or(String::new(), |c| format!(" (persistent ctas {c})"));
+        let layout = |l: &MoeLayout| match l {
+            MoeLayout::Contiguous => "contiguous".to_string(),
+            MoeLayout::Masked {
+                max_tokens_per_expert,
+            } => format!("masked ({max_tokens_per_expert} rows per expert)"),
+        };
+        let body = match self {
+            Choice::Fp8Gemm {
+                m,
+                n,
+                k,
+                kernel,
+                ctas: c,
+            } => format!("fp8_gemm m={m} n={n} k={k} -> {}{}", kernel.name(), ctas(c)),
+            Choice::GroupedGemm {
+                layout: l,
+                tokens,
+                n,
+                k,
+                kernel,
+                ctas: c,
+            } => format!(
+                "moe_gemm {} tokens={tokens} n={n} k={k} -> {}{}",
+                layout(l),
+                kernel.name(),
+                ctas(c)
+            ),
+            Choice::MlaAttn {
+                batch,
+                heads,
+                max_q_len,
+                kernel,
+                parts,
+            } => format!(
+                "mla_attn batch={batch} heads={heads} max_q_len={max_q_len} -> {}{}",
+                kernel.name(),
+                parts.map_or(String::new(), |p| format!(" (split-kv parts {p})"))
+            ),
+            Choice::MoeLayout {
+                capacity,
+                layout: l,
+            } => format!("moe_layout capacity={capacity} -> {}", layout(l)),
+            Choice::MoeRouted {
+                hidden,
+                inter,
+                experts,
+                path,
+            } => format!(
+                "moe_routed hidden={hidden} moe_intermediate={inter} experts={experts} -> {}",
+                match path {
+                    MoeRoutedPath::Fused => "fused moe block",
+                    MoeRoutedPath::PerExpert => "per-expert fallback",
+                }
+            ),
+        };
+        format!("r1-choice: {body}")
+    }
+}
+
+/// The line to print for `choice` when it is new to `seen` (then remembered), else None.
+fn first_time(seen: &mut HashSet<String>, choice: &Choice) -> Option<String> {
+    let line = choice.line();
+    seen.insert(line.clone()).then_some(line)
+}
+
+/// True when `R1_PRINT_CHOICES` asks for the choices (any value but empty or "0").
+fn printing_enabled(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Prints `choice` to stderr the first time it is made, when `R1_PRINT_CHOICES` is set.
+pub fn report(choice: &Choice) {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let enabled = *ENABLED
+        .get_or_init(|| printing_enabled(std::env::var("R1_PRINT_CHOICES").ok().as_deref()));
+    if !enabled {
+        return;
+    }
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(line) = first_time(&mut seen, choice) {
+        eprintln!("{line}");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cuda::ops::{
+        act_scale_m_pad, Fp8GemmDesc, MlaAttnDesc, MlaWorkspace, MlaWorkspaceDesc, Region,
+        RouterConfig, MLA_SCHED_FIXED_OVERHEAD, QUANT_BLOCK,
+    };
+
+    /// H200 / H100 SXM: 132 SMs.
+    fn hopper() -> DeviceInfo {
+        DeviceInfo {
+            ordinal: 0,
+            name: "test".into(),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            l2_bytes: 50 << 20,
+            max_smem_per_block_optin: 227 << 10,
+            total_mem_bytes: 141 << 30,
+            sm_clock_khz: 0,
+            mem_clock_khz: 0,
+            mem_bus_width_bits: 0,
+            driver_version: 13000,
+        }
+    }
+
+    /// A well-formed fast-path GEMM call with fake (aligned) addresses; tests break one thing
+    /// at a time.
+    pub(crate) fn fp8_gemm_desc(m: usize, n: usize, k: usize) -> Fp8GemmDesc {
+        let kb = k.div_ceil(QUANT_BLOCK);
+        let m_pad = act_scale_m_pad(m);
+        let r = |addr: u64, len: usize| Region { addr, len };
+        Fp8GemmDesc {
+            m,
+            n,
+            k,
+            a: r(0x1000_0000, m * k),
+            lda: k,
+            sa: r(0x2000_0000, kb * m_pad),
+            m_pad,
+            b: r(0x3000_0000, n * k),
+            ldb: k,
+            sb: r(0x4000_0000, n.div_ceil(QUANT_BLOCK) * kb),
+            d: r(0x5000_0000, m * n),
+            ldd: n,
+        }
+    }
+
+    pub(crate) const KV_LORA: usize = 512;
+    pub(crate) const ROPE: usize = 64;
+    pub(crate) const WIDTH: usize = KV_LORA + ROPE;
+
+    /// A well-formed fast-path attention call with fake (aligned) addresses, its workspace
+    /// planned for 132 SMs.
+    pub(crate) fn mla_attn_desc(
+        batch: usize,
+        heads: usize,
+        s_q: usize,
+        bt_stride: usize,
+        num_pages: usize,
+    ) -> MlaAttnDesc {
+        let total_q = batch * s_q;
+        let rows = total_q * heads;
+        let parts = mla_plan_parts(132, heads, s_q);
+        let [s, sp, o, l] = MlaWorkspace::lens(batch, heads, s_q, parts);
+        let r = |addr: u64, len: usize| Region { addr, len };
+        MlaAttnDesc {
+            batch,
+            heads,
+            total_q,
+            max_q_len: s_q,
+            kv_lora: KV_LORA,
+            rope: ROPE,
+            bt_stride,
+            num_pages,
+            scale: 0.1352,
+            q: r(0x1000_0000, rows * WIDTH),
+            cache: r(0x2000_0000, num_pages * 64 * WIDTH),
+            block_table: r(0x3000_0000, batch * bt_stride),
+            seqlens_k: r(0x3100_0000, batch),
+            q_starts: r(0x3200_0000, batch + 1),
+            out: r(0x4000_0000, rows * KV_LORA),
+            lse: r(0x4100_0000, rows),
+            workspace: Some(MlaWorkspaceDesc {
+                parts,
+                sched: r(0x5000_0000, s),
+                splits: r(0x5100_0000, sp),
+                o_accum: r(0x5200_0000, o),
+                lse_accum: r(0x5300_0000, l),
+            }),
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // GEMMs
+    // --------------------------------------------------------------------------------------
+
+    #[test]
+    fn fp8_gemm_kernel_by_m_then_requirements() {
+        let all = |_| true;
+        assert_eq!(fp8_gemm_kernel(1, all), GemmKernel::WgmmaM64);
+        assert_eq!(fp8_gemm_kernel(AUTO_M64_MAX_M, all), GemmKernel::WgmmaM64);
+        assert_eq!(fp8_gemm_kernel(AUTO_M64_MAX_M + 1, all), GemmKernel::Wgmma);
+        assert_eq!(fp8_gemm_kernel(4096, all), GemmKernel::Wgmma);
+        // Only the chosen kernel is asked about; refused, the reference kernel runs.
+        let mut asked = Vec::new();
+        let k = fp8_gemm_kernel(65, |k| {
+            asked.push(k);
+            false
+        });
+        assert_eq!((k, asked), (GemmKernel::Reference, vec![GemmKernel::Wgmma]));
+        assert_eq!(
+            fp8_gemm_kernel(3, |k| k == GemmKernel::Wgmma),
+            GemmKernel::Reference
+        );
+    }
+
+    /// `Fp8GemmDesc::resolve(Auto)`: m64 for small M, BLOCK_M 128 above, the reference for
+    /// what the fast path refuses.
+    #[test]
+    fn fp8_gemm_auto_resolves_by_shape() {
+        let auto = |d: Fp8GemmDesc| d.resolve(GemmKernel::Auto).unwrap();
+        assert_eq!(auto(fp8_gemm_desc(1, 2112, 7168)), GemmKernel::WgmmaM64);
+        assert_eq!(auto(fp8_gemm_desc(64, 256, 128)), GemmKernel::WgmmaM64);
+        assert_eq!(auto(fp8_gemm_desc(65, 256, 128)), GemmKernel::Wgmma);
+        assert_eq!(auto(fp8_gemm_desc(4096, 7168, 16384)), GemmKernel::Wgmma);
+        // K % 128 != 0.
+        assert_eq!(auto(fp8_gemm_desc(3, 5, 100)), GemmKernel::Reference);
+        // Strides: TMA needs 16-byte rows.
+        let mut d = fp8_gemm_desc(70, 300, 256);
+        d.lda = 264;
+        d.a.len = 70 * 264;
+        assert_eq!(auto(d), GemmKernel::Reference);
+        // Alignment.
+        let mut d = fp8_gemm_desc(70, 300, 256);
+        d.a.addr += 8;
+        assert_eq!(auto(d), GemmKernel::Reference);
+    }
+
+    #[test]
+    fn grouped_gemm_kernel_by_layout_and_load() {
+        use GroupedGemmKernel as K;
+        let geom = |tokens, layout| MoeGeometry {
+            tokens,
+            top_k: 8,
+            experts: 256,
+            layout,
+        };
+        let masked = |m| MoeLayout::Masked {
+            max_tokens_per_expert: m,
+        };
+        let all = |_| true;
+        assert_eq!(
+            grouped_gemm_kernel(&geom(4096, MoeLayout::Contiguous), all),
+            K::ContigWgmma
+        );
+        assert_eq!(
+            grouped_gemm_kernel(&geom(128, masked(128)), all),
+            K::MaskedWgmmaM64
+        );
+        // 64 average rows per expert (2048 * 8 / 256) still take BLOCK_M 64; 65 do not.
+        assert_eq!(
+            grouped_gemm_kernel(&geom(2048, masked(2048)), all),
+            K::MaskedWgmmaM64
+        );
+        assert_eq!(
+            grouped_gemm_kernel(&geom(2049, masked(2049)), all),
+            K::MaskedWgmma
+        );
+        assert_eq!(
+            grouped_gemm_kernel(&geom(4096, masked(4096)), all),
+            K::MaskedWgmma
+        );
+        assert_eq!(
+            grouped_gemm_kernel(&geom(4096, MoeLayout::Contiguous), |k| k != K::ContigWgmma),
+            K::Reference
+        );
+    }
+
+    #[test]
+    fn persistent_ctas_fill_the_sms_not_more() {
+        let dev = hopper();
+        assert_eq!(persistent_ctas(17, &dev), 17);
+        assert_eq!(persistent_ctas(132, &dev), 132);
+        assert_eq!(persistent_ctas(32 * 56, &dev), 132);
+        assert_eq!(persistent_ctas(0, &dev), 1);
+        // The tile counts the dense GEMMs hand in.
+        assert_eq!(
+            persistent_ctas(
+                fp8_gemm_desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64),
+                &dev
+            ),
+            17
+        );
+        assert_eq!(
+            persistent_ctas(
+                fp8_gemm_desc(4096, 7168, 128).tiles(GemmKernel::Wgmma),
+                &dev
+            ),
+            132
+        );
+    }
+
+    // --------------------------------------------------------------------------------------
+    // MLA
+    // --------------------------------------------------------------------------------------
+
+    /// `MlaAttnDesc::resolve(Auto)`: the fast path wherever it applies, else the reference.
+    #[test]
+    fn mla_auto_resolves_to_the_fast_path_where_it_applies() {
+        assert_eq!(mla_kernel(|_| true), MlaKernel::Wgmma);
+        assert_eq!(mla_kernel(|_| false), MlaKernel::Reference);
+        let auto = |d: MlaAttnDesc| d.resolve(MlaKernel::Auto).unwrap();
+        assert_eq!(
+            auto(mla_attn_desc(128, 128, 1, 64, 128 * 64)),
+            MlaKernel::Wgmma
+        );
+        for heads in [16, 32, 64, 128] {
+            for s_q in [1, 2] {
+                assert_eq!(
+                    auto(mla_attn_desc(128, heads, s_q, 128, 128 * 128)),
+                    MlaKernel::Wgmma,
+                    "h {heads} s_q {s_q}"
+                );
+            }
+        }
+        // Other latent widths: the reference only.
+        let mut x = mla_attn_desc(4, 16, 2, 8, 40);
+        x.kv_lora = 256;
+        x.q.len = 4 * 2 * 16 * (256 + ROPE);
+        x.cache.len = 40 * 64 * (256 + ROPE);
+        x.out.len = 4 * 2 * 16 * 256;
+        assert_eq!(auto(x), MlaKernel::Reference);
+        // No workspace.
+        let mut x = mla_attn_desc(4, 16, 1, 8, 40);
+        x.workspace = None;
+        assert_eq!(auto(x), MlaKernel::Reference);
+        // TMA alignment.
+        let mut x = mla_attn_desc(4, 16, 1, 8, 40);
+        x.q.addr += 8;
+        assert_eq!(auto(x), MlaKernel::Reference);
+        // A workspace too small for the call.
+        let mut x = mla_attn_desc(4, 16, 2, 8, 40);
+        if let Some(w) = x.workspace.as_mut() {
+            w.o_accum.len = 0;
+        }
+        assert_eq!(auto(x), MlaKernel::Reference);
+    }
+
+    /// What a CTA (head block hb, part) of mla_decode_wgmma does for sequence b, as the
+    /// kernel's make_seg computes it: None (inactive) or (first block, tiles, slot or None for
+    /// direct).
+    #[allow(clippy::too_many_arguments)]
+    fn model_segment(
+        rec: &[i32; 8],
+        splits: &[i32],
+        nblk: usize,
+        b: usize,
+        hb: usize,
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Option<(usize, usize, Option<usize>)> {
+        let (begin_b, end_b) = (rec[0] as i64, rec[2] as i64);
+        let bi = b as i64;
+        if bi < begin_b || bi > end_b {
+            return None;
+        }
+        let blk0 = if bi == begin_b { rec[1] as usize } else { 0 };
+        let blk1 = if bi == end_b { rec[3] as usize } else { nblk }.min(nblk);
+        let rows_b = q_len * heads;
+        if blk0 >= blk1 || hb * 64 >= rows_b {
+            return None;
+        }
+        let i_max = (q_len - 1).min((hb * 64 + 63) / heads);
+        let kv_lim = kv_len as i64 - q_len as i64 + i_max as i64 + 1;
+        let blk_lim = if kv_lim > 0 {
+            (kv_lim as usize).div_ceil(64)
+        } else {
+            0
+        };
+        let ntiles = blk1.min(blk_lim).saturating_sub(blk0);
+        let nsplit = (splits[b + 1] - splits[b]) as usize;
+        let slot = if bi == begin_b { rec[4] as usize } else { 0 };
+        Some((blk0, ntiles, (nsplit > 1).then_some(slot)))
+    }
+
+    /// Every block of every sequence is in exactly one part; split slots of a sequence are
+    /// 0..nsplit, each used by exactly one part; slots <= batch + parts; and, for every head
+    /// block with rows, each output row gets exactly one direct write or all its slots written.
+    fn check_schedule(
+        kv_lens: &[usize],
+        q_lens: &[usize],
+        heads: usize,
+        bt_stride: usize,
+        parts: usize,
+    ) -> Result<(), String> {
+        let seqlens: Vec<i32> = kv_lens.iter().map(|&v| v as i32).collect();
+        let s = mla_schedule_host(&seqlens, bt_stride, parts, MLA_SCHED_FIXED_OVERHEAD);
+        let batch = kv_lens.len();
+        if s.parts.len() != parts.max(1) || s.splits.len() != batch + 1 || s.splits[0] != 0 {
+            return Err(format!("malformed schedule {s:?}"));
+        }
+        if s.slots() > batch + parts {
+            return Err(format!(
+                "{} slots > batch {batch} + parts {parts}",
+                s.slots()
+            ));
+        }
+        let nblk: Vec<usize> = kv_lens
+            .iter()
+            .map(|&l| l.min(bt_stride * 64).div_ceil(64))
+            .collect();
+        let mut covered: Vec<Vec<u32>> = nblk.iter().map(|&n| vec![0; n]).collect();
+        let mut slot_use: Vec<Vec<u32>> = Vec::new();
+        for b in 0..batch {
+            let ns = s.splits[b + 1] - s.splits[b];
+            if ns < 1 {
+                return Err(format!("sequence {b} has {ns} splits"));
+            }
+            slot_use.push(vec![0; ns as usize]);
+        }
+        for rec in &s.parts {
+            for b in i64::from(rec[0]).max(0)..=i64::from(rec[2]).min(batch as i64 - 1) {
+                let b = b as usize;
+                let blk0 = if b as i32 == rec[0] {
+                    rec[1] as usize
+                } else {
+                    0
+                };
+                let blk1 = if b as i32 == rec[2] {
+                    rec[3] as usize
+                } else {
+                    nblk[b]
+                }
+                .min(nblk[b]);
+                if blk0 >= blk1 {
+                    continue;
+                }
+                for c in &mut covered[b][blk0..blk1] {
+                    *c += 1;
+                }
+                let slot = if b as i32 == rec[0] {
+                    rec[4] as usize
+                } else {
+                    0
+                };
+                match slot_use[b].get_mut(slot) {
+                    Some(u) => *u += 1,
+                    None => {
+                        return Err(format!(
+                            "sequence {b}: slot {slot} >= nsplit {}",
+                            slot_use[b].len()
+                        ))
+                    }
+                }
+            }
+        }
+        for b in 0..batch {
+            if let Some(blk) = covered[b].iter().position(|&c| c != 1) {
+                return Err(format!(
+                    "sequence {b} block {blk} covered {} times",
+                    covered[b][blk]
+                ));
+            }
+            if let Some(slot) = slot_use[b].iter().position(|&c| c != 1) {
+                return Err(format!(
+                    "sequence {b} slot {slot} used {} times",
+                    slot_use[b][slot]
+                ));
+            }
+        }
+        // The kernel's view, per head block: writes and the union of tiles it runs.
+        let m_blocks = (q_lens.iter().max().unwrap() * heads).div_ceil(64);
+        for b in 0..batch {
+            for hb in 0..m_blocks {
+                if hb * 64 >= q_lens[b] * heads {
+                    continue;
+                }
+                let mut direct = 0;
+                let mut slots = vec![0u32; slot_use[b].len()];
+                let mut tiles = vec![0u32; nblk[b]];
+                for rec in &s.parts {
+                    if let Some((blk0, ntiles, slot)) =
+                        model_segment(rec, &s.splits, nblk[b], b, hb, heads, q_lens[b], kv_lens[b])
+                    {
+                        match slot {
+                            None => direct += 1,
+                            Some(k) => slots[k] += 1,
+                        }
+                        for t in &mut tiles[blk0..blk0 + ntiles] {
+                            *t += 1;
+                        }
+                    }
+                }
+                let ok_writes = if slots.len() == 1 {
+                    direct == 1
+                } else {
+                    direct == 0 && slots.iter().all(|&c| c == 1)
+                };
+                if !ok_writes {
+                    return Err(format!(
+                        "sequence {b} head block {hb}: {direct} direct writes, slots {slots:?}"
+                    ));
+                }
+                let i_max = (q_lens[b] - 1).min((hb * 64 + 63) / heads);
+                let lim = (kv_lens[b] - q_lens[b] + i_max + 1)
+                    .div_ceil(64)
+                    .min(nblk[b]);
+                if tiles
+                    .iter()
+                    .enumerate()
+                    .any(|(k, &c)| c != u32::from(k < lim))
+                {
+                    return Err(format!(
+                        "sequence {b} head block {hb}: tiles run {tiles:?}, want the first {lim}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The split-KV schedule covers every block once and every output row is written once.
+        #[test]
+        fn schedule_covers_every_block_and_row_once(
+            lens in prop::collection::vec(
+                prop_oneof![Just(1usize), Just(2), Just(63), Just(64), Just(65), Just(129), Just(4097), 1usize..9000],
+                1..24),
+            s_q in 1usize..4,
+            heads in prop_oneof![Just(16usize), Just(32), Just(64), Just(128), 1usize..20],
+            parts in prop_oneof![Just(1usize), Just(2), Just(33), Just(66), Just(132), 1usize..400],
+            extra in 0usize..3,
+        ) {
+            let kv: Vec<usize> = lens.iter().map(|&l| l.max(s_q)).collect();
+            let q = vec![s_q; kv.len()];
+            let bt = kv.iter().map(|l| l.div_ceil(64)).max().unwrap() + extra;
+            if let Err(e) = check_schedule(&kv, &q, heads, bt, parts) {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+
+        /// Chunked prefill layouts (varying q_len per sequence) too.
+        #[test]
+        fn schedule_covers_prefill_layouts(
+            seqs in prop::collection::vec((1usize..300, 0usize..3000), 1..8),
+            heads in prop_oneof![Just(16usize), Just(128), 1usize..20],
+            parts in 1usize..200,
+        ) {
+            let q: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+            let kv: Vec<usize> = seqs.iter().map(|s| s.0 + s.1).collect();
+            let bt = kv.iter().map(|l| l.div_ceil(64)).max().unwrap();
+            if let Err(e) = check_schedule(&kv, &q, heads, bt, parts) {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+    }
+
+    #[test]
+    fn schedule_balances_fixed_lengths() {
+        // FlashMLA's b = 128, s_k = 4096 on 132 SMs with h = 128, s_q = 1 (2 head blocks).
+        let parts = mla_plan_parts(132, 128, 1);
+        assert_eq!(parts, 66);
+        let s = mla_schedule_host(&[4096; 128], 64, parts, MLA_SCHED_FIXED_OVERHEAD);
+        let total = 128 * (64 + MLA_SCHED_FIXED_OVERHEAD);
+        let payload = total.div_ceil(parts) + MLA_SCHED_FIXED_OVERHEAD;
+        // Each part's blocks (+ overhead per sequence touched) stay within the payload.
+        for rec in &s.parts {
+            let mut cost = 0;
+            for b in rec[0]..=rec[2] {
+                let blk0 = if b == rec[0] { rec[1] } else { 0 };
+                let blk1 = if b == rec[2] { rec[3] } else { 64 };
+                if blk0 < blk1 {
+                    cost += (blk1 - blk0) as usize + MLA_SCHED_FIXED_OVERHEAD;
+                }
+            }
+            assert!(
+                cost <= payload,
+                "part {rec:?} costs {cost} > payload {payload}"
+            );
+        }
+        assert!(s.slots() <= 128 + parts);
+        check_schedule(&[4096; 128], &[1; 128], 128, 64, parts).unwrap();
+        // Prefill-sized head counts leave one part per head block: nothing is split.
+        assert_eq!(mla_plan_parts(132, 128, 512), 1);
+        let s = mla_schedule_host(&[5000, 3, 700], 80, 1, MLA_SCHED_FIXED_OVERHEAD);
+        assert_eq!(s.splits, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn prefill_form_cost_model() {
+        // Decode (1 token over 4096): absorbed. A 4096-token prompt from scratch: expanded.
+        let (f, a, e) = prefill_form_by_cost(1, 4096, 128, 512, 64, 128, 128);
+        assert_eq!(f, PrefillForm::Absorbed, "{a} vs {e}");
+        let (f, a, e) = prefill_form_by_cost(4096, 0, 128, 512, 64, 128, 128);
+        assert_eq!(f, PrefillForm::Expanded, "{a} vs {e}");
+        // A short chunk over a long prefix stays absorbed.
+        assert_eq!(
+            prefill_form_by_cost(64, 16384, 128, 512, 64, 128, 128).0,
+            PrefillForm::Absorbed
+        );
+    }
+
+    // --------------------------------------------------------------------------------------
+    // MoE
+    // --------------------------------------------------------------------------------------
+
+    #[test]
+    fn moe_layout_masked_up_to_128_tokens() {
+        assert_eq!(
+            MoeLayout::auto(1),
+            MoeLayout::Masked {
+                max_tokens_per_expert: 1
+            }
+        );
+        assert_eq!(
+            MoeLayout::auto(MOE_MASKED_MAX_TOKENS),
+            MoeLayout::Masked {
+                max_tokens_per_expert: 128
+            }
+        );
+        assert_eq!(MoeLayout::auto(129), MoeLayout::Contiguous);
+        assert_eq!(MoeLayout::auto(4096), MoeLayout::Contiguous);
+    }
+
+    #[test]
+    fn moe_routed_path_fused_where_the_block_applies() {
+        let deepseek = MoeBlockConfig {
+            router: RouterConfig {
+                experts: 256,
+                n_group: 8,
+                topk_group: 4,
+                top_k: 8,
+                normalize: true,
+                scaling: 2.5,
+            },
+            hidden: 7168,
+            inter: 2048,
+            shared_inter: 0,
+        };
+        assert_eq!(moe_routed_path(&deepseek), MoeRoutedPath::Fused);
+        for odd in [
+            MoeBlockConfig {
+                inter: 96,
+                ..deepseek
+            },
+            MoeBlockConfig {
+                hidden: 7000,
+                ..deepseek
+            },
+            MoeBlockConfig {
+                router: RouterConfig {
+                    experts: 1024,
+                    ..deepseek.router
+                },
+                ..deepseek
+            },
+        ] {
+            assert_eq!(moe_routed_path(&odd), MoeRoutedPath::PerExpert, "{odd:?}");
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Printing
+    // --------------------------------------------------------------------------------------
+
+    #[test]
+    fn choice_lines_name_shape_and_decision() {
+        let line = Choice::Fp8Gemm {
+            m: 1,
+            n: 2112,
+            k: 7168,
+            kernel: GemmKernel::WgmmaM64,
+            ctas: Some(17),
+        }
+        .line();
+        assert_eq!(
+            line,
+            "r1-choice: fp8_gemm m=1 n=2112 k=7168 -> fp8_gemm_wgmma_m64 (persistent ctas 17)"
+        );
+        assert_eq!(
+            Choice::Fp8Gemm {
+                m: 3,
+                n: 5,
+                k: 100,
+                kernel: GemmKernel::Reference,
+                ctas: None,
+            }
+            .line(),
+            "r1-choice: fp8_gemm m=3 n=5 k=100 -> fp8_gemm_ref"
+        );
+        assert_eq!(
+            Choice::GroupedGemm {
+                layout: MoeLayout::Masked {
+                    max_tokens_per_expert: 4
+                },
+                tokens: 4,
+                n: 4096,
+                k: 7168,
+                kernel: GroupedGemmKernel::MaskedWgmmaM64,
+                ctas: Some(132),
+            }
+            .line(),
+            "r1-choice: moe_gemm masked (4 rows per expert) tokens=4 n=4096 k=7168 -> \
+             moe_gemm_masked_wgmma_m64 (persistent ctas 132)"
+        );
+        assert_eq!(
+            Choice::MlaAttn {
+                batch: 128,
+                heads: 128,
+                max_q_len: 1,
+                kernel: MlaKernel::Wgmma,
+                parts: Some(66),
+            }
+            .line(),
+            "r1-choice: mla_attn batch=128 heads=128 max_q_len=1 -> mla_decode_wgmma \
+             (split-kv parts 66)"
+        );
+        assert_eq!(
+            Choice::MlaAttn {
+                batch: 2,
+                heads: 16,
+                max_q_len: 3,
+                kernel: MlaKernel::Reference,
+                parts: None,
+            }
+            .line(),
+            "r1-choice: mla_attn batch=2 heads=16 max_q_len=3 -> mla_attn_ref"
+        );
+        assert_eq!(
+            Choice::MoeLayout {
+                capacity: 4096,
+                layout: MoeLayout::Contiguous
+            }
+            .line(),
+            "r1-choice: moe_layout capacity=4096 -> contiguous"
+        );
+        assert_eq!(
+            Choice::MoeRouted {
+                hidden: 7168,
+                inter: 2048,
+                experts: 256,
+                path: MoeRoutedPath::PerExpert,
+            }
+            .line(),
+            "r1-choice: moe_routed hidden=7168 moe_intermediate=2048 experts=256 -> \
+             per-expert fallback"
+        );
+    }
+
+    #[test]
+    fn each_distinct_choice_prints_once() {
+        let mut seen = HashSet::new();
+        let a = Choice::MoeLayout {
+            capacity: 8,
+            layout: MoeLayout::auto(8),
+        };
+        let b = Choice::MoeLayout {
+            capacity: 9,
+            layout: MoeLayout::auto(9),
+        };
+        assert_eq!(first_time(&mut seen, &a), Some(a.line()));
+        assert_eq!(first_time(&mut seen, &a), None);
+        assert_eq!(first_time(&mut seen, &b), Some(b.line()));
+        assert_eq!(first_time(&mut seen, &a.clone()), None);
+        assert!(printing_enabled(Some("1")));
+        assert!(!printing_enabled(Some("0")));
+        assert!(!printing_enabled(Some("")));
+        assert!(!printing_enabled(None));
+    }
+}
