@@ -43,7 +43,7 @@ pub enum Error {
 
     /// The CUDA backend's typed error (what failed and why stays inspectable).
     #[error("backend `cuda`: {0}")]
-    Cuda(#[from] crate::cuda::CudaError),
+    Cuda(#[from] crate::cuda::error::CudaError),
 
     #[error("cannot write {path}: {message}")]
     Output { path: PathBuf, message: String },
@@ -57,5 +57,24 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::error::CudaError;
+    use cudarc::driver::{sys::CUresult, DriverError};
+
+    /// A CUDA failure stays typed inside the crate error and reads as the backend's message.
+    #[test]
+    fn cuda_errors_keep_their_cause() {
+        let e = CudaError::driver(
+            "cuLaunchKernel(fp8_gemm_wgmma)",
+            DriverError(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+        );
+        let top = Error::from(e.clone());
+        assert!(matches!(&top, Error::Cuda(c) if *c == e));
+        assert_eq!(top.to_string(), format!("backend `cuda`: {e}"));
     }
 }

@@ -160,7 +160,8 @@ impl CudaBackend {
             shared_inter: 0,
             ..moe_block_config(cfg)
         };
-        let fast = super::heuristics::moe_routed_path(&fast_cfg) == super::heuristics::MoeRoutedPath::Fused;
+        let fast = super::heuristics::moe_routed_path(&fast_cfg)
+            == super::heuristics::MoeRoutedPath::Fused;
         for b in &blocks {
             special.insert(b.attn.kv_b);
             absorbed.insert(b.attn.kv_b, upload_absorbed(dev, weights.get(b.attn.kv_b))?);
