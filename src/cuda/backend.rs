@@ -16,8 +16,8 @@
 //!   simple fallback: the GPU router, then every expert's MLP over all tokens, accumulated
 //!   with each token's routing weight (zero for experts it did not choose).
 //!
-//! The [`Device`] is opened once per backend and leaked (`&'static`): the kernel handles
-//! (`Mla`, `MoeOps`, `SmallOps`) borrow it, and a process holds few backends.
+//! The [`Device`] is opened once per backend; the kernel handles (`Mla`, `MoeOps`, `SmallOps`)
+//! hold clones of it, and dropping the backend first waits for its stream.
 //! Status: compiled here, not yet run on a GPU (tests/gpu_engine.rs compares it with the CPU
 //! w8a8 backend end to end where a device exists).
 
@@ -68,10 +68,10 @@ enum GpuMoe {
 /// What never changes after construction.
 struct Core {
     cfg: ModelConfig,
-    dev: &'static Device,
-    small: SmallOps<'static>,
-    mla: Mla<'static>,
-    moe: MoeOps<'static>,
+    dev: Device,
+    small: SmallOps,
+    mla: Mla,
+    moe: MoeOps,
     rope: MlaRope,
     router: RouterConfig,
     weights: HashMap<WeightId, GpuWeight>,
@@ -177,10 +177,11 @@ impl CudaBackend {
                 "the CUDA backend runs the w8a8 recipe only: pass --precision w8a8".into(),
             ));
         }
-        let dev: &'static Device = Box::leak(Box::new(Device::open(0)?));
-        let small = SmallOps::load(dev)?;
-        let mla = dev.mla()?;
-        let moe = MoeOps::load(dev)?;
+        let device = Device::open(0)?;
+        let dev = &device;
+        let small = SmallOps::new(dev);
+        let mla = Mla::new(dev);
+        let moe = MoeOps::new(dev);
         let rope = MlaRope::new(dev, cfg)?;
         let router = RouterConfig::from_model(cfg);
 
@@ -255,7 +256,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             core: Core {
                 cfg: cfg.clone(),
-                dev,
+                dev: device,
                 small,
                 mla,
                 moe,
@@ -271,9 +272,16 @@ impl CudaBackend {
         })
     }
 
-    /// The device this backend runs on (opened for the process's lifetime).
-    pub fn device(&self) -> &'static Device {
-        self.core.dev
+    /// The device this backend runs on.
+    pub fn device(&self) -> &Device {
+        &self.core.dev
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Waits for the work queued on the stream before the buffers it uses are freed.
+    fn drop(&mut self) {
+        let _ = self.core.dev.synchronize();
     }
 }
 
@@ -449,7 +457,7 @@ impl Core {
                         ..MoeBlockConfig::from_model(&self.cfg)
                     };
                     *ws = Some(MoeWorkspace::new(
-                        self.dev,
+                        &self.dev,
                         cfg,
                         t,
                         MoeLayout::auto(t),
@@ -466,7 +474,7 @@ impl Core {
                 experts,
             } => {
                 let (e, k) = (self.router.experts, self.router.top_k);
-                let dev = self.dev;
+                let dev = &self.dev;
                 let mut logits = dev.alloc::<f32>(t * e)?;
                 let mut ids = dev.alloc::<i32>(t * k)?;
                 let mut wts = dev.alloc::<f32>(t * k)?;
@@ -558,7 +566,7 @@ impl Core {
         let pages = needed.max(2 * have);
         let old = std::mem::take(&mut state.cache);
         for layer in 0..layers {
-            let fresh = MlaCache::new(self.dev, pages, kv_lora, rope)?;
+            let fresh = MlaCache::new(&self.dev, pages, kv_lora, rope)?;
             if let Some(prev) = old.get(layer).filter(|c| c.num_pages > 0) {
                 let cols = PAGE_TOKENS * width;
                 self.small
@@ -597,7 +605,7 @@ impl Core {
             Rows::Selected => step.selected,
         };
         let width = |b: Buf| graph.desc(b).width;
-        let dev = self.dev;
+        let dev = &self.dev;
         let eps = self.cfg.rms_norm_eps;
 
         // Ops without a single freshly written output first.
@@ -667,7 +675,7 @@ impl Core {
     ) -> Result<()> {
         let width = |b: Buf| graph.desc(b).width;
         let t = step.tokens;
-        let dev = self.dev;
+        let dev = &self.dev;
         let input = |b: Buf| -> Result<&DeviceBuffer<bf16>> {
             state.slots[plan.slot(b)]
                 .bf
@@ -960,7 +968,7 @@ impl Backend for CudaBackend {
             } else {
                 Some(core.dev.upload(&select)?)
             },
-            mla: MlaLayout::from_batch(batch).upload(core.dev)?,
+            mla: MlaLayout::from_batch(batch).upload(&core.dev)?,
         };
         state
             .slots
@@ -970,12 +978,12 @@ impl Backend for CudaBackend {
             match graph.desc(buf).storage {
                 Storage::Activation => {
                     let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                    ensure(core.dev, &mut slot.bf, v.len())?;
+                    ensure(&core.dev, &mut slot.bf, v.len())?;
                     let b = slot.bf.as_mut().ok_or_else(|| missing("input buffer"))?;
                     core.dev.copy_to_device(&v, b)?;
                 }
                 Storage::F32 => {
-                    ensure(core.dev, &mut slot.f, data.len())?;
+                    ensure(&core.dev, &mut slot.f, data.len())?;
                     let b = slot.f.as_mut().ok_or_else(|| missing("input buffer"))?;
                     core.dev.copy_to_device(data, b)?;
                 }

@@ -7,9 +7,10 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::moe::{opt_addr, MoeFlags, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_FLAGS_LEN};
+use super::moe::{opt_addr, MoeFlags, MoeOps, RouterConfig, MOE_FLAGS_LEN};
 use super::{Checker, Region};
 use crate::cuda::error::Result;
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1MoeRouterLogitsParams, R1MoeRouterParams};
 use crate::cuda::DeviceBuffer;
 
@@ -61,6 +62,26 @@ impl RouterLogitsDesc {
             format!("tokens = {t} exceed the grid's y limit")
         })
     }
+}
+
+impl KernelLaunch for RouterLogitsDesc {
+    type Params = R1MoeRouterLogitsParams;
+
+    fn kernel(&self) -> &'static str {
+        LOGITS
+    }
+
+    fn params(&self) -> Result<R1MoeRouterLogitsParams> {
+        Ok(R1MoeRouterLogitsParams {
+            x: self.x.addr,
+            w: self.w.addr,
+            logits: self.logits.addr,
+            tokens: self.tokens as i32,
+            experts: self.experts as i32,
+            hidden: self.hidden as i32,
+            ldx: self.ldx as i32,
+        })
+    }
 
     fn launch_config(&self) -> LaunchConfig {
         LaunchConfig {
@@ -71,18 +92,6 @@ impl RouterLogitsDesc {
             ),
             block_dim: (sys::R1_MOE_LOGITS_THREADS, 1, 1),
             shared_mem_bytes: 0,
-        }
-    }
-
-    fn params(&self) -> R1MoeRouterLogitsParams {
-        R1MoeRouterLogitsParams {
-            x: self.x.addr,
-            w: self.w.addr,
-            logits: self.logits.addr,
-            tokens: self.tokens as i32,
-            experts: self.experts as i32,
-            hidden: self.hidden as i32,
-            ldx: self.ldx as i32,
         }
     }
 }
@@ -138,18 +147,17 @@ impl RouterDesc {
         }
         Ok(())
     }
+}
 
-    fn launch_config(&self) -> LaunchConfig {
-        let warps = sys::R1_MOE_ROUTER_WARPS as usize;
-        LaunchConfig {
-            grid_dim: (self.tokens.div_ceil(warps) as u32, 1, 1),
-            block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: self.smem_bytes() as u32,
-        }
+impl KernelLaunch for RouterDesc {
+    type Params = R1MoeRouterParams;
+
+    fn kernel(&self) -> &'static str {
+        ROUTER
     }
 
-    fn params(&self) -> R1MoeRouterParams {
-        R1MoeRouterParams {
+    fn params(&self) -> Result<R1MoeRouterParams> {
+        Ok(R1MoeRouterParams {
             logits: self.logits.addr,
             bias: opt_addr(self.bias),
             topk_ids: self.topk_ids.addr,
@@ -163,6 +171,15 @@ impl RouterDesc {
             normalize: i32::from(self.cfg.normalize),
             scaling: self.cfg.scaling,
             reserved: 0,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let warps = sys::R1_MOE_ROUTER_WARPS as usize;
+        LaunchConfig {
+            grid_dim: (self.tokens.div_ceil(warps) as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: self.smem_bytes() as u32,
         }
     }
 }
@@ -217,23 +234,17 @@ impl RouterArgs<'_> {
     }
 }
 
-impl MoeOps<'_> {
-    pub fn prepare_router_logits<'a>(
-        &'a self,
-        args: RouterLogitsArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeRouterLogitsParams>> {
+impl MoeOps {
+    pub fn prepare_router_logits<'a>(&'a self, args: RouterLogitsArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(LOGITS, |k| &k.router_logits, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 
-    pub fn prepare_router<'a>(
-        &'a self,
-        args: RouterArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeRouterParams>> {
+    pub fn prepare_router<'a>(&'a self, args: RouterArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(ROUTER, |k| &k.router, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 }
 
