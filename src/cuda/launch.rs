@@ -348,6 +348,41 @@ pub(crate) trait KernelLaunch {
     fn launch_config(&self) -> LaunchConfig;
 }
 
+/// The [`KERNEL_TABLE`] row of `launch`'s kernel, after checking that the row names the
+/// launch's parameter struct and allows `cfg`'s dynamic shared memory (the limit raised at
+/// load).
+pub(crate) fn row_of<L: KernelLaunch>(
+    launch: &L,
+    cfg: &LaunchConfig,
+) -> Result<&'static KernelSpec> {
+    let symbol = launch.kernel();
+    let spec = KernelSpec::find(symbol).ok_or_else(|| {
+        CudaError::requirement(symbol, "has no row in the kernel table".to_string())
+    })?;
+    if (spec.params)() != TypeId::of::<L::Params>() {
+        return Err(CudaError::requirement(
+            symbol,
+            format!(
+                "takes {}, not {}",
+                spec.params_name,
+                std::any::type_name::<L::Params>()
+            ),
+        ));
+    }
+    let smem_limit = spec.dynamic_smem.max(DEFAULT_SMEM_LIMIT);
+    if cfg.shared_mem_bytes > smem_limit {
+        return Err(CudaError::requirement(
+            symbol,
+            format!(
+                "a launch with {} bytes of dynamic shared memory exceeds the {smem_limit} its \
+                 kernel-table row allows",
+                cfg.shared_mem_bytes
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
 /// A parameter struct with its type erased, pushed by value onto a launch.
 trait KernelArg: Send + Sync {
     fn push<'a>(&'a self, args: &mut LaunchArgs<'a>);
@@ -407,30 +442,9 @@ impl<'a, K> Prepared<'a, K> {
     /// parameter struct must be the one its kernel's row names, and its dynamic shared memory
     /// within the row's (the limit raised at load).
     pub(crate) fn then<L: KernelLaunch>(mut self, launch: &L) -> Result<Self> {
-        let kernel = self.dev.kernel_table().get(launch.kernel())?;
-        let spec = kernel.spec;
-        if (spec.params)() != TypeId::of::<L::Params>() {
-            return Err(CudaError::requirement(
-                spec.symbol,
-                format!(
-                    "takes {}, not {}",
-                    spec.params_name,
-                    std::any::type_name::<L::Params>()
-                ),
-            ));
-        }
         let cfg = launch.launch_config();
-        let smem_limit = spec.dynamic_smem.max(DEFAULT_SMEM_LIMIT);
-        if cfg.shared_mem_bytes > smem_limit {
-            return Err(CudaError::requirement(
-                spec.symbol,
-                format!(
-                    "a launch with {} bytes of dynamic shared memory exceeds the {smem_limit} \
-                     its kernel-table row allows",
-                    cfg.shared_mem_bytes
-                ),
-            ));
-        }
+        let spec = row_of(launch, &cfg)?;
+        let kernel = self.dev.kernel_table().get(spec.symbol)?;
         self.steps.push(Step {
             kernel,
             params: Box::new(launch.params()?),
@@ -645,6 +659,40 @@ mod tests {
         let spec = KernelSpec::find("small_add").unwrap();
         assert_eq!((spec.dynamic_smem, spec.realloc_threads), (0, None));
         assert!(KernelSpec::find("moe_plan").unwrap().dynamic_smem <= DEFAULT_SMEM_LIMIT);
+    }
+
+    /// A launch whose parameter struct or shared memory is not its row's is refused before
+    /// anything reaches the driver.
+    #[test]
+    fn launches_must_match_their_row() {
+        struct Launch(&'static str, u32);
+        impl KernelLaunch for Launch {
+            type Params = sys::R1ActQuantParams;
+            fn kernel(&self) -> &'static str {
+                self.0
+            }
+            fn params(&self) -> Result<sys::R1ActQuantParams> {
+                Err(CudaError::Driver("not built in this test".into()))
+            }
+            fn launch_config(&self) -> LaunchConfig {
+                LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: self.1,
+                }
+            }
+        }
+        let row = |l: Launch| row_of(&l, &l.launch_config()).map(|s| s.symbol);
+        assert_eq!(row(Launch("act_quant", 0)).unwrap(), "act_quant");
+        let e = row(Launch("small_act_quant", 0)).unwrap_err().to_string();
+        assert!(
+            e.contains("small_act_quant") && e.contains("takes R1SmallActQuantParams"),
+            "{e}"
+        );
+        let e = row(Launch("act_quant", 64 * 1024)).unwrap_err().to_string();
+        assert!(e.contains("65536 bytes of dynamic shared memory"), "{e}");
+        let e = row(Launch("no_such_kernel", 0)).unwrap_err().to_string();
+        assert!(e.contains("no row"), "{e}");
     }
 
     #[test]

@@ -839,3 +839,51 @@ impl Mla {
         Ok(p.kernel())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::launch::row_of;
+
+    /// Each kernel of the reference launch and of the fast path's sequence pairs with its
+    /// kernel-table row.
+    #[test]
+    fn launches_pair_with_their_rows() {
+        fn row<L: KernelLaunch>(l: L) -> &'static str {
+            row_of(&l, &l.launch_config()).unwrap().symbol
+        }
+        let r = |len| Region { addr: 256, len };
+        let ws = MlaWorkspaceDesc {
+            parts: 2,
+            sched: r(16),
+            splits: r(2),
+            o_accum: r(3 * 64 * MLA_FAST_KV_LORA),
+            lse_accum: r(3 * 64),
+        };
+        let desc = MlaAttnDesc {
+            batch: 1,
+            heads: 64,
+            total_q: 1,
+            max_q_len: 1,
+            kv_lora: MLA_FAST_KV_LORA,
+            rope: MLA_FAST_ROPE,
+            bt_stride: 1,
+            num_pages: 1,
+            scale: 0.1,
+            q: r(64 * 576),
+            cache: r(64 * 576),
+            block_table: r(1),
+            seqlens_k: r(1),
+            q_starts: r(2),
+            out: r(64 * 512),
+            lse: r(64),
+            workspace: Some(ws),
+        };
+        assert_eq!(row(RefLaunch(desc)), "mla_attn_ref");
+        let fast = FastPath::new(desc);
+        assert_eq!(fast.slots, 3);
+        assert_eq!(row(ScheduleLaunch(fast)), "mla_schedule");
+        assert_eq!(row(DecodeLaunch(fast)), "mla_decode_wgmma");
+        assert_eq!(row(CombineLaunch(fast)), "mla_combine");
+    }
+}

@@ -844,6 +844,105 @@ mod tests {
         Region { addr: 256, len }
     }
 
+    /// Each launch's kernel has a row naming its parameter struct.
+    #[test]
+    fn every_launch_pairs_with_its_row() {
+        fn row<L: KernelLaunch>(l: L) -> &'static str {
+            crate::cuda::launch::row_of(&l, &l.launch_config())
+                .unwrap()
+                .symbol
+        }
+        let elt = EltwiseDesc {
+            n: 8,
+            a: r(8),
+            b: None,
+            out: r(8),
+        };
+        for kernel in ["small_add", "small_silu_mul", "small_f32_to_bf16"] {
+            assert_eq!(row(Eltwise { kernel, desc: elt }), kernel);
+        }
+        let absorb = MlaAbsorbDesc {
+            tokens: 1,
+            heads: 1,
+            nope: 1,
+            rope: 1,
+            v: 1,
+            kv_lora: 1,
+            src: r(2),
+            kv_b: r(2),
+            dst: r(2),
+        };
+        assert_eq!(
+            row(Absorb {
+                desc: absorb,
+                q: true
+            }),
+            "small_mla_absorb_q"
+        );
+        assert_eq!(
+            row(Absorb {
+                desc: absorb,
+                q: false
+            }),
+            "small_mla_absorb_o"
+        );
+        let aq = ActQuantDesc {
+            m: 1,
+            k: 128,
+            x: r(128),
+            ldx: 128,
+            q: r(128),
+            ldq: 128,
+            scales: r(4),
+            m_pad: 4,
+        };
+        assert_eq!(row(SmallActQuant(aq)), "small_act_quant");
+        assert_eq!(row(aq), "act_quant");
+        let zero = ZeroPos0 {
+            x: 256,
+            positions: 256,
+            rows: 1,
+            width: 1,
+        };
+        assert_eq!(row(zero), "small_zero_pos0");
+        let (rows, width) = (2, 4);
+        assert_eq!(
+            row(EmbedDesc {
+                rows,
+                width,
+                vocab: 3,
+                table: r(12),
+                ids: r(2),
+                out: r(8),
+            }),
+            "small_embed"
+        );
+        assert_eq!(
+            row(RmsNormDesc {
+                rows,
+                width,
+                eps: 1e-6,
+                x: r(8),
+                w: r(4),
+                out: r(8),
+            }),
+            "small_rms_norm"
+        );
+        assert_eq!(
+            row(MoeAccumDesc {
+                tokens: 1,
+                width: 4,
+                top_k: 1,
+                expert: 0,
+                y: r(4),
+                acc: r(4),
+                topk_ids: r(1),
+                topk_weights: r(1),
+            }),
+            "small_moe_accum"
+        );
+    }
+
     #[test]
     fn checks_name_the_broken_rule() {
         let g = GemmBf16Desc {
