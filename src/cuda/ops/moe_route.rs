@@ -367,6 +367,12 @@ mod tests {
     fn router_checks() {
         let d = desc();
         d.check().unwrap();
+        assert_eq!(
+            crate::cuda::launch::row_of(&d, &d.launch_config())
+                .unwrap()
+                .symbol,
+            ROUTER
+        );
         assert_eq!(d.smem_bytes(), 4 * (32 + 8) * 4);
         let e = |d: RouterDesc| d.check().unwrap_err().to_string();
         let mut bad = d;
@@ -413,6 +419,12 @@ mod tests {
             },
         };
         ok.check().unwrap();
+        assert_eq!(
+            crate::cuda::launch::row_of(&ok, &ok.launch_config())
+                .unwrap()
+                .symbol,
+            LOGITS
+        );
         let e = |d: RouterLogitsDesc| d.check().unwrap_err().to_string();
         assert!(e(RouterLogitsDesc { hidden: 100, ..ok }).contains("multiple of 8"));
         assert!(e(RouterLogitsDesc {
