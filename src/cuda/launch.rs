@@ -92,6 +92,9 @@ macro_rules! kernel_table {
     };
 }
 
+// One group per parameter struct; each row: `"symbol"`, then `smem: <most dynamic shared
+// memory a launch asks for>` when it asks for any, and `realloc: <threads per block>` for a
+// kernel that reallocates registers (its build is checked against the budget).
 kernel_table! {
     R1ActQuantParams {
         "act_quant";
