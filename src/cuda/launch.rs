@@ -46,11 +46,9 @@ pub(crate) struct KernelSpec {
     params_name: &'static str,
 }
 
-impl KernelSpec {
-    /// The row of `symbol`.
-    pub(crate) fn find(symbol: &str) -> Option<&'static KernelSpec> {
-        KERNEL_TABLE.iter().find(|s| s.symbol == symbol)
-    }
+/// Where `symbol`'s row is in [`KERNEL_TABLE`].
+fn row_index(symbol: &str) -> Option<usize> {
+    KERNEL_TABLE.iter().position(|s| s.symbol == symbol)
 }
 
 /// Dynamic shared memory a block may use without the opt-in.
@@ -225,6 +223,8 @@ pub(crate) struct LoadedKernel {
 /// Every embedded kernel loaded into one context, in build order.
 pub(crate) struct KernelTable {
     kernels: Vec<LoadedKernel>,
+    /// Per [`KERNEL_TABLE`] row, its kernel's index in `kernels` (None: not embedded).
+    by_row: Vec<Option<usize>>,
 }
 
 impl KernelTable {
@@ -235,13 +235,15 @@ impl KernelTable {
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
         let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
         let mut kernels = Vec::with_capacity(sys::KERNELS.len());
+        let mut by_row = vec![None; KERNEL_TABLE.len()];
         for &(stem, symbol, registers_at_build) in sys::KERNELS {
-            let spec = KernelSpec::find(symbol).ok_or_else(|| {
+            let row = row_index(symbol).ok_or_else(|| {
                 CudaError::Driver(format!(
                     "kernel {symbol} (cuda/{stem}.cu) has no row in the kernel table \
                      (src/cuda/launch.rs)"
                 ))
             })?;
+            let spec = &KERNEL_TABLE[row];
             let module = match modules.iter().find(|(s, _)| *s == stem) {
                 Some((_, m)) => m.clone(),
                 None => {
@@ -254,6 +256,7 @@ impl KernelTable {
                 .load_function(symbol)
                 .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({symbol})"), e))?;
             prepare(info, &func, spec)?;
+            by_row[row] = Some(kernels.len());
             kernels.push(LoadedKernel {
                 spec,
                 stem,
@@ -261,19 +264,18 @@ impl KernelTable {
                 func,
             });
         }
-        Ok(KernelTable { kernels })
+        Ok(KernelTable { kernels, by_row })
     }
 
-    /// The loaded kernel `symbol`.
-    fn get(&self, symbol: &str) -> Result<&LoadedKernel> {
-        self.kernels
-            .iter()
-            .find(|k| k.spec.symbol == symbol)
-            .ok_or_else(|| {
-                CudaError::Driver(format!(
-                    "kernel {symbol} is not among the embedded kernels (rebuild the crate)"
-                ))
-            })
+    /// The loaded kernel of row `row`.
+    fn get(&self, row: usize) -> Result<&LoadedKernel> {
+        match self.by_row.get(row).copied().flatten() {
+            Some(i) => Ok(&self.kernels[i]),
+            None => Err(CudaError::Driver(format!(
+                "kernel {} is not among the embedded kernels (rebuild the crate)",
+                KERNEL_TABLE.get(row).map_or("?", |s| s.symbol)
+            ))),
+        }
     }
 }
 
@@ -351,17 +353,15 @@ pub(crate) trait KernelLaunch {
     fn launch_config(&self) -> LaunchConfig;
 }
 
-/// The [`KERNEL_TABLE`] row of `launch`'s kernel, after checking that the row names the
+/// Where the [`KERNEL_TABLE`] row of `launch`'s kernel is, after checking that the row names the
 /// launch's parameter struct and allows `cfg`'s dynamic shared memory (the limit raised at
 /// load).
-pub(crate) fn row_of<L: KernelLaunch>(
-    launch: &L,
-    cfg: &LaunchConfig,
-) -> Result<&'static KernelSpec> {
+pub(crate) fn row_of<L: KernelLaunch>(launch: &L, cfg: &LaunchConfig) -> Result<usize> {
     let symbol = launch.kernel();
-    let spec = KernelSpec::find(symbol).ok_or_else(|| {
+    let row = row_index(symbol).ok_or_else(|| {
         CudaError::requirement(symbol, "has no row in the kernel table".to_string())
     })?;
+    let spec = &KERNEL_TABLE[row];
     if (spec.params)() != TypeId::of::<L::Params>() {
         return Err(CudaError::requirement(
             symbol,
@@ -383,7 +383,17 @@ pub(crate) fn row_of<L: KernelLaunch>(
             ),
         ));
     }
-    Ok(spec)
+    Ok(row)
+}
+
+/// The symbol of the row `launch` pairs with (panics naming the mismatch when it pairs with
+/// none).
+#[cfg(test)]
+pub(crate) fn row_symbol<L: KernelLaunch>(launch: &L) -> &'static str {
+    match row_of(launch, &launch.launch_config()) {
+        Ok(row) => KERNEL_TABLE[row].symbol,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// A parameter struct with its type erased, pushed by value onto a launch.
@@ -446,8 +456,7 @@ impl<'a, K> Prepared<'a, K> {
     /// within the row's (the limit raised at load).
     pub(crate) fn then<L: KernelLaunch>(mut self, launch: &L) -> Result<Self> {
         let cfg = launch.launch_config();
-        let spec = row_of(launch, &cfg)?;
-        let kernel = self.dev.kernel_table().get(spec.symbol)?;
+        let kernel = self.dev.kernel_table().get(row_of(launch, &cfg)?)?;
         self.steps.push(Step {
             kernel,
             params: Box::new(launch.params()?),
@@ -582,6 +591,10 @@ impl Device {
 mod tests {
     use super::*;
 
+    fn row(symbol: &str) -> Option<&'static KernelSpec> {
+        row_index(symbol).map(|i| &KERNEL_TABLE[i])
+    }
+
     #[test]
     fn the_384_thread_budget_is_168_registers() {
         assert_eq!(realloc_registers_needed(384), 168);
@@ -637,7 +650,7 @@ mod tests {
         }
         for (stem, symbol, _) in sys::KERNELS {
             assert!(
-                KernelSpec::find(symbol).is_some(),
+                row(symbol).is_some(),
                 "{symbol} (cuda/{stem}.cu) has no row"
             );
         }
@@ -652,16 +665,16 @@ mod tests {
 
     #[test]
     fn rows_name_their_parameter_struct() {
-        let spec = KernelSpec::find("fp8_gemm_wgmma_m64").unwrap();
+        let spec = row("fp8_gemm_wgmma_m64").unwrap();
         assert_eq!((spec.params)(), TypeId::of::<sys::R1Fp8GemmParams>());
         assert_eq!(spec.params_name, "R1Fp8GemmParams");
         assert_eq!(spec.dynamic_smem, sys::R1_FP8_GEMM_M64_SMEM_BYTES);
         assert_eq!(spec.realloc_threads, None);
-        let spec = KernelSpec::find("mla_decode_wgmma").unwrap();
+        let spec = row("mla_decode_wgmma").unwrap();
         assert_eq!(spec.realloc_threads, Some(sys::R1_MLA_DECODE_THREADS));
-        let spec = KernelSpec::find("small_add").unwrap();
+        let spec = row("small_add").unwrap();
         assert_eq!((spec.dynamic_smem, spec.realloc_threads), (0, None));
-        assert!(KernelSpec::find("moe_plan").unwrap().dynamic_smem <= DEFAULT_SMEM_LIMIT);
+        assert!(row("moe_plan").unwrap().dynamic_smem <= DEFAULT_SMEM_LIMIT);
     }
 
     /// A launch whose parameter struct or shared memory is not its row's is refused before
@@ -685,7 +698,7 @@ mod tests {
                 }
             }
         }
-        let row = |l: Launch| row_of(&l, &l.launch_config()).map(|s| s.symbol);
+        let row = |l: Launch| row_of(&l, &l.launch_config()).map(|i| KERNEL_TABLE[i].symbol);
         assert_eq!(row(Launch("act_quant", 0)).unwrap(), "act_quant");
         let e = row(Launch("small_act_quant", 0)).unwrap_err().to_string();
         assert!(

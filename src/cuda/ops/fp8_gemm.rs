@@ -518,14 +518,11 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::launch::row_of;
+    use crate::cuda::launch::row_symbol;
 
     /// Each resolved kernel's launch pairs with its kernel-table row.
     #[test]
     fn launches_pair_with_their_rows() {
-        fn row<L: KernelLaunch>(l: L) -> &'static str {
-            row_of(&l, &l.launch_config()).unwrap().symbol
-        }
         let r = |len| Region { addr: 256, len };
         let (m, n, k) = (64, 128, 128);
         let desc = Fp8GemmDesc {
@@ -542,14 +539,14 @@ mod tests {
             d: r(m * n),
             ldd: n,
         };
-        assert_eq!(row(RefLaunch(desc)), "fp8_gemm_ref");
+        assert_eq!(row_symbol(&RefLaunch(desc)), "fp8_gemm_ref");
         for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
             let l = WgmmaLaunch {
                 desc,
                 kernel,
                 ctas: 1,
             };
-            assert_eq!(row(l), kernel.name());
+            assert_eq!(row_symbol(&l), kernel.name());
         }
     }
 }

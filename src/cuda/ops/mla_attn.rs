@@ -843,15 +843,12 @@ impl Mla {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::launch::row_of;
+    use crate::cuda::launch::row_symbol;
 
     /// Each kernel of the reference launch and of the fast path's sequence pairs with its
     /// kernel-table row.
     #[test]
     fn launches_pair_with_their_rows() {
-        fn row<L: KernelLaunch>(l: L) -> &'static str {
-            row_of(&l, &l.launch_config()).unwrap().symbol
-        }
         let r = |len| Region { addr: 256, len };
         let ws = MlaWorkspaceDesc {
             parts: 2,
@@ -879,11 +876,11 @@ mod tests {
             lse: r(64),
             workspace: Some(ws),
         };
-        assert_eq!(row(RefLaunch(desc)), "mla_attn_ref");
+        assert_eq!(row_symbol(&RefLaunch(desc)), "mla_attn_ref");
         let fast = FastPath::new(desc);
         assert_eq!(fast.slots, 3);
-        assert_eq!(row(ScheduleLaunch(fast)), "mla_schedule");
-        assert_eq!(row(DecodeLaunch(fast)), "mla_decode_wgmma");
-        assert_eq!(row(CombineLaunch(fast)), "mla_combine");
+        assert_eq!(row_symbol(&ScheduleLaunch(fast)), "mla_schedule");
+        assert_eq!(row_symbol(&DecodeLaunch(fast)), "mla_decode_wgmma");
+        assert_eq!(row_symbol(&CombineLaunch(fast)), "mla_combine");
     }
 }

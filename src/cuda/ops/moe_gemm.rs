@@ -481,7 +481,7 @@ impl MoeOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::launch::row_of;
+    use crate::cuda::launch::row_symbol;
 
     fn desc(layout: MoeLayout, tokens: usize, n: usize, k: usize) -> GroupedGemmDesc {
         let geom = MoeGeometry {
@@ -517,19 +517,16 @@ mod tests {
     /// Each resolved kernel's launch pairs with its kernel-table row.
     #[test]
     fn launches_pair_with_their_rows() {
-        fn row<L: KernelLaunch>(l: L) -> &'static str {
-            row_of(&l, &l.launch_config()).unwrap().symbol
-        }
         use GroupedGemmKernel as K;
         let d = desc(MoeLayout::Contiguous, 4, 256, 256);
-        assert_eq!(row(RefLaunch(d)), K::Reference.name());
+        assert_eq!(row_symbol(&RefLaunch(d)), K::Reference.name());
         for kernel in [K::ContigWgmma, K::MaskedWgmma, K::MaskedWgmmaM64] {
             let l = WgmmaLaunch {
                 desc: d,
                 kernel,
                 ctas: 132,
             };
-            assert_eq!(row(l), kernel.name());
+            assert_eq!(row_symbol(&l), kernel.name());
         }
     }
 

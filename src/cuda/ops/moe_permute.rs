@@ -1126,12 +1126,7 @@ mod tests {
             flags: r(0x7000, 8),
         };
         plan.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&plan, &plan.launch_config())
-                .unwrap()
-                .symbol,
-            PLAN
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&plan), PLAN);
         let e = |d: PlanDesc| d.check().unwrap_err().to_string();
         assert!(e(PlanDesc { tokens: 4, ..plan }).contains("tokens = 4 must be in 1..=3"));
         assert!(e(PlanDesc {
@@ -1155,12 +1150,7 @@ mod tests {
             a_scales: r(0x40000, 2 * g.r_pad()),
         };
         gather.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&gather, &gather.launch_config())
-                .unwrap()
-                .symbol,
-            GATHER
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&gather), GATHER);
         let e = |d: GatherDesc| d.check().unwrap_err().to_string();
         assert!(e(GatherDesc { k: 200, ..gather }).contains("multiple of 128"));
         assert!(e(GatherDesc {
@@ -1188,12 +1178,7 @@ mod tests {
             m_pad: 12,
         };
         silu.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&silu, &silu.launch_config())
-                .unwrap()
-                .symbol,
-            SILU
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&silu), SILU);
         let e = |d: SiluQuantDesc| d.check().unwrap_err().to_string();
         assert!(e(SiluQuantDesc {
             up_offset: 128,
@@ -1224,12 +1209,7 @@ mod tests {
             ldo: 256,
         };
         un.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&un, &un.launch_config())
-                .unwrap()
-                .symbol,
-            UNPERMUTE
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&un), UNPERMUTE);
         let e = |d: UnpermuteDesc| d.check().unwrap_err().to_string();
         assert!(e(UnpermuteDesc { n: 100, ..un }).contains("multiple of 8"));
         assert!(e(UnpermuteDesc {

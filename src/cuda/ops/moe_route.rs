@@ -367,12 +367,7 @@ mod tests {
     fn router_checks() {
         let d = desc();
         d.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&d, &d.launch_config())
-                .unwrap()
-                .symbol,
-            ROUTER
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&d), ROUTER);
         assert_eq!(d.smem_bytes(), 4 * (32 + 8) * 4);
         let e = |d: RouterDesc| d.check().unwrap_err().to_string();
         let mut bad = d;
@@ -419,12 +414,7 @@ mod tests {
             },
         };
         ok.check().unwrap();
-        assert_eq!(
-            crate::cuda::launch::row_of(&ok, &ok.launch_config())
-                .unwrap()
-                .symbol,
-            LOGITS
-        );
+        assert_eq!(crate::cuda::launch::row_symbol(&ok), LOGITS);
         let e = |d: RouterLogitsDesc| d.check().unwrap_err().to_string();
         assert!(e(RouterLogitsDesc { hidden: 100, ..ok }).contains("multiple of 8"));
         assert!(e(RouterLogitsDesc {

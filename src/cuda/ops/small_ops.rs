@@ -839,6 +839,7 @@ impl SmallOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::launch::row_symbol;
 
     fn r(len: usize) -> Region {
         Region { addr: 256, len }
@@ -847,11 +848,6 @@ mod tests {
     /// Each launch's kernel has a row naming its parameter struct.
     #[test]
     fn every_launch_pairs_with_its_row() {
-        fn row<L: KernelLaunch>(l: L) -> &'static str {
-            crate::cuda::launch::row_of(&l, &l.launch_config())
-                .unwrap()
-                .symbol
-        }
         let elt = EltwiseDesc {
             n: 8,
             a: r(8),
@@ -859,7 +855,7 @@ mod tests {
             out: r(8),
         };
         for kernel in ["small_add", "small_silu_mul", "small_f32_to_bf16"] {
-            assert_eq!(row(Eltwise { kernel, desc: elt }), kernel);
+            assert_eq!(row_symbol(&Eltwise { kernel, desc: elt }), kernel);
         }
         let absorb = MlaAbsorbDesc {
             tokens: 1,
@@ -873,14 +869,14 @@ mod tests {
             dst: r(2),
         };
         assert_eq!(
-            row(Absorb {
+            row_symbol(&Absorb {
                 desc: absorb,
                 q: true
             }),
             "small_mla_absorb_q"
         );
         assert_eq!(
-            row(Absorb {
+            row_symbol(&Absorb {
                 desc: absorb,
                 q: false
             }),
@@ -896,18 +892,18 @@ mod tests {
             scales: r(4),
             m_pad: 4,
         };
-        assert_eq!(row(SmallActQuant(aq)), "small_act_quant");
-        assert_eq!(row(aq), "act_quant");
+        assert_eq!(row_symbol(&SmallActQuant(aq)), "small_act_quant");
+        assert_eq!(row_symbol(&aq), "act_quant");
         let zero = ZeroPos0 {
             x: 256,
             positions: 256,
             rows: 1,
             width: 1,
         };
-        assert_eq!(row(zero), "small_zero_pos0");
+        assert_eq!(row_symbol(&zero), "small_zero_pos0");
         let (rows, width) = (2, 4);
         assert_eq!(
-            row(EmbedDesc {
+            row_symbol(&EmbedDesc {
                 rows,
                 width,
                 vocab: 3,
@@ -918,7 +914,7 @@ mod tests {
             "small_embed"
         );
         assert_eq!(
-            row(RmsNormDesc {
+            row_symbol(&RmsNormDesc {
                 rows,
                 width,
                 eps: 1e-6,
@@ -929,7 +925,7 @@ mod tests {
             "small_rms_norm"
         );
         assert_eq!(
-            row(MoeAccumDesc {
+            row_symbol(&MoeAccumDesc {
                 tokens: 1,
                 width: 4,
                 top_k: 1,
