@@ -18,7 +18,7 @@ mod common;
 use common::gpu_support::{to_bf16, Rng};
 use common::{fail, Measurement};
 use half::bf16;
-use r1_runtime::cuda::{Device, MlaAttnArgs, MlaCache, MlaKernel, MlaLayout, MlaWorkspace};
+use r1_runtime::cuda::{Device, Mla, MlaAttnArgs, MlaCache, MlaKernel, MlaLayout, MlaWorkspace};
 
 const BATCH: usize = 128;
 const HEADS: [usize; 3] = [128, 64, 16];
@@ -74,9 +74,7 @@ fn main() {
     let Some(dev) = common::open_device() else {
         return;
     };
-    let mla = dev
-        .mla()
-        .unwrap_or_else(|e| fail("loading the MLA kernels", e));
+    let mla = Mla::new(&dev);
     let mut h = common::start(&dev, "mla_decode");
     println!(
         "mla_decode: anchors: h <= 64, s_q = 1: >= 2900 GB/s; h = 128, s_q = 2: >= 650 TFLOPS \

@@ -39,7 +39,7 @@ fn main() {
     let Some(dev) = common::open_device() else {
         return;
     };
-    let ops = MoeOps::load(&dev).unwrap_or_else(|e| fail("loading the MoE kernels", e));
+    let ops = MoeOps::new(&dev);
     let mut h = common::start(&dev, "moe_gemm");
     let mut rng = Rng::new(0x30E);
 
@@ -100,7 +100,7 @@ struct Problem<'d> {
 
 impl<'d> Problem<'d> {
     fn new(
-        ops: &MoeOps<'d>,
+        ops: &'d MoeOps,
         rng: &mut Rng,
         geom: MoeGeometry,
         ids: &[i32],
@@ -120,7 +120,7 @@ impl<'d> Problem<'d> {
 
     /// Plan, permuted A (random codes, scales) and D; no weights.
     fn with_plan(
-        ops: &MoeOps<'d>,
+        ops: &'d MoeOps,
         rng: &mut Rng,
         geom: MoeGeometry,
         ids: &[i32],
@@ -173,7 +173,7 @@ impl<'d> Problem<'d> {
     fn bench(
         &mut self,
         h: &mut Harness<'_>,
-        ops: &MoeOps<'_>,
+        ops: &MoeOps,
         id: &str,
         kernels: &[GroupedGemmKernel],
         gm: (usize, usize),
@@ -185,7 +185,7 @@ impl<'d> Problem<'d> {
     fn bench_with(
         &mut self,
         h: &mut Harness<'_>,
-        ops: &MoeOps<'_>,
+        ops: &MoeOps,
         id: &str,
         kernels: &[GroupedGemmKernel],
         w: &GroupedFp8Weight,
@@ -245,7 +245,7 @@ impl<'d> Problem<'d> {
 }
 
 /// DeepSeek-V3's decode: 256 experts, top-8, batch 1 / 32 / 128.
-fn decode(dev: &Device, ops: &MoeOps<'_>, h: &mut Harness<'_>, rng: &mut Rng) {
+fn decode(dev: &Device, ops: &MoeOps, h: &mut Harness<'_>, rng: &mut Rng) {
     let batches = [1usize, 32, 128];
     let wanted: Vec<usize> = batches
         .iter()
@@ -360,7 +360,7 @@ fn deepseek_weights(dev: &Device, cfg: &MoeBlockConfig, rng: &mut Rng) -> MoeBlo
 #[allow(clippy::too_many_arguments)]
 fn bench_block(
     dev: &Device,
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     h: &mut Harness<'_>,
     cfg: &MoeBlockConfig,
     w: &MoeBlockWeights,

@@ -199,7 +199,7 @@ fn cuda_decode_step_downloads_only_its_rows() {
     let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
     let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
     let backend = CudaBackend::new(&cfg, weights.clone(), Precision::W8a8).expect("backend");
-    let dev = backend.device();
+    let dev = backend.device().clone();
     let vocab = cfg.vocab_size as u32;
     let mut e = Engine::with_backend(cfg, weights, Box::new(backend), 1 << 14);
     let mut decode_bytes_after = |prefill: usize| {

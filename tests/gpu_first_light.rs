@@ -21,20 +21,18 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use bytemuck::Pod;
-use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 use r1_runtime::cuda::ops::{
     CopyRowsDesc, GatherArgs, GemmBf16Desc, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel,
     MlaAbsorbDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps, MoePlanBuffers, PermutedRows,
-    PlanArgs, PreparedGroupedGemm, PreparedMlaAttn, PreparedMoeLaunch, PreparedSmallOp, RouterArgs,
-    RouterLogitsArgs, SiluQuantArgs, SmallOps, UnpermuteArgs,
+    PlanArgs, RouterArgs, RouterLogitsArgs, SiluQuantArgs, SmallOps, UnpermuteArgs,
 };
 use r1_runtime::cuda::{
     mla_schedule_host, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
-    GemmKernel, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel, MlaLayout, MlaQRopeArgs,
-    MlaRope, MlaWorkspace, PreparedFp8Gemm, QuantizedActivations, Region, MLA_FAST_KV_LORA,
-    MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD,
+    GemmKernel, Mla, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel, MlaLayout, MlaQRopeArgs,
+    MlaRope, MlaWorkspace, Prepared, QuantizedActivations, Region, MLA_FAST_KV_LORA, MLA_FAST_ROPE,
+    MLA_SCHED_FIXED_OVERHEAD,
 };
 use r1_runtime::numerics;
 
@@ -112,57 +110,6 @@ fn kernel_attributes() {
 // Launching one kernel at a time
 // ------------------------------------------------------------------------------------------
 
-/// A prepared launch and the kernels it queues, in order.
-trait Prepared {
-    fn names(&self) -> Vec<&'static str>;
-    fn queue(&self) -> Result<(), CudaError>;
-}
-
-impl Prepared for PreparedFp8Gemm<'_> {
-    fn names(&self) -> Vec<&'static str> {
-        vec![self.kernel().name()]
-    }
-    fn queue(&self) -> Result<(), CudaError> {
-        self.launch()
-    }
-}
-
-impl Prepared for PreparedGroupedGemm<'_> {
-    fn names(&self) -> Vec<&'static str> {
-        vec![self.kernel().name()]
-    }
-    fn queue(&self) -> Result<(), CudaError> {
-        self.launch()
-    }
-}
-
-impl<P: DeviceRepr> Prepared for PreparedMoeLaunch<'_, P> {
-    fn names(&self) -> Vec<&'static str> {
-        vec![self.name()]
-    }
-    fn queue(&self) -> Result<(), CudaError> {
-        self.launch()
-    }
-}
-
-impl<P: DeviceRepr> Prepared for PreparedSmallOp<'_, P> {
-    fn names(&self) -> Vec<&'static str> {
-        vec![self.name()]
-    }
-    fn queue(&self) -> Result<(), CudaError> {
-        self.launch()
-    }
-}
-
-impl Prepared for PreparedMlaAttn<'_> {
-    fn names(&self) -> Vec<&'static str> {
-        self.kernels()
-    }
-    fn queue(&self) -> Result<(), CudaError> {
-        self.launch()
-    }
-}
-
 /// Launches one call at a time and records which kernels ran.
 struct FirstLight<'d> {
     dev: &'d Device,
@@ -197,9 +144,9 @@ impl FirstLight<'_> {
     }
 
     /// [`FirstLight::run`] of a prepared launch (consumed, so its borrows end here).
-    fn light(&mut self, prepared: Result<impl Prepared, CudaError>) {
+    fn light<K>(&mut self, prepared: Result<Prepared<'_, K>, CudaError>) {
         let p = prepared.unwrap_or_else(|e| panic!("first-light: not prepared: {e}"));
-        self.run(&p.names(), || p.queue());
+        self.run(&p.kernels(), || p.launch());
     }
 
     /// Cheap sanity of an output: every value finite.
@@ -283,7 +230,7 @@ fn light_dense(fl: &mut FirstLight<'_>, rng: &mut Rng) {
 /// decode + combine (host schedule, keys split over three parts).
 fn light_mla(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let dev = fl.dev;
-    let mla = dev.mla().unwrap();
+    let mla = Mla::new(dev);
     let cfg = deepseek_r1_config();
     let (heads, kv_lora, rope) = (16, MLA_FAST_KV_LORA, MLA_FAST_ROPE);
     let width = kv_lora + rope;
@@ -367,7 +314,7 @@ fn light_mla(fl: &mut FirstLight<'_>, rng: &mut Rng) {
 /// grouped GEMMs that take it, SiLU + quant and the weighted sum back per token.
 fn light_moe(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let dev = fl.dev;
-    let ops = MoeOps::load(dev).unwrap();
+    let ops = MoeOps::new(dev);
     let router = deepseek_router();
     let (experts, top_k) = (router.experts, router.top_k);
     let (tokens, hidden, inter) = (16, 256, 128);
@@ -491,7 +438,7 @@ fn light_moe(fl: &mut FirstLight<'_>, rng: &mut Rng) {
 /// head dims.
 fn light_small_ops(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let dev = fl.dev;
-    let ops = SmallOps::load(dev).unwrap();
+    let ops = SmallOps::new(dev);
     let (rows, width, vocab) = (4, 256, 64);
     let n = rows * width;
     let mut bf16_data = |len: usize| dev.upload(&to_bf16(&rng.uniform(len, -1.0, 1.0))).unwrap();

@@ -52,13 +52,10 @@ const WIDTH: usize = KV_LORA + ROPE;
 // ------------------------------------------------------------------------------------------
 
 /// The shared device's MLA kernels, or None after printing the skip line.
-fn gpu(test: &str) -> Option<&'static Mla<'static>> {
-    static MLA: OnceLock<Result<Mla<'static>, CudaError>> = OnceLock::new();
+fn gpu(test: &str) -> Option<&'static Mla> {
+    static MLA: OnceLock<Mla> = OnceLock::new();
     let dev = gpu_support::gpu(test)?;
-    match MLA.get_or_init(|| dev.mla()) {
-        Ok(m) => Some(m),
-        Err(e) => panic!("the device opened but the MLA kernels did not load: {e}"),
-    }
+    Some(MLA.get_or_init(|| Mla::new(dev)))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -343,7 +340,7 @@ fn check_attention(
 
 /// Runs attention on the GPU: (out [total_q][heads][512], lse [total_q][heads]).
 fn run_gpu(
-    mla: &Mla<'_>,
+    mla: &Mla,
     cfg: &ModelConfig,
     p: &Problem,
     run: MlaRun,

@@ -65,11 +65,10 @@ const BLOCK_TOLERANCE: Tolerance = (1.0 / 32.0, 2e-2, 1e-2);
 // Device and skipping
 // ------------------------------------------------------------------------------------------
 
-/// The MoE kernels on the shared device, or None after printing the skip line (kernels that
-/// do not load skip too).
-fn gpu(test: &str) -> Option<&'static MoeOps<'static>> {
-    static OPS: OnceLock<Result<MoeOps<'static>, CudaError>> = OnceLock::new();
-    let ops = gpu_support::device().and_then(|dev| OPS.get_or_init(|| MoeOps::load(dev)).as_ref());
+/// The MoE kernels on the shared device, or None after printing the skip line.
+fn gpu(test: &str) -> Option<&'static MoeOps> {
+    static OPS: OnceLock<MoeOps> = OnceLock::new();
+    let ops = gpu_support::device().map(|dev| OPS.get_or_init(|| MoeOps::new(dev)));
     or_skip(ops, test)
 }
 
@@ -115,7 +114,7 @@ type GpuRouting = (Vec<i32>, Vec<f32>, Result<(), CudaError>);
 
 /// Runs moe_router on `logits` ([tokens][E]) and returns (ids, weights, flags result).
 fn route_on_gpu(
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     cfg: &RouterConfig,
     logits: &[f32],
     bias: Option<&[f32]>,
@@ -151,7 +150,7 @@ fn route_on_gpu(
 
 /// GPU routing == route_host: ids exactly, weights within 4 ulp.
 fn check_routing(
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     cfg: &RouterConfig,
     logits: &[f32],
     bias: Option<&[f32]>,
@@ -413,7 +412,7 @@ fn router_logits_bit_exact() {
 // ------------------------------------------------------------------------------------------
 
 fn plan_on_gpu(
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     ids: &[i32],
     geom: MoeGeometry,
     tokens: usize,
@@ -791,7 +790,7 @@ impl GroupedProblem {
     /// Runs `kernel`; returns (kernel that ran, D [R][n] downloaded, dest_row).
     fn run(
         &self,
-        ops: &MoeOps<'_>,
+        ops: &MoeOps,
         kernel: GroupedGemmKernel,
     ) -> (GroupedGemmKernel, Vec<bf16>, Vec<i32>) {
         let dev = ops.device();
@@ -910,7 +909,7 @@ fn grouped_gemm_ref_bit_exact() {
 
 /// The wgmma grouped GEMMs vs `block_gemm_w8a8` on every entry (or a sample for big shapes).
 fn check_grouped_fast(
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     p: &GroupedProblem,
     kernel: GroupedGemmKernel,
     sample: Option<usize>,
@@ -1129,7 +1128,7 @@ fn cpu_block(f: &Fixture, x: &[f32]) -> (Vec<f32>, Vec<Vec<usize>>) {
     (out, routes)
 }
 
-fn block_weights(ops: &MoeOps<'_>) -> (MoeBlockConfig, MoeBlockWeights) {
+fn block_weights(ops: &MoeOps) -> (MoeBlockConfig, MoeBlockWeights) {
     let f = fixture();
     let FfnWeights::Moe(moe) = &f.weights.blocks[f.layer].ffn else {
         unreachable!()
@@ -1141,7 +1140,7 @@ fn block_weights(ops: &MoeOps<'_>) -> (MoeBlockConfig, MoeBlockWeights) {
 
 /// Runs the block; returns (out bf16 as f32, GPU routing per token, take_errors result).
 fn gpu_block(
-    ops: &MoeOps<'_>,
+    ops: &MoeOps,
     cfg: MoeBlockConfig,
     w: &MoeBlockWeights,
     x: &[bf16],
@@ -1422,7 +1421,7 @@ fn moe_block_is_capture_safe() {
     let Some(dev) = or_skip(Device::open(0), "moe_block_is_capture_safe") else {
         return;
     };
-    let ops = &MoeOps::load(&dev).unwrap();
+    let ops = &MoeOps::new(&dev);
     let (cfg, w) = block_weights(ops);
     let tokens = 16;
     let x = activations(&mut Rng::new(12), tokens, cfg.hidden);
@@ -1519,7 +1518,7 @@ fn fixture_moe_layer_fits_the_gpu_path() {
 fn moe_ops_report_typed_errors() {
     match Device::open(0) {
         Ok(dev) => {
-            MoeOps::load(&dev).unwrap();
+            MoeOps::new(&dev);
         }
         Err(e) => {
             allow_no_device(&e);

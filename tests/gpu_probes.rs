@@ -34,7 +34,7 @@ use r1_runtime::cuda::ops::{
     WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS,
 };
 use r1_runtime::cuda::{
-    CudaError, Device, Fp8GemmArgs, Fp8Weight, GemmKernel, MlaCache, MlaLayout,
+    CudaError, Device, Fp8GemmArgs, Fp8Weight, GemmKernel, Mla, MlaCache, MlaLayout,
     QuantizedActivations, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS,
 };
 use r1_runtime::numerics::{e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
@@ -545,7 +545,7 @@ fn mla_on_gpu(dev: &Device, p: &MlaProbe, run: MlaRun) -> Result<(Vec<bf16>, Vec
     let mut batch = p.layout.upload(dev).map_err(e)?;
     dev.copy_to_device(&p.block_table, &mut batch.block_table)
         .map_err(e)?;
-    let mla = dev.mla().map_err(e)?;
+    let mla = Mla::new(dev);
     let mut cache = MlaCache::new(dev, p.num_pages, KV_LORA, ROPE).map_err(e)?;
     dev.copy_to_device(&p.cache, &mut cache.data).map_err(e)?;
     let q = dev.upload(&p.q).map_err(e)?;

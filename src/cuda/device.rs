@@ -3,7 +3,7 @@
 //! [`Device::probe`] answers "is there a usable CUDA device?" without loading anything but the
 //! driver library (cudarc loads libcuda at run time, so the binary starts without it);
 //! [`Device::open`] then checks the architecture (sm_90), that kernels were built, loads every
-//! embedded cubin it needs through `Modules` (src/cuda/launch.rs: shared-memory opt-ins and
+//! embedded kernel once into its `KernelTable` (src/cuda/launch.rs: shared-memory opt-ins and
 //! register budgets), and creates the one stream all work of this [`Device`] runs on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self as cu, CUdevice_attribute as Attr, CUresult};
-use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
 
 use super::error::{describe, CudaError, Result};
-use super::launch::{kernel, Modules};
+use super::launch::KernelTable;
 use super::sys;
 
 /// What the driver says about a device (read once at open).
@@ -38,29 +38,29 @@ pub struct DeviceInfo {
     pub driver_version: i32,
 }
 
-/// The loaded kernels (one `CudaFunction` each; they keep their module alive).
-pub(crate) struct Kernels {
-    pub act_quant: CudaFunction,
-    pub fp8_gemm_ref: CudaFunction,
-    pub fp8_gemm_wgmma: CudaFunction,
-    pub fp8_gemm_wgmma_m64: CudaFunction,
+/// One CUDA device with the embedded kernels loaded and one stream. `Send + Sync`; every
+/// launch, copy and allocation of this handle is ordered on its stream. Cloning is cheap:
+/// clones share the context, stream and kernels (kernel handles such as [`super::ops::Mla`]
+/// hold one), which the last clone dropped releases.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
 }
 
-/// One CUDA device with the embedded kernels loaded and one stream. `Send + Sync`; every
-/// launch, copy and allocation of this handle is ordered on its stream.
-pub struct Device {
+struct Inner {
     info: DeviceInfo,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    pub(crate) kernels: Kernels,
-    modules: Modules,
+    kernels: KernelTable,
     /// Bytes copied device -> host so far ([`Device::bytes_downloaded`]).
     downloaded: AtomicU64,
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("info", &self.info).finish()
+        f.debug_struct("Device")
+            .field("info", &self.inner.info)
+            .finish()
     }
 }
 
@@ -166,7 +166,7 @@ impl Device {
     }
 
     /// Opens device `ordinal`: presence check ([`Device::probe`]), sm_90 check, kernels built,
-    /// context + stream, every embedded cubin loaded, shared-memory limits raised.
+    /// context + stream, every embedded kernel loaded, shared-memory limits raised.
     pub fn open(ordinal: usize) -> Result<Device> {
         let info = Self::probe(ordinal)?;
         if info.compute_capability != (9, 0) {
@@ -192,64 +192,60 @@ impl Device {
             .new_stream()
             .map_err(|e| CudaError::driver("cuStreamCreate", e))?;
 
-        let modules = Modules::new(ctx.clone(), info.clone());
-        let aq = modules.get("act_quant")?;
-        let gemm = modules.get("fp8_gemm")?;
-        let kernels = Kernels {
-            act_quant: kernel(&aq, "act_quant")?,
-            fp8_gemm_ref: kernel(&gemm, "fp8_gemm_ref")?,
-            fp8_gemm_wgmma: kernel(&gemm, "fp8_gemm_wgmma")?,
-            fp8_gemm_wgmma_m64: kernel(&gemm, "fp8_gemm_wgmma_m64")?,
-        };
+        let kernels = KernelTable::load(&ctx, &info)?;
         Ok(Device {
-            info,
-            ctx,
-            stream,
-            kernels,
-            modules,
-            downloaded: AtomicU64::new(0),
+            inner: Arc::new(Inner {
+                info,
+                ctx,
+                stream,
+                kernels,
+                downloaded: AtomicU64::new(0),
+            }),
         })
     }
 
     pub fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.inner.info
     }
 
     /// The stream every operation of this device is ordered on.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.inner.stream
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.inner.ctx
     }
 
-    /// The module of `cuda/<stem>.cu` in this device's context: loaded once, with its
-    /// kernels' shared-memory limits raised and register budgets checked.
-    pub(crate) fn load_cubin(&self, stem: &str) -> Result<Arc<CudaModule>> {
-        self.modules.get(stem)
+    /// Every embedded kernel, loaded with its kernel-table row applied.
+    pub(crate) fn kernel_table(&self) -> &KernelTable {
+        &self.inner.kernels
     }
 
     /// Bytes copied from this device to the host so far: what the steps of a serving loop
     /// cost the host link (a decode step should read back its new rows, not its history).
     pub fn bytes_downloaded(&self) -> u64 {
-        self.downloaded.load(Ordering::Relaxed)
+        self.inner.downloaded.load(Ordering::Relaxed)
     }
 
     pub(crate) fn count_downloaded(&self, bytes: usize) {
-        self.downloaded.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.inner
+            .downloaded
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Makes this device's context current on the calling thread (before raw driver calls).
     pub(crate) fn bind(&self) -> Result<()> {
-        self.ctx
+        self.inner
+            .ctx
             .bind_to_thread()
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))
     }
 
     /// Waits for all work queued on the stream; asynchronous kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
+        self.inner
+            .stream
             .synchronize()
             .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
     }

@@ -56,9 +56,9 @@ pub enum CudaError {
     #[error("out of bounds: {0}")]
     OutOfBounds(String),
 
-    /// A kernel module the build did not embed.
-    #[error("cuda/{stem}.cu is not among the embedded cubins (rebuild the crate)")]
-    MissingCubin { stem: String },
+    /// A kernel (or its cuda/ source) the build did not embed.
+    #[error("{what} is not among the embedded kernels (rebuild the crate)")]
+    NotEmbedded { what: String },
 
     /// The driver library panicked inside cudarc (e.g. a symbol missing from an old libcuda).
     #[error("CUDA driver: {call}: {message}")]
@@ -203,7 +203,9 @@ mod tests {
         for e in [
             CudaError::OutOfMemory { bytes: 1 },
             CudaError::BuiltWithoutKernels,
-            CudaError::MissingCubin { stem: "mla".into() },
+            CudaError::NotEmbedded {
+                what: "cuda/mla/decode.cu".into(),
+            },
             CudaError::DriverPanic {
                 call: "cuInit".into(),
                 message: "symbol missing".into(),
@@ -212,8 +214,11 @@ mod tests {
             assert!(!e.is_broken_requirement(), "{e}");
         }
         assert_eq!(
-            CudaError::MissingCubin { stem: "mla".into() }.to_string(),
-            "cuda/mla.cu is not among the embedded cubins (rebuild the crate)"
+            CudaError::NotEmbedded {
+                what: "kernel mla_decode_wgmma".into()
+            }
+            .to_string(),
+            "kernel mla_decode_wgmma is not among the embedded kernels (rebuild the crate)"
         );
     }
 }

@@ -1,14 +1,31 @@
-//! How kernels get onto the GPU, in one place: loading each embedded cubin once per device
-//! (raising the dynamic shared-memory limits and checking the register budgets its kernels
-//! need), queueing a launch ([`Device::launch`], traced with `R1_CUDA_TRACE=1`), and what the
-//! driver says about every kernel ([`Device::kernel_attributes`]).
+//! How kernels get onto the GPU, in one place:
+//!
+//! - [`KERNEL_TABLE`]: every kernel the crate launches, one row each (symbol, dynamic shared
+//!   memory, register-reallocation threads), grouped under the launch-parameter struct it
+//!   takes by value; the table also declares those structs [`DeviceRepr`].
+//! - [`KernelTable`]: every embedded kernel loaded once when a [`Device`] opens, its cubin found
+//!   by symbol in the build's `sys::KERNELS`, with its row applied (register budget checked,
+//!   shared-memory opt-in raised), so every handle shares the raised limits.
+//! - [`KernelLaunch`]: what a launch description (an op's `*Desc`, or the struct that holds
+//!   what its parameter struct needs) gives: the kernel symbol, the parameter struct and the
+//!   launch configuration.
+//! - [`Prepared`]: one or more checked launches queued in order by [`Prepared::launch`] (the
+//!   crate's only kernel launch, traced with `R1_CUDA_TRACE=1`), any number of times
+//!   (benches, CUDA-graph capture).
+//! - [`Device::kernel_attributes`]: what the driver says about every kernel.
+//!
+//! Adding a kernel: its parameter struct in cuda/launch_params.h (bindgen generates it), a row
+//! in [`KERNEL_TABLE`] under that struct, and a `KernelLaunch` impl for the op's `*Desc`
+//! (built and checked by a `prepare_*` method that returns a [`Prepared`]).
 
+use std::any::TypeId;
 use std::io::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute as FuncAttr;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -16,49 +33,160 @@ use super::device::{Device, DeviceInfo};
 use super::error::{CudaError, Result};
 use super::sys;
 
-/// Requirements of a kernel the driver must be told about, or checked, at load.
-struct KernelNeeds {
-    kernel: &'static str,
-    /// Dynamic shared memory per block (> 48 KiB needs an opt-in before any launch).
-    dynamic_smem: u32,
+/// One row of [`KERNEL_TABLE`]: what the driver must be told about, or checked, for a kernel.
+pub(crate) struct KernelSpec {
+    pub symbol: &'static str,
+    /// The most dynamic shared memory a launch asks for per block; above 48 KiB the
+    /// function's limit is raised to it at load (the opt-in).
+    pub dynamic_smem: u32,
     /// Threads per block of a kernel that reallocates registers with setmaxnreg.
-    realloc_threads: Option<u32>,
+    pub realloc_threads: Option<u32>,
+    /// The parameter struct the kernel takes by value.
+    params: fn() -> TypeId,
+    params_name: &'static str,
 }
 
-/// Every kernel with more than 48 KiB of dynamic shared memory or register reallocation
-/// (cuda/launch_params.h documents both).
-const NEEDS: &[KernelNeeds] = &[
-    KernelNeeds {
-        kernel: "fp8_gemm_wgmma",
-        dynamic_smem: sys::R1_FP8_GEMM_SMEM_BYTES,
-        realloc_threads: Some(sys::R1_FP8_GEMM_THREADS),
-    },
-    KernelNeeds {
-        kernel: "fp8_gemm_wgmma_m64",
-        dynamic_smem: sys::R1_FP8_GEMM_M64_SMEM_BYTES,
-        realloc_threads: None,
-    },
-    KernelNeeds {
-        kernel: "moe_gemm_contig_wgmma",
-        dynamic_smem: sys::R1_MOE_GEMM_SMEM_BYTES,
-        realloc_threads: Some(sys::R1_MOE_GEMM_THREADS),
-    },
-    KernelNeeds {
-        kernel: "moe_gemm_masked_wgmma",
-        dynamic_smem: sys::R1_MOE_GEMM_SMEM_BYTES,
-        realloc_threads: Some(sys::R1_MOE_GEMM_THREADS),
-    },
-    KernelNeeds {
-        kernel: "moe_gemm_masked_wgmma_m64",
-        dynamic_smem: sys::R1_MOE_GEMM_M64_SMEM_BYTES,
-        realloc_threads: None,
-    },
-    KernelNeeds {
-        kernel: "mla_decode_wgmma",
-        dynamic_smem: sys::R1_MLA_DECODE_SMEM_BYTES,
-        realloc_threads: Some(sys::R1_MLA_DECODE_THREADS),
-    },
-];
+/// Where `symbol`'s row is in [`KERNEL_TABLE`].
+fn row_index(symbol: &str) -> Option<usize> {
+    KERNEL_TABLE.iter().position(|s| s.symbol == symbol)
+}
+
+/// Dynamic shared memory a block may use without the opt-in.
+const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
+
+macro_rules! some_or_none {
+    () => {
+        None
+    };
+    ($e:expr) => {
+        Some($e)
+    };
+}
+
+macro_rules! kernel_table {
+    ($(
+        $params:ident {
+            $($symbol:literal $(, smem: $smem:expr)? $(, realloc: $threads:expr)?;)+
+        }
+    )+) => {
+        $(
+            // SAFETY: a plain `#[repr(C)]` struct of integers, floats and opaque `[u64; 16]`
+            // tensor-map blobs generated by bindgen from cuda/launch_params.h (its layout
+            // tests check the offsets); the kernels of its group take exactly one by value.
+            unsafe impl DeviceRepr for sys::$params {}
+        )+
+
+        /// Every kernel the crate launches, grouped by the parameter struct it takes
+        /// (cuda/launch_params.h documents each: shared memory, threads, requirements).
+        pub(crate) const KERNEL_TABLE: &[KernelSpec] = &[$($(
+            KernelSpec {
+                symbol: $symbol,
+                dynamic_smem: 0 $(+ $smem)?,
+                realloc_threads: some_or_none!($($threads)?),
+                params: TypeId::of::<sys::$params>,
+                params_name: stringify!($params),
+            },
+        )+)+];
+    };
+}
+
+// One group per parameter struct; each row: `"symbol"`, then `smem: <most dynamic shared
+// memory a launch asks for>` when it asks for any, and `realloc: <threads per block>` for a
+// kernel that reallocates registers (its build is checked against the budget).
+kernel_table! {
+    R1ActQuantParams {
+        "act_quant";
+    }
+    R1Fp8GemmRefParams {
+        "fp8_gemm_ref";
+    }
+    R1Fp8GemmParams {
+        "fp8_gemm_wgmma", smem: sys::R1_FP8_GEMM_SMEM_BYTES, realloc: sys::R1_FP8_GEMM_THREADS;
+        "fp8_gemm_wgmma_m64", smem: sys::R1_FP8_GEMM_M64_SMEM_BYTES;
+    }
+    R1MlaCacheWriteParams {
+        "mla_cache_write";
+    }
+    R1MlaQRopeParams {
+        "mla_q_rope";
+    }
+    R1MlaAttnRefParams {
+        "mla_attn_ref";
+    }
+    R1MlaScheduleParams {
+        "mla_schedule";
+    }
+    R1MlaDecodeParams {
+        "mla_decode_wgmma", smem: sys::R1_MLA_DECODE_SMEM_BYTES,
+            realloc: sys::R1_MLA_DECODE_THREADS;
+    }
+    R1MlaCombineParams {
+        "mla_combine";
+    }
+    R1MoeRouterLogitsParams {
+        "moe_router_logits";
+    }
+    R1MoeRouterParams {
+        // n_group <= experts
+        "moe_router", smem: sys::R1_MOE_ROUTER_WARPS * (4 * sys::R1_MOE_MAX_EXPERTS) * 4;
+    }
+    R1MoePlanParams {
+        "moe_plan", smem: sys::R1_MOE_PLAN_SMEM_PER_EXPERT * sys::R1_MOE_MAX_EXPERTS + 128;
+    }
+    R1MoeGatherParams {
+        "moe_gather";
+    }
+    R1MoeSiluQuantParams {
+        "moe_silu_quant";
+    }
+    R1MoeUnpermuteParams {
+        "moe_unpermute";
+    }
+    R1MoeGemmRefParams {
+        "moe_gemm_ref";
+    }
+    R1MoeGemmParams {
+        "moe_gemm_contig_wgmma", smem: sys::R1_MOE_GEMM_SMEM_BYTES,
+            realloc: sys::R1_MOE_GEMM_THREADS;
+        "moe_gemm_masked_wgmma", smem: sys::R1_MOE_GEMM_SMEM_BYTES,
+            realloc: sys::R1_MOE_GEMM_THREADS;
+        "moe_gemm_masked_wgmma_m64", smem: sys::R1_MOE_GEMM_M64_SMEM_BYTES;
+    }
+    R1SmallEmbedParams {
+        "small_embed";
+    }
+    R1SmallRmsNormParams {
+        "small_rms_norm";
+    }
+    R1SmallEltwiseParams {
+        "small_add";
+        "small_silu_mul";
+        "small_f32_to_bf16";
+    }
+    R1SmallCopyRowsParams {
+        "small_copy_rows";
+    }
+    R1SmallZeroPos0Params {
+        "small_zero_pos0";
+    }
+    R1SmallGemmBf16Params {
+        "small_gemm_bf16";
+    }
+    R1SmallActQuantParams {
+        "small_act_quant";
+    }
+    R1SmallMlaAbsorbParams {
+        "small_mla_absorb_q";
+        "small_mla_absorb_o";
+    }
+    R1SmallMoeAccumParams {
+        "small_moe_accum";
+    }
+    R1ProbeWgmmaParams {
+        "probe_wgmma_m64n128k32", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;
+        "probe_wgmma_m64n128k32x4", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;
+    }
+}
 
 /// Registers per thread a reallocating kernel of `threads` threads must be launched with:
 /// the producer warpgroup (128 threads) gives back down to R1_REALLOC_PRODUCER_REGS, the
@@ -83,59 +211,84 @@ pub(crate) fn check_register_budget(kernel: &str, registers: u32, threads: u32) 
     Ok(())
 }
 
-/// The embedded cubins loaded into one context, each once, with their kernels' [`NEEDS`]
-/// applied, so every handle to a kernel shares its raised limits.
-pub(crate) struct Modules {
-    ctx: Arc<CudaContext>,
-    info: DeviceInfo,
-    loaded: Mutex<Vec<(&'static str, Arc<CudaModule>)>>,
+/// One embedded kernel, loaded (its function keeps its module alive).
+pub(crate) struct LoadedKernel {
+    spec: &'static KernelSpec,
+    /// The `cuda/<stem>.cu` it comes from.
+    stem: &'static str,
+    registers_at_build: u32,
+    func: CudaFunction,
 }
 
-impl Modules {
-    pub(crate) fn new(ctx: Arc<CudaContext>, info: DeviceInfo) -> Self {
-        Modules {
-            ctx,
-            info,
-            loaded: Mutex::new(Vec::new()),
-        }
-    }
+/// Every embedded kernel loaded into one context, in build order.
+pub(crate) struct KernelTable {
+    kernels: Vec<LoadedKernel>,
+    /// Per [`KERNEL_TABLE`] row, its kernel's index in `kernels` (None: not embedded).
+    by_row: Vec<Option<usize>>,
+}
 
-    /// The module of `cuda/<stem>.cu`, loaded (`cuModuleLoadData`) and prepared on first use.
-    /// Binds the context to the calling thread, so kernel lookups that follow work on any
-    /// thread.
-    pub(crate) fn get(&self, stem: &str) -> Result<Arc<CudaModule>> {
-        self.ctx
-            .bind_to_thread()
+impl KernelTable {
+    /// Loads every embedded cubin once (`cuModuleLoadData`) and every kernel of it, applying
+    /// its [`KERNEL_TABLE`] row. A kernel without a row is refused: nothing could launch it.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, info: &DeviceInfo) -> Result<Self> {
+        ctx.bind_to_thread()
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))?;
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, m)) = loaded.iter().find(|(s, _)| *s == stem) {
-            return Ok(m.clone());
-        }
-        let (stem, cubin) = sys::CUBINS
-            .iter()
-            .find(|(s, _)| *s == stem)
-            .ok_or_else(|| CudaError::MissingCubin {
-                stem: stem.to_string(),
+        let mut modules: Vec<(&str, Arc<CudaModule>)> = Vec::new();
+        let mut kernels = Vec::with_capacity(sys::KERNELS.len());
+        let mut by_row = vec![None; KERNEL_TABLE.len()];
+        for &(stem, symbol, registers_at_build) in sys::KERNELS {
+            let row = row_index(symbol).ok_or_else(|| {
+                CudaError::requirement(
+                    symbol,
+                    format!(
+                        "needs a row in the kernel table (src/cuda/launch.rs) for cuda/{stem}.cu"
+                    ),
+                )
             })?;
-        let module = self
-            .ctx
-            .load_module(Ptx::from_binary(cubin.to_vec()))
-            .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({stem}.cubin)"), e))?;
-        for (_, name, _) in sys::KERNELS.iter().filter(|(s, _, _)| s == stem) {
-            if let Some(needs) = NEEDS.iter().find(|n| n.kernel == *name) {
-                prepare(&self.info, &module, needs)?;
-            }
+            let spec = &KERNEL_TABLE[row];
+            let module = match modules.iter().find(|(s, _)| *s == stem) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = load_module(ctx, stem)?;
+                    modules.push((stem, m.clone()));
+                    m
+                }
+            };
+            let func = module
+                .load_function(symbol)
+                .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({symbol})"), e))?;
+            prepare(info, &func, spec)?;
+            by_row[row] = Some(kernels.len());
+            kernels.push(LoadedKernel {
+                spec,
+                stem,
+                registers_at_build,
+                func,
+            });
         }
-        loaded.push((stem, module.clone()));
-        Ok(module)
+        Ok(KernelTable { kernels, by_row })
+    }
+
+    /// The loaded kernel of row `row`.
+    fn get(&self, row: usize) -> Result<&LoadedKernel> {
+        match self.by_row.get(row).copied().flatten() {
+            Some(i) => Ok(&self.kernels[i]),
+            None => Err(CudaError::NotEmbedded {
+                what: format!("kernel {}", KERNEL_TABLE.get(row).map_or("?", |s| s.symbol)),
+            }),
+        }
     }
 }
 
-/// Kernel `name` of a loaded module (`cuModuleGetFunction`).
-pub(crate) fn kernel(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
-    module
-        .load_function(name)
-        .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({name})"), e))
+fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>> {
+    let (_, cubin) = sys::CUBINS
+        .iter()
+        .find(|(s, _)| *s == stem)
+        .ok_or_else(|| CudaError::NotEmbedded {
+            what: format!("cuda/{stem}.cu"),
+        })?;
+    ctx.load_module(Ptx::from_binary(cubin.to_vec()))
+        .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({stem}.cubin)"), e))
 }
 
 fn func_attr(func: &CudaFunction, name: &str, a: FuncAttr) -> Result<i32> {
@@ -143,17 +296,19 @@ fn func_attr(func: &CudaFunction, name: &str, a: FuncAttr) -> Result<i32> {
         .map_err(|e| CudaError::driver(&format!("cuFuncGetAttribute({name}, {a:?})"), e))
 }
 
-/// Applies `needs` to its kernel in `module`: the register budget, then the shared-memory
-/// opt-in (static + dynamic must fit what one block may opt in to).
-fn prepare(info: &DeviceInfo, module: &Arc<CudaModule>, needs: &KernelNeeds) -> Result<()> {
-    let name = needs.kernel;
-    let func = kernel(module, name)?;
-    if let Some(threads) = needs.realloc_threads {
-        let regs = func_attr(&func, name, FuncAttr::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
+/// Applies `spec` to its loaded function: the register budget, then the shared-memory opt-in
+/// (static + dynamic must fit what one block may opt in to).
+fn prepare(info: &DeviceInfo, func: &CudaFunction, spec: &KernelSpec) -> Result<()> {
+    let name = spec.symbol;
+    if let Some(threads) = spec.realloc_threads {
+        let regs = func_attr(func, name, FuncAttr::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
         check_register_budget(name, u32::try_from(regs).unwrap_or(0), threads)?;
     }
-    let static_smem = func_attr(&func, name, FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
-    let bytes = needs.dynamic_smem as usize;
+    if spec.dynamic_smem <= DEFAULT_SMEM_LIMIT {
+        return Ok(());
+    }
+    let static_smem = func_attr(func, name, FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+    let bytes = spec.dynamic_smem as usize;
     let total = bytes + usize::try_from(static_smem).unwrap_or(0);
     if total > info.max_smem_per_block_optin {
         return Err(CudaError::requirement(
@@ -167,7 +322,7 @@ fn prepare(info: &DeviceInfo, module: &Arc<CudaModule>, needs: &KernelNeeds) -> 
     }
     func.set_attribute(
         FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        needs.dynamic_smem as i32,
+        spec.dynamic_smem as i32,
     )
     .map_err(|e| {
         CudaError::driver(
@@ -176,6 +331,198 @@ fn prepare(info: &DeviceInfo, module: &Arc<CudaModule>, needs: &KernelNeeds) -> 
         )
     })
 }
+
+// ------------------------------------------------------------------------------------------
+// Launch descriptions and prepared launches
+// ------------------------------------------------------------------------------------------
+
+/// A kernel launch as plain numbers. Implemented by each op's `*Desc` (or the struct that
+/// holds what the parameter struct needs); its `prepare_*` method checks the description
+/// against cuda/launch_params.h before building a [`Prepared`] from it.
+pub(crate) trait KernelLaunch {
+    /// The kernel's parameter struct, as its [`KERNEL_TABLE`] row names it.
+    type Params: DeviceRepr + Send + Sync + 'static;
+
+    /// The kernel's symbol (its row in [`KERNEL_TABLE`]).
+    fn kernel(&self) -> &'static str;
+
+    /// The parameter struct (tensor maps encoded).
+    fn params(&self) -> Result<Self::Params>;
+
+    fn launch_config(&self) -> LaunchConfig;
+}
+
+/// Where the [`KERNEL_TABLE`] row of `launch`'s kernel is, after checking that the row names the
+/// launch's parameter struct and allows `cfg`'s dynamic shared memory (the limit raised at
+/// load).
+pub(crate) fn row_of<L: KernelLaunch>(launch: &L, cfg: &LaunchConfig) -> Result<usize> {
+    let symbol = launch.kernel();
+    let row = row_index(symbol).ok_or_else(|| {
+        CudaError::requirement(symbol, "has no row in the kernel table".to_string())
+    })?;
+    let spec = &KERNEL_TABLE[row];
+    if (spec.params)() != TypeId::of::<L::Params>() {
+        return Err(CudaError::requirement(
+            symbol,
+            format!(
+                "takes {}, not {}",
+                spec.params_name,
+                std::any::type_name::<L::Params>()
+            ),
+        ));
+    }
+    let smem_limit = spec.dynamic_smem.max(DEFAULT_SMEM_LIMIT);
+    if cfg.shared_mem_bytes > smem_limit {
+        return Err(CudaError::requirement(
+            symbol,
+            format!(
+                "a launch with {} bytes of dynamic shared memory exceeds the {smem_limit} its \
+                 kernel-table row allows",
+                cfg.shared_mem_bytes
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// The symbol of the row `launch` pairs with (panics naming the mismatch when it pairs with
+/// none).
+#[cfg(test)]
+pub(crate) fn row_symbol<L: KernelLaunch>(launch: &L) -> &'static str {
+    match row_of(launch, &launch.launch_config()) {
+        Ok(row) => KERNEL_TABLE[row].symbol,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A parameter struct with its type erased, pushed by value onto a launch.
+trait KernelArg: Send + Sync {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>);
+}
+
+impl<P: DeviceRepr + Send + Sync> KernelArg for P {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+
+/// One kernel of a prepared launch.
+struct Step<'a> {
+    kernel: &'a LoadedKernel,
+    params: Box<dyn KernelArg>,
+    cfg: LaunchConfig,
+}
+
+/// Checked kernel launches, queued in order on the device's stream by [`Prepared::launch`]
+/// any number of times (benches, CUDA-graph capture: it records one node per kernel). Borrows
+/// its buffers (and the device) for `'a`. `K` is the kernel choice the call resolved to
+/// ([`super::GemmKernel`], [`super::MlaKernel`], ...), or the kernel's symbol for ops with
+/// one kernel.
+pub struct Prepared<'a, K = &'static str> {
+    dev: &'a Device,
+    steps: Vec<Step<'a>>,
+    choice: K,
+}
+
+impl<K: std::fmt::Debug> std::fmt::Debug for Prepared<'_, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("kernel", &self.choice)
+            .field("kernels", &self.kernels())
+            .finish()
+    }
+}
+
+impl<'a> Prepared<'a> {
+    /// The launch of one kernel, named by its symbol.
+    pub(crate) fn single(dev: &'a Device, launch: &impl KernelLaunch) -> Result<Self> {
+        Prepared::new(dev, launch.kernel()).then(launch)
+    }
+}
+
+impl<'a, K> Prepared<'a, K> {
+    /// No kernels yet; `choice` is what [`Prepared::kernel`] reports.
+    pub(crate) fn new(dev: &'a Device, choice: K) -> Self {
+        Prepared {
+            dev,
+            steps: Vec::new(),
+            choice,
+        }
+    }
+
+    /// Appends `launch` (already checked by the caller) after the kernels so far. Its
+    /// parameter struct must be the one its kernel's row names, and its dynamic shared memory
+    /// within the row's (the limit raised at load).
+    pub(crate) fn then<L: KernelLaunch>(mut self, launch: &L) -> Result<Self> {
+        let cfg = launch.launch_config();
+        let kernel = self.dev.kernel_table().get(row_of(launch, &cfg)?)?;
+        self.steps.push(Step {
+            kernel,
+            params: Box::new(launch.params()?),
+            cfg,
+        });
+        Ok(self)
+    }
+
+    /// The kernel choice this launch resolved to.
+    pub fn kernel(&self) -> K
+    where
+        K: Copy,
+    {
+        self.choice
+    }
+
+    /// The kernels queued per launch, in order.
+    pub fn kernels(&self) -> Vec<&'static str> {
+        self.steps.iter().map(|s| s.kernel.spec.symbol).collect()
+    }
+
+    /// The launch configuration of each kernel, in order.
+    pub fn launch_configs(&self) -> Vec<LaunchConfig> {
+        self.steps.iter().map(|s| s.cfg).collect()
+    }
+
+    /// Sets the grid's x dimension of every kernel (a persistent kernel's CTA count).
+    pub(crate) fn set_grid_x(&mut self, x: u32) {
+        for s in &mut self.steps {
+            s.cfg.grid_dim.0 = x;
+        }
+    }
+
+    /// Queues the kernels on the device's stream. With `R1_CUDA_TRACE=1` each launch is first
+    /// written to stderr (unbuffered, past any test harness's capture), so the last line
+    /// before a hang names the kernel.
+    pub fn launch(&self) -> Result<()> {
+        let stream = self.dev.stream();
+        for step in &self.steps {
+            queue(stream, step)?;
+        }
+        Ok(())
+    }
+}
+
+/// The crate's one kernel launch.
+fn queue(stream: &Arc<CudaStream>, step: &Step<'_>) -> Result<()> {
+    let name = step.kernel.spec.symbol;
+    if trace_enabled() {
+        let _ = writeln!(std::io::stderr().lock(), "{}", trace_line(name, &step.cfg));
+    }
+    let mut args = stream.launch_builder(&step.kernel.func);
+    step.params.push(&mut args);
+    // SAFETY: the function is `name`'s, loaded from this device's cubins with its row applied
+    // (register budget, shared-memory opt-in covering `cfg`, checked in `then`), and takes
+    // exactly one parameter struct by value: the one pushed, whose type `then` checked against
+    // the row. The struct's addresses are buffers that its `prepare_*` method checked against
+    // the kernel's contract (cuda/launch_params.h: shapes, strides, alignment, lengths) and
+    // that the `Prepared` borrows for as long as it can be launched.
+    unsafe { args.launch(step.cfg) }
+        .map(|_| ())
+        .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({name})"), e))
+}
+
+// ------------------------------------------------------------------------------------------
+// Tracing and attributes
+// ------------------------------------------------------------------------------------------
 
 /// What the driver reports for one loaded kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,43 +559,19 @@ pub(crate) fn trace_line(kernel: &str, cfg: &LaunchConfig) -> String {
 }
 
 impl Device {
-    /// Queues `func` (named `kernel` in errors and traces) with its one parameter struct on
-    /// this device's stream. With `R1_CUDA_TRACE=1` the launch is first written to stderr
-    /// (unbuffered, past any test harness's capture), so the last line before a hang names
-    /// the kernel.
-    ///
-    /// # Safety
-    /// `params` must be the parameter struct `func` takes, checked against the kernel's
-    /// contract (cuda/launch_params.h) for buffers that outlive the launch.
-    pub(crate) unsafe fn launch<P: DeviceRepr>(
-        &self,
-        func: &CudaFunction,
-        kernel: &str,
-        params: &P,
-        cfg: LaunchConfig,
-    ) -> Result<()> {
-        if trace_enabled() {
-            let _ = writeln!(std::io::stderr().lock(), "{}", trace_line(kernel, &cfg));
-        }
-        // SAFETY: the caller's contract above.
-        unsafe { self.stream().launch_builder(func).arg(params).launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| CudaError::driver(&format!("cuLaunchKernel({kernel})"), e))
-    }
-
-    /// Every embedded kernel as the driver sees it on this device (each module is loaded and
-    /// prepared if it was not yet), in build order.
+    /// Every embedded kernel as the driver sees it on this device, in build order.
     pub fn kernel_attributes(&self) -> Result<Vec<KernelAttributes>> {
-        sys::KERNELS
+        self.kernel_table()
+            .kernels
             .iter()
-            .map(|&(module, name, registers_at_build)| {
-                let func = kernel(&self.load_cubin(module)?, name)?;
-                let a = |attr| func_attr(&func, name, attr);
+            .map(|k| {
+                let name = k.spec.symbol;
+                let a = |attr| func_attr(&k.func, name, attr);
                 Ok(KernelAttributes {
-                    module,
+                    module: k.stem,
                     kernel: name,
                     registers: a(FuncAttr::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
-                    registers_at_build,
+                    registers_at_build: k.registers_at_build,
                     static_smem_bytes: a(FuncAttr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
                     max_dynamic_smem_bytes: a(
                         FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -266,6 +589,10 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(symbol: &str) -> Option<&'static KernelSpec> {
+        row_index(symbol).map(|i| &KERNEL_TABLE[i])
+    }
 
     #[test]
     fn the_384_thread_budget_is_168_registers() {
@@ -294,15 +621,93 @@ mod tests {
             eprintln!("skipped: built without CUDA kernels");
             return;
         }
-        for n in NEEDS {
+        for spec in KERNEL_TABLE {
             let (_, _, regs) = sys::KERNELS
                 .iter()
-                .find(|(_, k, _)| *k == n.kernel)
-                .unwrap_or_else(|| panic!("{} is not among the built kernels", n.kernel));
-            if let Some(threads) = n.realloc_threads {
-                check_register_budget(n.kernel, *regs, threads).unwrap();
+                .find(|(_, k, _)| *k == spec.symbol)
+                .unwrap_or_else(|| panic!("{} is not among the built kernels", spec.symbol));
+            if let Some(threads) = spec.realloc_threads {
+                check_register_budget(spec.symbol, *regs, threads).unwrap();
             }
         }
+    }
+
+    /// The table and the build agree: one row per embedded kernel, no row for a kernel that
+    /// is not built (Device::open would refuse the first, a launch the second).
+    #[test]
+    fn every_embedded_kernel_has_exactly_one_row() {
+        for (i, spec) in KERNEL_TABLE.iter().enumerate() {
+            assert!(
+                KERNEL_TABLE[..i].iter().all(|s| s.symbol != spec.symbol),
+                "{} has two rows",
+                spec.symbol
+            );
+        }
+        if !sys::KERNELS_BUILT {
+            eprintln!("skipped: built without CUDA kernels");
+            return;
+        }
+        for (stem, symbol, _) in sys::KERNELS {
+            assert!(
+                row(symbol).is_some(),
+                "{symbol} (cuda/{stem}.cu) has no row"
+            );
+        }
+        for spec in KERNEL_TABLE {
+            assert!(
+                sys::KERNELS.iter().any(|(_, k, _)| *k == spec.symbol),
+                "{} has a row but is not built",
+                spec.symbol
+            );
+        }
+    }
+
+    #[test]
+    fn rows_name_their_parameter_struct() {
+        let spec = row("fp8_gemm_wgmma_m64").unwrap();
+        assert_eq!((spec.params)(), TypeId::of::<sys::R1Fp8GemmParams>());
+        assert_eq!(spec.params_name, "R1Fp8GemmParams");
+        assert_eq!(spec.dynamic_smem, sys::R1_FP8_GEMM_M64_SMEM_BYTES);
+        assert_eq!(spec.realloc_threads, None);
+        let spec = row("mla_decode_wgmma").unwrap();
+        assert_eq!(spec.realloc_threads, Some(sys::R1_MLA_DECODE_THREADS));
+        let spec = row("small_add").unwrap();
+        assert_eq!((spec.dynamic_smem, spec.realloc_threads), (0, None));
+        assert!(row("moe_plan").unwrap().dynamic_smem <= DEFAULT_SMEM_LIMIT);
+    }
+
+    /// A launch whose parameter struct or shared memory is not its row's is refused before
+    /// anything reaches the driver.
+    #[test]
+    fn launches_must_match_their_row() {
+        struct Launch(&'static str, u32);
+        impl KernelLaunch for Launch {
+            type Params = sys::R1ActQuantParams;
+            fn kernel(&self) -> &'static str {
+                self.0
+            }
+            fn params(&self) -> Result<sys::R1ActQuantParams> {
+                Err(CudaError::BuiltWithoutKernels)
+            }
+            fn launch_config(&self) -> LaunchConfig {
+                LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: self.1,
+                }
+            }
+        }
+        let row = |l: Launch| row_of(&l, &l.launch_config()).map(|i| KERNEL_TABLE[i].symbol);
+        assert_eq!(row(Launch("act_quant", 0)).unwrap(), "act_quant");
+        let e = row(Launch("small_act_quant", 0)).unwrap_err().to_string();
+        assert!(
+            e.contains("small_act_quant") && e.contains("takes R1SmallActQuantParams"),
+            "{e}"
+        );
+        let e = row(Launch("act_quant", 64 * 1024)).unwrap_err().to_string();
+        assert!(e.contains("65536 bytes of dynamic shared memory"), "{e}");
+        let e = row(Launch("no_such_kernel", 0)).unwrap_err().to_string();
+        assert!(e.contains("no row"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The CUDA backend's foundations (Hopper, sm_90a), layered like cudarc's sys/result/safe:
 //!
 //! - `sys` (private): the generated launch-parameter structs of `cuda/launch_params.h` and the
-//!   cubins build.rs embedded, with the `DeviceRepr` impls that pass the structs to kernels.
+//!   cubins build.rs embedded.
+//! - `launch` (private): the kernel table (every kernel's shared memory, register budget and
+//!   parameter struct, declared `DeviceRepr` there), the kernels loaded once per device, and
+//!   [`Prepared`], the one launch path.
 //! - [`error`]: [`CudaError`], typed: no driver, no device, wrong architecture, built without
 //!   kernels, out of memory, a broken kernel requirement (named), or another driver error.
 //! - [`Device`] / [`DeviceBuffer`]: presence check, context, one stream, the loaded kernels,
-//!   device memory.
+//!   device memory. A `Device` is a cheap clone; kernel handles hold one.
 //! - [`ops`]: host-checked launch wrappers: [`Device::act_quant`], [`Device::fp8_gemm`] (wgmma
 //!   for large M, the BLOCK_M 64 variant for small M, the reference kernel explicitly and as
 //!   the fallback), each also as `prepare_*` + launch for benches and graph capture.
@@ -37,11 +40,10 @@ pub use error::{CudaError, Result};
 pub use heuristics::{
     mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaSchedule, PrefillForm,
 };
-pub use launch::KernelAttributes;
+pub use launch::{KernelAttributes, Prepared};
 pub use ops::{
     act_scale_m_pad, scales_from_sa, scales_to_sa, ActQuantArgs, ActQuantDesc, Fp8GemmArgs,
-    Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedActQuant, PreparedFp8Gemm, QuantizedActivations,
-    Region,
+    Fp8GemmDesc, Fp8Weight, GemmKernel, QuantizedActivations, Region,
 };
 pub use ops::{
     Mla, MlaAttnArgs, MlaAttnDesc, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc,

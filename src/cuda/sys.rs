@@ -1,8 +1,8 @@
 //! The generated layer: `$OUT_DIR/launch_params.rs` (bindgen over `cuda/launch_params.h`: the
 //! launch-parameter structs and the `R1_*` constants) and `$OUT_DIR/kernels.rs` (the sm_90a
-//! cubins that build.rs compiled, or `KERNELS_BUILT = false`), plus the `DeviceRepr` impls that
-//! let the structs travel by value as kernel arguments. Nothing here checks anything: the safe
-//! wrappers in [`super::ops`] do.
+//! cubins that build.rs compiled, or `KERNELS_BUILT = false`). The kernel table of
+//! [`super::launch`] declares the structs `DeviceRepr` (kernel arguments by value). Nothing here
+//! checks anything: the safe wrappers in [`super::ops`] do.
 
 #[allow(
     non_upper_case_globals,
@@ -24,16 +24,6 @@ mod kernels {
 
 pub(crate) use kernels::{CUBINS, KERNELS, KERNELS_BUILT};
 pub(crate) use launch_params::*;
-
-use cudarc::driver::DeviceRepr;
-
-// SAFETY: plain `#[repr(C)]` structs of integers (device addresses as u64) and opaque
-// `[u64; 16]` tensor-map blobs, laid out exactly like the C header the kernels are compiled
-// against (bindgen's layout tests check offsets); each kernel takes one of them by value.
-unsafe impl DeviceRepr for R1ActQuantParams {}
-unsafe impl DeviceRepr for R1Fp8GemmRefParams {}
-unsafe impl DeviceRepr for R1Fp8GemmParams {}
-unsafe impl DeviceRepr for R1ProbeWgmmaParams {}
 
 // The header's opaque tensor map must be bit-compatible with the driver's CUtensorMap
 // (cuTensorMapEncodeTiled writes the latter; the kernel reads the former).

@@ -357,7 +357,7 @@ pub struct MlaAttention {
 /// One attention call of `run`'s kernels into outputs filled with 0xFF first (a row the
 /// kernel leaves unwritten reads as NaN).
 pub fn mla_attention_on_gpu(
-    mla: &Mla<'_>,
+    mla: &Mla,
     q: &DeviceBuffer<bf16>,
     heads: usize,
     scale: f32,

@@ -105,7 +105,7 @@ impl Core {
             Rows::Selected => step.selected,
         };
         let width = |b: Buf| graph.desc(b).width;
-        let dev = self.dev;
+        let dev = &self.dev;
         let eps = self.cfg.rms_norm_eps;
 
         // Ops without a single freshly written output first.
@@ -175,7 +175,7 @@ impl Core {
     ) -> Result<()> {
         let width = |b: Buf| graph.desc(b).width;
         let t = step.tokens;
-        let dev = self.dev;
+        let dev = &self.dev;
         let input = |b: Buf| -> Result<&DeviceBuffer<bf16>> {
             state.slots[plan.slot(b)]
                 .bf

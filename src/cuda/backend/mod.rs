@@ -21,8 +21,8 @@
 //! fused block or fallback), `dispatch` (each graph op as kernels), and `adapters` (config,
 //! checkpoint weights and the engine's batch as the kernels' plain numbers).
 //!
-//! The [`Device`] is opened once per backend and leaked (`&'static`): the kernel handles
-//! (`Mla`, `MoeOps`, `SmallOps`) borrow it, and a process holds few backends.
+//! The [`Device`] is opened once per backend; the kernel handles (`Mla`, `MoeOps`, `SmallOps`)
+//! hold clones of it, and dropping the backend first waits for its stream.
 //! Status: compiled here, not yet run on a GPU (tests/gpu_engine.rs compares it with the CPU
 //! w8a8 backend end to end where a device exists).
 
@@ -53,10 +53,10 @@ use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, Weight, Weight
 /// What never changes after construction.
 struct Core {
     cfg: ModelConfig,
-    dev: &'static Device,
-    small: SmallOps<'static>,
-    mla: Mla<'static>,
-    moe: MoeOps<'static>,
+    dev: Device,
+    small: SmallOps,
+    mla: Mla,
+    moe: MoeOps,
     rope: MlaRope,
     router: RouterConfig,
     weights: HashMap<WeightId, GpuWeight>,
@@ -141,10 +141,11 @@ impl CudaBackend {
                 "the CUDA backend runs the w8a8 recipe only: pass --precision w8a8".into(),
             ));
         }
-        let dev: &'static Device = Box::leak(Box::new(Device::open(0)?));
-        let small = SmallOps::load(dev)?;
-        let mla = dev.mla()?;
-        let moe = MoeOps::load(dev)?;
+        let device = Device::open(0)?;
+        let dev = &device;
+        let small = SmallOps::new(dev);
+        let mla = Mla::new(dev);
+        let moe = MoeOps::new(dev);
         let rope = upload_rope(dev, cfg)?;
         let router = router_config(cfg);
 
@@ -220,7 +221,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             core: Core {
                 cfg: cfg.clone(),
-                dev,
+                dev: device,
                 small,
                 mla,
                 moe,
@@ -236,9 +237,16 @@ impl CudaBackend {
         })
     }
 
-    /// The device this backend runs on (opened for the process's lifetime).
-    pub fn device(&self) -> &'static Device {
-        self.core.dev
+    /// The device this backend runs on.
+    pub fn device(&self) -> &Device {
+        &self.core.dev
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Waits for the work queued on the stream before the buffers it uses are freed.
+    fn drop(&mut self) {
+        let _ = self.core.dev.synchronize();
     }
 }
 
@@ -286,7 +294,7 @@ impl Backend for CudaBackend {
             } else {
                 Some(core.dev.upload(&select)?)
             },
-            mla: mla_layout(batch).upload(core.dev)?,
+            mla: mla_layout(batch).upload(&core.dev)?,
         };
         state
             .slots
@@ -296,12 +304,12 @@ impl Backend for CudaBackend {
             match graph.desc(buf).storage {
                 Storage::Activation => {
                     let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                    ensure(core.dev, &mut slot.bf, v.len())?;
+                    ensure(&core.dev, &mut slot.bf, v.len())?;
                     let b = slot.bf.as_mut().ok_or_else(|| missing("input buffer"))?;
                     core.dev.copy_to_device(&v, b)?;
                 }
                 Storage::F32 => {
-                    ensure(core.dev, &mut slot.f, data.len())?;
+                    ensure(&core.dev, &mut slot.f, data.len())?;
                     let b = slot.f.as_mut().ok_or_else(|| missing("input buffer"))?;
                     core.dev.copy_to_device(data, b)?;
                 }

@@ -43,7 +43,7 @@ impl Core {
                         ..moe_block_config(&self.cfg)
                     };
                     *ws = Some(MoeWorkspace::new(
-                        self.dev,
+                        &self.dev,
                         cfg,
                         t,
                         MoeLayout::auto(t),
@@ -60,7 +60,7 @@ impl Core {
                 experts,
             } => {
                 let (e, k) = (self.router.experts, self.router.top_k);
-                let dev = self.dev;
+                let dev = &self.dev;
                 let mut logits = dev.alloc::<f32>(t * e)?;
                 let mut ids = dev.alloc::<i32>(t * k)?;
                 let mut wts = dev.alloc::<f32>(t * k)?;

@@ -62,7 +62,7 @@ impl Core {
         let pages = needed.max(2 * have);
         let old = std::mem::take(&mut state.cache);
         for layer in 0..layers {
-            let fresh = MlaCache::new(self.dev, pages, kv_lora, rope)?;
+            let fresh = MlaCache::new(&self.dev, pages, kv_lora, rope)?;
             if let Some(prev) = old.get(layer).filter(|c| c.num_pages > 0) {
                 let cols = PAGE_TOKENS * width;
                 self.small

@@ -2,13 +2,12 @@
 //! layout the GEMMs read (`sa[kb * m_pad + r]`). Numerics: DESIGN.md / launch_params.h;
 //! bit-identical to `numerics::act_quant` (tests/gpu_kernels.rs).
 
-use std::marker::PhantomData;
-
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::{act_scale_m_pad, scales_from_sa, scales_to_sa, Checker, Region, QUANT_BLOCK};
 use crate::cuda::error::Result;
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1ActQuantParams};
 use crate::cuda::{Device, DeviceBuffer};
 use crate::numerics::QuantizedRows;
@@ -92,6 +91,14 @@ impl ActQuantDesc {
             "[ceil(K/128)][m_pad]",
         )
     }
+}
+
+impl KernelLaunch for ActQuantDesc {
+    type Params = R1ActQuantParams;
+
+    fn kernel(&self) -> &'static str {
+        KERNEL
+    }
 
     fn launch_config(&self) -> LaunchConfig {
         let groups = self.m * (self.k / QUANT_BLOCK);
@@ -106,8 +113,8 @@ impl ActQuantDesc {
         }
     }
 
-    fn params(&self) -> R1ActQuantParams {
-        R1ActQuantParams {
+    fn params(&self) -> Result<R1ActQuantParams> {
+        Ok(R1ActQuantParams {
             x: self.x.addr,
             q: self.q.addr,
             scales: self.scales.addr,
@@ -117,7 +124,7 @@ impl ActQuantDesc {
             ldq: self.ldq as i32,
             m_pad: self.m_pad as i32,
             reserved: 0,
-        }
+        })
     }
 }
 
@@ -145,25 +152,6 @@ impl ActQuantArgs<'_> {
             scales: Region::from(&*self.scales),
             m_pad: self.m_pad,
         }
-    }
-}
-
-/// A checked act_quant launch; borrows its buffers for `'a`.
-pub struct PreparedActQuant<'a> {
-    dev: &'a Device,
-    params: R1ActQuantParams,
-    cfg: LaunchConfig,
-    _buffers: PhantomData<ActQuantArgs<'a>>,
-}
-
-impl PreparedActQuant<'_> {
-    /// Queues the kernel on the device's stream.
-    pub fn launch(&self) -> Result<()> {
-        let func = &self.dev.kernels.act_quant;
-        // SAFETY: `params` passed ActQuantDesc::check (shapes, strides, alignment, buffer
-        // lengths) for buffers borrowed for this value's lifetime; the kernel takes exactly
-        // one R1ActQuantParams by value.
-        unsafe { self.dev.launch(func, "act_quant", &self.params, self.cfg) }
     }
 }
 
@@ -210,15 +198,10 @@ impl QuantizedActivations {
 
 impl Device {
     /// Checks `args` and builds the launch (no work queued yet).
-    pub fn prepare_act_quant<'a>(&'a self, args: ActQuantArgs<'a>) -> Result<PreparedActQuant<'a>> {
+    pub fn prepare_act_quant<'a>(&'a self, args: ActQuantArgs<'a>) -> Result<Prepared<'a>> {
         let desc = args.desc();
         desc.check()?;
-        Ok(PreparedActQuant {
-            dev: self,
-            params: desc.params(),
-            cfg: desc.launch_config(),
-            _buffers: PhantomData,
-        })
+        Prepared::single(self, &desc)
     }
 
     /// act_quant into caller-owned buffers (queued on the stream).

@@ -5,14 +5,13 @@
 //! reference and the fallback). [`GemmKernel::Auto`] picks a wgmma kernel when the shape meets
 //! the fast path's requirements and the reference kernel otherwise.
 
-use std::marker::PhantomData;
-
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::heuristics::{self, Choice};
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1Fp8GemmParams, R1Fp8GemmRefParams};
 use crate::cuda::tma::{TensorMap2d, TmaElem};
 use crate::cuda::{Device, DeviceBuffer};
@@ -315,65 +314,111 @@ impl<'a> Fp8GemmArgs<'a> {
     }
 }
 
-enum Launch {
-    Reference(R1Fp8GemmRefParams),
-    Wgmma(Box<R1Fp8GemmParams>),
+/// The reference kernel's launch of a resolved call.
+struct RefLaunch(Fp8GemmDesc);
+
+impl KernelLaunch for RefLaunch {
+    type Params = R1Fp8GemmRefParams;
+
+    fn kernel(&self) -> &'static str {
+        GemmKernel::Reference.name()
+    }
+
+    fn params(&self) -> Result<R1Fp8GemmRefParams> {
+        let d = &self.0;
+        Ok(R1Fp8GemmRefParams {
+            a: d.a.addr,
+            b: d.b.addr,
+            sa: d.sa.addr,
+            sb: d.sb.addr,
+            d: d.d.addr,
+            m: d.m as i32,
+            n: d.n as i32,
+            k: d.k as i32,
+            lda: d.lda as i32,
+            ldb: d.ldb as i32,
+            ldd: d.ldd as i32,
+            m_pad: d.m_pad as i32,
+            reserved: 0,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let tile = sys::R1_FP8_GEMM_REF_TILE;
+        LaunchConfig {
+            grid_dim: (
+                self.0.n.div_ceil(tile as usize) as u32,
+                self.0.m.div_ceil(tile as usize) as u32,
+                1,
+            ),
+            block_dim: (tile, tile, 1),
+            shared_mem_bytes: 0,
+        }
+    }
 }
 
-/// A checked GEMM launch (tensor maps encoded once); borrows its buffers for `'a`.
-pub struct PreparedFp8Gemm<'a> {
-    dev: &'a Device,
+/// A wgmma kernel's launch of a resolved call on `ctas` persistent CTAs.
+struct WgmmaLaunch {
+    desc: Fp8GemmDesc,
     kernel: GemmKernel,
-    launch: Launch,
-    cfg: LaunchConfig,
-    _buffers: PhantomData<Fp8GemmArgs<'a>>,
+    ctas: usize,
 }
 
-impl PreparedFp8Gemm<'_> {
-    /// The concrete kernel this launch runs.
-    pub fn kernel(&self) -> GemmKernel {
-        self.kernel
+impl KernelLaunch for WgmmaLaunch {
+    type Params = R1Fp8GemmParams;
+
+    fn kernel(&self) -> &'static str {
+        self.kernel.name()
     }
 
-    pub fn launch_config(&self) -> LaunchConfig {
-        self.cfg
+    fn params(&self) -> Result<R1Fp8GemmParams> {
+        let (d, name) = (&self.desc, self.kernel.name());
+        let [ta, tb, tsa] = d.pipeline_operands(self.kernel).tensor_maps();
+        Ok(R1Fp8GemmParams {
+            tmap_a: ta.encode(name)?,
+            tmap_b: tb.encode(name)?,
+            tmap_sa: tsa.encode(name)?,
+            sb: d.sb.addr,
+            d: d.d.addr,
+            m: d.m as i32,
+            n: d.n as i32,
+            k: d.k as i32,
+            ldd: d.ldd as i32,
+        })
     }
 
+    fn launch_config(&self) -> LaunchConfig {
+        let (threads, smem) = if self.kernel == GemmKernel::WgmmaM64 {
+            (
+                sys::R1_FP8_GEMM_M64_THREADS,
+                sys::R1_FP8_GEMM_M64_SMEM_BYTES,
+            )
+        } else {
+            (sys::R1_FP8_GEMM_THREADS, sys::R1_FP8_GEMM_SMEM_BYTES)
+        };
+        LaunchConfig {
+            grid_dim: (self.ctas as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        }
+    }
+}
+
+/// A checked GEMM launch (tensor maps encoded once) reports the kernel it resolved to.
+impl Prepared<'_, GemmKernel> {
     /// The same launch on `ctas` persistent CTAs instead of min(tiles, SMs): any count >= 1
     /// is valid (CTA i runs tiles i, i + ctas, ...), e.g. one CTA walking every tile. The
     /// reference kernel's grid is its output tiling, so it has no such choice.
     pub fn with_persistent_ctas(mut self, ctas: u32) -> Result<Self> {
+        let kernel = self.kernel();
         let c = Checker {
-            kernel: self.kernel.name(),
+            kernel: kernel.name(),
         };
-        c.req(self.kernel != GemmKernel::Reference && ctas >= 1, || {
+        c.req(kernel != GemmKernel::Reference && ctas >= 1, || {
             format!("a persistent grid needs a wgmma kernel and >= 1 CTA (asked for {ctas})")
         })?;
-        self.cfg.grid_dim.0 = ctas;
+        self.set_grid_x(ctas);
         Ok(self)
-    }
-
-    /// Queues the kernel on the device's stream.
-    pub fn launch(&self) -> Result<()> {
-        let k = &self.dev.kernels;
-        let name = self.kernel.name();
-        // SAFETY: the parameters passed Fp8GemmDesc::resolve (shapes, strides, alignment,
-        // buffer lengths, tensor-map rules) for buffers borrowed for this value's lifetime;
-        // each kernel takes exactly one parameter struct by value; dynamic shared memory was
-        // raised to cfg.shared_mem_bytes when the module was loaded.
-        unsafe {
-            match &self.launch {
-                Launch::Reference(p) => self.dev.launch(&k.fp8_gemm_ref, name, p, self.cfg),
-                Launch::Wgmma(p) => {
-                    let func = if self.kernel == GemmKernel::WgmmaM64 {
-                        &k.fp8_gemm_wgmma_m64
-                    } else {
-                        &k.fp8_gemm_wgmma
-                    };
-                    self.dev.launch(func, name, &**p, self.cfg)
-                }
-            }
-        }
     }
 }
 
@@ -417,67 +462,16 @@ impl Device {
         &'a self,
         args: Fp8GemmArgs<'a>,
         kernel: GemmKernel,
-    ) -> Result<PreparedFp8Gemm<'a>> {
+    ) -> Result<Prepared<'a, GemmKernel>> {
         let desc = args.desc();
         let kernel = desc.resolve(kernel)?;
-        let (launch, cfg) = match kernel {
-            GemmKernel::Reference => {
-                let tile = sys::R1_FP8_GEMM_REF_TILE;
-                let p = R1Fp8GemmRefParams {
-                    a: desc.a.addr,
-                    b: desc.b.addr,
-                    sa: desc.sa.addr,
-                    sb: desc.sb.addr,
-                    d: desc.d.addr,
-                    m: desc.m as i32,
-                    n: desc.n as i32,
-                    k: desc.k as i32,
-                    lda: desc.lda as i32,
-                    ldb: desc.ldb as i32,
-                    ldd: desc.ldd as i32,
-                    m_pad: desc.m_pad as i32,
-                    reserved: 0,
-                };
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        desc.n.div_ceil(tile as usize) as u32,
-                        desc.m.div_ceil(tile as usize) as u32,
-                        1,
-                    ),
-                    block_dim: (tile, tile, 1),
-                    shared_mem_bytes: 0,
-                };
-                (Launch::Reference(p), cfg)
-            }
+        let prepared = Prepared::new(self, kernel);
+        let (prepared, ctas) = match kernel {
+            GemmKernel::Reference => (prepared.then(&RefLaunch(desc))?, None),
             GemmKernel::Wgmma | GemmKernel::WgmmaM64 => {
-                let [ta, tb, tsa] = desc.pipeline_operands(kernel).tensor_maps();
-                let name = kernel.name();
-                let p = Box::new(R1Fp8GemmParams {
-                    tmap_a: ta.encode(name)?,
-                    tmap_b: tb.encode(name)?,
-                    tmap_sa: tsa.encode(name)?,
-                    sb: desc.sb.addr,
-                    d: desc.d.addr,
-                    m: desc.m as i32,
-                    n: desc.n as i32,
-                    k: desc.k as i32,
-                    ldd: desc.ldd as i32,
-                });
-                let (threads, smem) = if kernel == GemmKernel::WgmmaM64 {
-                    (
-                        sys::R1_FP8_GEMM_M64_THREADS,
-                        sys::R1_FP8_GEMM_M64_SMEM_BYTES,
-                    )
-                } else {
-                    (sys::R1_FP8_GEMM_THREADS, sys::R1_FP8_GEMM_SMEM_BYTES)
-                };
-                let grid = heuristics::persistent_ctas(desc.tiles(kernel), self.info());
-                let cfg = LaunchConfig {
-                    grid_dim: (grid as u32, 1, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: smem,
-                };
-                (Launch::Wgmma(p), cfg)
+                let ctas = heuristics::persistent_ctas(desc.tiles(kernel), self.info());
+                let launch = WgmmaLaunch { desc, kernel, ctas };
+                (prepared.then(&launch)?, Some(ctas))
             }
             GemmKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
         };
@@ -486,15 +480,9 @@ impl Device {
             n: desc.n,
             k: desc.k,
             kernel,
-            ctas: (kernel != GemmKernel::Reference).then_some(cfg.grid_dim.0 as usize),
+            ctas,
         });
-        Ok(PreparedFp8Gemm {
-            dev: self,
-            kernel,
-            launch,
-            cfg,
-            _buffers: PhantomData,
-        })
+        Ok(prepared)
     }
 
     /// GEMM into caller-owned buffers (queued on the stream); returns the kernel that ran.
@@ -530,6 +518,7 @@ impl Device {
 mod tests {
     use super::*;
     use crate::cuda::heuristics::tests::fp8_gemm_desc as desc;
+    use crate::cuda::launch::row_symbol;
 
     fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
         r.unwrap_err().to_string()
@@ -585,5 +574,35 @@ mod tests {
         // Tiles for the persistent grid.
         assert_eq!(desc(4096, 7168, 128).tiles(GemmKernel::Wgmma), 32 * 56);
         assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
+    }
+
+    /// Each resolved kernel's launch pairs with its kernel-table row.
+    #[test]
+    fn launches_pair_with_their_rows() {
+        let r = |len| Region { addr: 256, len };
+        let (m, n, k) = (64, 128, 128);
+        let desc = Fp8GemmDesc {
+            m,
+            n,
+            k,
+            a: r(m * k),
+            lda: k,
+            sa: r(m),
+            m_pad: m,
+            b: r(n * k),
+            ldb: k,
+            sb: r(1),
+            d: r(m * n),
+            ldd: n,
+        };
+        assert_eq!(row_symbol(&RefLaunch(desc)), "fp8_gemm_ref");
+        for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
+            let l = WgmmaLaunch {
+                desc,
+                kernel,
+                ctas: 1,
+            };
+            assert_eq!(row_symbol(&l), kernel.name());
+        }
     }
 }

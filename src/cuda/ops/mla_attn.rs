@@ -12,8 +12,6 @@
 //! cheaper for a chunk; only the absorbed form is implemented here (the expanded form needs the kv_b GEMM
 //! over the prefix, a separate kernel).
 
-use std::marker::PhantomData;
-
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
@@ -21,6 +19,7 @@ use super::mla::{Mla, MlaBatch, MlaCache, MLA_PAGE_TOKENS};
 use super::{Checker, Region};
 use crate::cuda::error::Result;
 use crate::cuda::heuristics::{self, mla_plan_parts, Choice, MlaSchedule};
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{
     self, R1MlaAttnRefParams, R1MlaCombineParams, R1MlaDecodeParams, R1MlaScheduleParams,
 };
@@ -423,35 +422,6 @@ impl MlaAttnDesc {
     pub fn m_blocks(&self) -> usize {
         (self.max_q_len * self.heads).div_ceil(MLA_BLOCK_M)
     }
-
-    fn ref_params(&self) -> (R1MlaAttnRefParams, LaunchConfig) {
-        (
-            R1MlaAttnRefParams {
-                q: self.q.addr,
-                cache: self.cache.addr,
-                block_table: self.block_table.addr,
-                seqlens_k: self.seqlens_k.addr,
-                q_starts: self.q_starts.addr,
-                out: self.out.addr,
-                lse: self.lse.addr,
-                batch: self.batch as i32,
-                heads: self.heads as i32,
-                kv_lora: self.kv_lora as i32,
-                rope: self.rope as i32,
-                bt_stride: self.bt_stride as i32,
-                num_pages: self.num_pages as i32,
-                total_q: self.total_q as i32,
-                max_q_len: self.max_q_len as i32,
-                scale: self.scale,
-                reserved: 0,
-            },
-            LaunchConfig {
-                grid_dim: (self.heads as u32, self.max_q_len as u32, self.batch as u32),
-                block_dim: (sys::R1_MLA_REF_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            },
-        )
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -519,180 +489,205 @@ impl MlaAttnArgs<'_> {
     }
 }
 
-enum Launch {
-    Reference(R1MlaAttnRefParams, LaunchConfig),
-    Fast {
-        schedule: Option<(R1MlaScheduleParams, LaunchConfig)>,
-        decode: Box<R1MlaDecodeParams>,
-        decode_cfg: LaunchConfig,
-        combine: Option<(R1MlaCombineParams, LaunchConfig)>,
-    },
-}
+/// The reference kernel's launch of a resolved call.
+struct RefLaunch(MlaAttnDesc);
 
-/// A checked attention launch (tensor maps encoded once); borrows its buffers for `'a`.
-pub struct PreparedMlaAttn<'a> {
-    mla: &'a Mla<'a>,
-    kernel: MlaKernel,
-    launch: Launch,
-    _buffers: PhantomData<MlaAttnArgs<'a>>,
-}
+impl KernelLaunch for RefLaunch {
+    type Params = R1MlaAttnRefParams;
 
-impl PreparedMlaAttn<'_> {
-    /// The concrete kernel this launch runs.
-    pub fn kernel(&self) -> MlaKernel {
-        self.kernel
+    fn kernel(&self) -> &'static str {
+        MlaKernel::Reference.name()
     }
 
-    /// Kernels queued per launch, in order (names).
-    pub fn kernels(&self) -> Vec<&'static str> {
-        match &self.launch {
-            Launch::Reference(..) => vec!["mla_attn_ref"],
-            Launch::Fast {
-                schedule, combine, ..
-            } => {
-                let mut v = Vec::new();
-                if schedule.is_some() {
-                    v.push("mla_schedule");
-                }
-                v.push("mla_decode_wgmma");
-                if combine.is_some() {
-                    v.push("mla_combine");
-                }
-                v
-            }
-        }
+    fn params(&self) -> Result<R1MlaAttnRefParams> {
+        let d = &self.0;
+        Ok(R1MlaAttnRefParams {
+            q: d.q.addr,
+            cache: d.cache.addr,
+            block_table: d.block_table.addr,
+            seqlens_k: d.seqlens_k.addr,
+            q_starts: d.q_starts.addr,
+            out: d.out.addr,
+            lse: d.lse.addr,
+            batch: d.batch as i32,
+            heads: d.heads as i32,
+            kv_lora: d.kv_lora as i32,
+            rope: d.rope as i32,
+            bt_stride: d.bt_stride as i32,
+            num_pages: d.num_pages as i32,
+            total_q: d.total_q as i32,
+            max_q_len: d.max_q_len as i32,
+            scale: d.scale,
+            reserved: 0,
+        })
     }
 
-    /// Queues the kernels on the device's stream.
-    pub fn launch(&self) -> Result<()> {
-        let (m, f) = (self.mla, &self.mla.f);
-        match &self.launch {
-            Launch::Reference(p, cfg) => m.launch(&f.attn_ref, "mla_attn_ref", p, *cfg),
-            Launch::Fast {
-                schedule,
-                decode,
-                decode_cfg,
-                combine,
-            } => {
-                if let Some((p, cfg)) = schedule {
-                    m.launch(&f.schedule, "mla_schedule", p, *cfg)?;
-                }
-                m.launch(&f.decode, "mla_decode_wgmma", &**decode, *decode_cfg)?;
-                if let Some((p, cfg)) = combine {
-                    m.launch(&f.combine, "mla_combine", p, *cfg)?;
-                }
-                Ok(())
-            }
+    fn launch_config(&self) -> LaunchConfig {
+        let d = &self.0;
+        LaunchConfig {
+            grid_dim: (d.heads as u32, d.max_q_len as u32, d.batch as u32),
+            block_dim: (sys::R1_MLA_REF_THREADS, 1, 1),
+            shared_mem_bytes: 0,
         }
     }
 }
 
-impl<'d> Mla<'d> {
+/// The fast path of a resolved call: its workspace and the partial-result slots the workspace
+/// holds at the call's row stride (the kernels are told, so that a corrupt schedule cannot
+/// send an access past them).
+#[derive(Clone, Copy)]
+struct FastPath {
+    desc: MlaAttnDesc,
+    ws: MlaWorkspaceDesc,
+    slots: usize,
+}
+
+impl FastPath {
+    fn new(desc: MlaAttnDesc) -> Self {
+        let ws = desc
+            .workspace
+            .expect("resolve() checked that the fast path has a workspace");
+        let rows = (desc.max_q_len * desc.heads).max(1);
+        let slots = (ws.lse_accum.len / rows)
+            .min(ws.o_accum.len / (rows * MLA_FAST_KV_LORA))
+            .min(i32::MAX as usize);
+        FastPath { desc, ws, slots }
+    }
+}
+
+/// `mla_schedule`: the split-KV schedule of the step layout into the workspace.
+struct ScheduleLaunch(FastPath);
+
+impl KernelLaunch for ScheduleLaunch {
+    type Params = R1MlaScheduleParams;
+
+    fn kernel(&self) -> &'static str {
+        "mla_schedule"
+    }
+
+    fn params(&self) -> Result<R1MlaScheduleParams> {
+        let FastPath { desc, ws, .. } = self.0;
+        Ok(R1MlaScheduleParams {
+            seqlens_k: desc.seqlens_k.addr,
+            sched: ws.sched.addr,
+            splits: ws.splits.addr,
+            batch: desc.batch as i32,
+            bt_stride: desc.bt_stride as i32,
+            num_parts: ws.parts as i32,
+            fixed_overhead: sys::R1_MLA_SCHED_FIXED_OVERHEAD as i32,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// `mla_decode_wgmma`: attention over every part of the schedule.
+struct DecodeLaunch(FastPath);
+
+impl KernelLaunch for DecodeLaunch {
+    type Params = R1MlaDecodeParams;
+
+    fn kernel(&self) -> &'static str {
+        MlaKernel::Wgmma.name()
+    }
+
+    fn params(&self) -> Result<R1MlaDecodeParams> {
+        let FastPath { desc, ws, slots } = self.0;
+        let [tq, tc] = desc.tensor_maps();
+        let name = self.kernel();
+        Ok(R1MlaDecodeParams {
+            tmap_q: tq.encode(name)?,
+            tmap_cache: tc.encode(name)?,
+            block_table: desc.block_table.addr,
+            seqlens_k: desc.seqlens_k.addr,
+            q_starts: desc.q_starts.addr,
+            out: desc.out.addr,
+            lse: desc.lse.addr,
+            sched: ws.sched.addr,
+            splits: ws.splits.addr,
+            o_accum: ws.o_accum.addr,
+            lse_accum: ws.lse_accum.addr,
+            batch: desc.batch as i32,
+            heads: desc.heads as i32,
+            bt_stride: desc.bt_stride as i32,
+            num_pages: desc.num_pages as i32,
+            total_q: desc.total_q as i32,
+            max_q_len: desc.max_q_len as i32,
+            num_parts: ws.parts as i32,
+            scale_log2: desc.scale * std::f32::consts::LOG2_E,
+            slots: slots as i32,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.0.desc.m_blocks() as u32, self.0.ws.parts as u32, 1),
+            block_dim: (sys::R1_MLA_DECODE_THREADS, 1, 1),
+            shared_mem_bytes: sys::R1_MLA_DECODE_SMEM_BYTES,
+        }
+    }
+}
+
+/// `mla_combine`: the log-sum-exp merge of the split partial results.
+struct CombineLaunch(FastPath);
+
+impl KernelLaunch for CombineLaunch {
+    type Params = R1MlaCombineParams;
+
+    fn kernel(&self) -> &'static str {
+        "mla_combine"
+    }
+
+    fn params(&self) -> Result<R1MlaCombineParams> {
+        let FastPath { desc, ws, slots } = self.0;
+        Ok(R1MlaCombineParams {
+            q_starts: desc.q_starts.addr,
+            splits: ws.splits.addr,
+            o_accum: ws.o_accum.addr,
+            lse_accum: ws.lse_accum.addr,
+            out: desc.out.addr,
+            lse: desc.lse.addr,
+            batch: desc.batch as i32,
+            heads: desc.heads as i32,
+            total_q: desc.total_q as i32,
+            max_q_len: desc.max_q_len as i32,
+            slots: slots as i32,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let d = &self.0.desc;
+        let per_cta = (sys::R1_MLA_COMBINE_THREADS / 32) as usize;
+        LaunchConfig {
+            grid_dim: (
+                (d.max_q_len * d.heads).div_ceil(per_cta) as u32,
+                d.batch as u32,
+                1,
+            ),
+            block_dim: (sys::R1_MLA_COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+impl Mla {
     /// Checks `args` for `kernel`, resolves Auto, encodes the tensor maps; queues nothing.
+    /// The fast path queues `mla_schedule` (when `args.schedule`), `mla_decode_wgmma`, then
+    /// `mla_combine` (when the plan splits at all).
     pub fn prepare_attention<'a>(
         &'a self,
         args: MlaAttnArgs<'a>,
         kernel: MlaKernel,
-    ) -> Result<PreparedMlaAttn<'a>> {
+    ) -> Result<Prepared<'a, MlaKernel>> {
         let run_schedule = args.schedule;
         let desc = args.desc();
         let kernel = desc.resolve(kernel)?;
-        let launch = match kernel {
-            MlaKernel::Reference => {
-                let (p, cfg) = desc.ref_params();
-                Launch::Reference(p, cfg)
-            }
-            MlaKernel::Wgmma => {
-                let ws = desc
-                    .workspace
-                    .expect("resolve() checked that the fast path has a workspace");
-                let [tq, tc] = desc.tensor_maps();
-                let name = kernel.name();
-                // Partial-result slots the workspace holds at this call's row stride: the
-                // kernels are told, so that a corrupt schedule cannot send an access past them.
-                let rows = (desc.max_q_len * desc.heads).max(1);
-                let slots = (ws.lse_accum.len / rows)
-                    .min(ws.o_accum.len / (rows * MLA_FAST_KV_LORA))
-                    .min(i32::MAX as usize);
-                let decode = Box::new(R1MlaDecodeParams {
-                    tmap_q: tq.encode(name)?,
-                    tmap_cache: tc.encode(name)?,
-                    block_table: desc.block_table.addr,
-                    seqlens_k: desc.seqlens_k.addr,
-                    q_starts: desc.q_starts.addr,
-                    out: desc.out.addr,
-                    lse: desc.lse.addr,
-                    sched: ws.sched.addr,
-                    splits: ws.splits.addr,
-                    o_accum: ws.o_accum.addr,
-                    lse_accum: ws.lse_accum.addr,
-                    batch: desc.batch as i32,
-                    heads: desc.heads as i32,
-                    bt_stride: desc.bt_stride as i32,
-                    num_pages: desc.num_pages as i32,
-                    total_q: desc.total_q as i32,
-                    max_q_len: desc.max_q_len as i32,
-                    num_parts: ws.parts as i32,
-                    scale_log2: desc.scale * std::f32::consts::LOG2_E,
-                    slots: slots as i32,
-                });
-                let decode_cfg = LaunchConfig {
-                    grid_dim: (desc.m_blocks() as u32, ws.parts as u32, 1),
-                    block_dim: (sys::R1_MLA_DECODE_THREADS, 1, 1),
-                    shared_mem_bytes: sys::R1_MLA_DECODE_SMEM_BYTES,
-                };
-                let schedule = run_schedule.then_some((
-                    R1MlaScheduleParams {
-                        seqlens_k: desc.seqlens_k.addr,
-                        sched: ws.sched.addr,
-                        splits: ws.splits.addr,
-                        batch: desc.batch as i32,
-                        bt_stride: desc.bt_stride as i32,
-                        num_parts: ws.parts as i32,
-                        fixed_overhead: sys::R1_MLA_SCHED_FIXED_OVERHEAD as i32,
-                    },
-                    LaunchConfig {
-                        grid_dim: (1, 1, 1),
-                        block_dim: (32, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
-                ));
-                let per_cta = (sys::R1_MLA_COMBINE_THREADS / 32) as usize;
-                let combine = (ws.parts > 1).then(|| {
-                    (
-                        R1MlaCombineParams {
-                            q_starts: desc.q_starts.addr,
-                            splits: ws.splits.addr,
-                            o_accum: ws.o_accum.addr,
-                            lse_accum: ws.lse_accum.addr,
-                            out: desc.out.addr,
-                            lse: desc.lse.addr,
-                            batch: desc.batch as i32,
-                            heads: desc.heads as i32,
-                            total_q: desc.total_q as i32,
-                            max_q_len: desc.max_q_len as i32,
-                            slots: slots as i32,
-                        },
-                        LaunchConfig {
-                            grid_dim: (
-                                (desc.max_q_len * desc.heads).div_ceil(per_cta) as u32,
-                                desc.batch as u32,
-                                1,
-                            ),
-                            block_dim: (sys::R1_MLA_COMBINE_THREADS, 1, 1),
-                            shared_mem_bytes: 0,
-                        },
-                    )
-                });
-                Launch::Fast {
-                    schedule,
-                    decode,
-                    decode_cfg,
-                    combine,
-                }
-            }
-            MlaKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
-        };
         heuristics::report(&Choice::MlaAttn {
             batch: desc.batch,
             heads: desc.heads,
@@ -703,12 +698,23 @@ impl<'d> Mla<'d> {
                 .filter(|_| kernel == MlaKernel::Wgmma)
                 .map(|w| w.parts),
         });
-        Ok(PreparedMlaAttn {
-            mla: self,
-            kernel,
-            launch,
-            _buffers: PhantomData,
-        })
+        let prepared = Prepared::new(&self.dev, kernel);
+        match kernel {
+            MlaKernel::Reference => prepared.then(&RefLaunch(desc)),
+            MlaKernel::Wgmma => {
+                let fast = FastPath::new(desc);
+                let mut prepared = prepared;
+                if run_schedule {
+                    prepared = prepared.then(&ScheduleLaunch(fast))?;
+                }
+                prepared = prepared.then(&DecodeLaunch(fast))?;
+                if fast.ws.parts > 1 {
+                    prepared = prepared.then(&CombineLaunch(fast))?;
+                }
+                Ok(prepared)
+            }
+            MlaKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
+        }
     }
 
     /// Attention into caller-owned buffers (queued); returns the kernel that ran.
@@ -723,6 +729,7 @@ impl<'d> Mla<'d> {
 mod tests {
     use super::*;
     use crate::cuda::heuristics::tests::{mla_attn_desc as attn_desc, ROPE};
+    use crate::cuda::launch::row_symbol;
 
     fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
         r.unwrap_err().to_string()
@@ -795,5 +802,44 @@ mod tests {
         let mut x = attn_desc(5000, 16, 1, 8, 40);
         x.workspace = None;
         assert!(err_of(x.resolve(MlaKernel::Wgmma)).contains("batch (5000) must be <= 4096"));
+    }
+
+    /// Each kernel of the reference launch and of the fast path's sequence pairs with its
+    /// kernel-table row.
+    #[test]
+    fn launches_pair_with_their_rows() {
+        let r = |len| Region { addr: 256, len };
+        let ws = MlaWorkspaceDesc {
+            parts: 2,
+            sched: r(16),
+            splits: r(2),
+            o_accum: r(3 * 64 * MLA_FAST_KV_LORA),
+            lse_accum: r(3 * 64),
+        };
+        let desc = MlaAttnDesc {
+            batch: 1,
+            heads: 64,
+            total_q: 1,
+            max_q_len: 1,
+            kv_lora: MLA_FAST_KV_LORA,
+            rope: MLA_FAST_ROPE,
+            bt_stride: 1,
+            num_pages: 1,
+            scale: 0.1,
+            q: r(64 * 576),
+            cache: r(64 * 576),
+            block_table: r(1),
+            seqlens_k: r(1),
+            q_starts: r(2),
+            out: r(64 * 512),
+            lse: r(64),
+            workspace: Some(ws),
+        };
+        assert_eq!(row_symbol(&RefLaunch(desc)), "mla_attn_ref");
+        let fast = FastPath::new(desc);
+        assert_eq!(fast.slots, 3);
+        assert_eq!(row_symbol(&ScheduleLaunch(fast)), "mla_schedule");
+        assert_eq!(row_symbol(&DecodeLaunch(fast)), "mla_decode_wgmma");
+        assert_eq!(row_symbol(&CombineLaunch(fast)), "mla_combine");
     }
 }

@@ -1,8 +1,9 @@
 //! Safe launch wrappers. Each kernel has a `*Desc` (the call as plain numbers: shape, strides,
 //! buffer addresses and lengths) whose `check` enforces every requirement that
 //! cuda/launch_params.h documents and names the one that fails; `*Args` borrow the buffers,
-//! `prepare_*` checks and builds the parameter struct once (tensor maps included), and the
-//! prepared value launches any number of times (benches, CUDA-graph capture).
+//! `prepare_*` checks and builds the parameter struct once (tensor maps included) into a
+//! [`Prepared`] launch (src/cuda/launch.rs) that launches any number of times (benches,
+//! CUDA-graph capture).
 
 mod act_quant;
 mod fp8_gemm;
@@ -16,24 +17,24 @@ mod moe_route;
 mod probe;
 mod small_ops;
 
-pub use act_quant::{ActQuantArgs, ActQuantDesc, PreparedActQuant, QuantizedActivations};
-pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel, PreparedFp8Gemm};
+pub use super::launch::Prepared;
+pub use act_quant::{ActQuantArgs, ActQuantDesc, QuantizedActivations};
+pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel};
 pub use mla::{
     Mla, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaLayout, MlaQRopeArgs,
-    MlaQRopeDesc, MlaRope, PreparedMlaCacheWrite, PreparedMlaQRope, MLA_PAGE_TOKENS,
+    MlaQRopeDesc, MlaRope, MLA_PAGE_TOKENS,
 };
 pub use mla_attn::{
-    MlaAttnArgs, MlaAttnDesc, MlaKernel, MlaWorkspace, MlaWorkspaceDesc, PreparedMlaAttn,
-    MLA_BLOCK_M, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
+    MlaAttnArgs, MlaAttnDesc, MlaKernel, MlaWorkspace, MlaWorkspaceDesc, MLA_BLOCK_M,
+    MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD, MLA_SCHED_MAX_BATCH,
 };
 pub use moe::{
-    MoeFlags, MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_BLOCK_M,
-    MOE_FLAGS_LEN, MOE_MAX_EXPERTS, MOE_MAX_TOP_K,
+    MoeFlags, MoeGeometry, MoeLayout, MoeOps, RouterConfig, MOE_BLOCK_M, MOE_FLAGS_LEN,
+    MOE_MAX_EXPERTS, MOE_MAX_TOP_K,
 };
 pub use moe_block::{MoeBlockConfig, MoeBlockWeights, MoeGemmPath, MoeWorkspace};
 pub use moe_gemm::{
     ExpertWeight, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmDesc, GroupedGemmKernel,
-    PreparedGroupedGemm,
 };
 pub use moe_permute::{
     plan_host, sigmoid_gpu, silu_gpu, silu_quant_host, unpermute_host, GatherArgs, GatherDesc,
@@ -46,8 +47,8 @@ pub use moe_route::{
 };
 pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
 pub use small_ops::{
-    CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc,
-    PreparedSmallOp, RmsNormDesc, SmallOps,
+    CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc, RmsNormDesc,
+    SmallOps,
 };
 
 use super::error::{CudaError, Result};

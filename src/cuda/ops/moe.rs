@@ -1,42 +1,22 @@
 //! MoE on the GPU: the shared pieces of the `moe_*` launch wrappers.
 //!
-//! - [`MoeOps`]: the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu) loaded on a [`Device`]; every
-//!   `prepare_moe_*` / `moe_*` method lives on it. (The modules are loaded here rather than in
-//!   `Device::open` so this file owns them; loading takes a few milliseconds once.)
+//! - [`MoeOps`]: launches the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu) on a [`Device`];
+//!   every `prepare_*` / `moe_*` method lives on it.
 //! - [`RouterConfig`], [`MoeLayout`] and [`MoeGeometry`]: routing hyper-parameters and the
 //!   permuted ("flat rows") buffers' shapes, as launch_params.h's MoE section defines them.
 //! - [`MoeFlags`]: the kernels' sticky error words, and the error they turn into.
-//! - [`PreparedMoeLaunch`]: one checked launch of one kernel (launch any number of times; safe
-//!   to record in a CUDA graph: it queues exactly one kernel node).
+//! - Each `prepare_*` returns a [`crate::cuda::Prepared`]: one checked launch of one kernel
+//!   (launch any number of times; safe to record in a CUDA graph: it queues one kernel node).
 //!
 //! The kernels themselves: `moe_route.rs` (router logits, router), `moe_permute.rs` (plan,
 //! gather, SiLU*up + quant, unpermute, with host models of each), `moe_gemm.rs` (grouped FP8
 //! GEMMs) and `moe_block.rs` (the whole routed + shared MoE block).
 
-use std::marker::PhantomData;
-
-use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
-
 use super::Checker;
 use crate::cuda::error::{CudaError, Result};
-use crate::cuda::launch::kernel;
-use crate::cuda::sys::{self, R1MoeGatherParams, R1MoeGemmParams, R1MoeGemmRefParams};
-use crate::cuda::sys::{R1MoePlanParams, R1MoeRouterLogitsParams, R1MoeRouterParams};
-use crate::cuda::sys::{R1MoeSiluQuantParams, R1MoeUnpermuteParams};
+use crate::cuda::sys;
 use crate::cuda::Device;
 use crate::numerics::routing::Router;
-
-// SAFETY: plain `#[repr(C)]` structs of integers, floats and opaque tensor-map blobs, laid out
-// like the C header the kernels are compiled against (bindgen's layout tests check offsets);
-// each MoE kernel takes exactly one of them by value.
-unsafe impl DeviceRepr for R1MoeRouterLogitsParams {}
-unsafe impl DeviceRepr for R1MoeRouterParams {}
-unsafe impl DeviceRepr for R1MoePlanParams {}
-unsafe impl DeviceRepr for R1MoeGatherParams {}
-unsafe impl DeviceRepr for R1MoeSiluQuantParams {}
-unsafe impl DeviceRepr for R1MoeUnpermuteParams {}
-unsafe impl DeviceRepr for R1MoeGemmRefParams {}
-unsafe impl DeviceRepr for R1MoeGemmParams {}
 
 /// Most experts the kernels take (R1_MOE_MAX_EXPERTS).
 pub const MOE_MAX_EXPERTS: usize = sys::R1_MOE_MAX_EXPERTS as usize;
@@ -276,27 +256,13 @@ impl MoeFlags {
     }
 }
 
-/// The MoE kernels, loaded.
-pub(crate) struct MoeKernels {
-    pub router_logits: CudaFunction,
-    pub router: CudaFunction,
-    pub plan: CudaFunction,
-    pub gather: CudaFunction,
-    pub silu_quant: CudaFunction,
-    pub unpermute: CudaFunction,
-    pub gemm_ref: CudaFunction,
-    pub gemm_contig: CudaFunction,
-    pub gemm_masked: CudaFunction,
-    pub gemm_masked_m64: CudaFunction,
+/// Launches the MoE kernels on one [`Device`] (all launches go on its stream).
+#[derive(Clone)]
+pub struct MoeOps {
+    pub(crate) dev: Device,
 }
 
-/// The MoE kernels loaded on one [`Device`] (all launches go on its stream).
-pub struct MoeOps<'d> {
-    pub(crate) dev: &'d Device,
-    pub(crate) k: MoeKernels,
-}
-
-impl std::fmt::Debug for MoeOps<'_> {
+impl std::fmt::Debug for MoeOps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MoeOps")
             .field("device", &self.dev.info().name)
@@ -304,33 +270,13 @@ impl std::fmt::Debug for MoeOps<'_> {
     }
 }
 
-impl<'d> MoeOps<'d> {
-    /// Loads cuda/moe.cu and cuda/moe_gemm.cu's cubins (the grouped GEMMs' dynamic
-    /// shared-memory limits are raised at load).
-    pub fn load(dev: &'d Device) -> Result<Self> {
-        if !sys::KERNELS_BUILT {
-            return Err(CudaError::BuiltWithoutKernels);
-        }
-        let small = dev.load_cubin("moe")?;
-        let gemm = dev.load_cubin("moe_gemm")?;
-        let f = kernel;
-        let k = MoeKernels {
-            router_logits: f(&small, "moe_router_logits")?,
-            router: f(&small, "moe_router")?,
-            plan: f(&small, "moe_plan")?,
-            gather: f(&small, "moe_gather")?,
-            silu_quant: f(&small, "moe_silu_quant")?,
-            unpermute: f(&small, "moe_unpermute")?,
-            gemm_ref: f(&gemm, "moe_gemm_ref")?,
-            gemm_contig: f(&gemm, "moe_gemm_contig_wgmma")?,
-            gemm_masked: f(&gemm, "moe_gemm_masked_wgmma")?,
-            gemm_masked_m64: f(&gemm, "moe_gemm_masked_wgmma_m64")?,
-        };
-        Ok(MoeOps { dev, k })
+impl MoeOps {
+    pub fn new(dev: &Device) -> Self {
+        MoeOps { dev: dev.clone() }
     }
 
-    pub fn device(&self) -> &'d Device {
-        self.dev
+    pub fn device(&self) -> &Device {
+        &self.dev
     }
 
     /// Reads the error words (waits for the stream: not inside a CUDA-graph capture).
@@ -346,59 +292,6 @@ impl<'d> MoeOps<'d> {
     /// A new zeroed flag buffer.
     pub fn alloc_flags(&self) -> Result<crate::cuda::DeviceBuffer<u32>> {
         self.dev.alloc_zeros(MOE_FLAGS_LEN)
-    }
-
-    pub(crate) fn launch<P: DeviceRepr>(
-        &self,
-        func: &'static str,
-        pick: fn(&MoeKernels) -> &CudaFunction,
-        params: P,
-        cfg: LaunchConfig,
-    ) -> PreparedMoeLaunch<'_, P> {
-        PreparedMoeLaunch {
-            func: pick(&self.k),
-            dev: self.dev,
-            name: func,
-            params,
-            cfg,
-            _buffers: PhantomData,
-        }
-    }
-}
-
-/// One checked launch of one MoE kernel; borrows its buffers (and the kernels) for `'a`.
-pub struct PreparedMoeLaunch<'a, P> {
-    func: &'a CudaFunction,
-    dev: &'a Device,
-    name: &'static str,
-    params: P,
-    cfg: LaunchConfig,
-    _buffers: PhantomData<&'a ()>,
-}
-
-impl<P: DeviceRepr> PreparedMoeLaunch<'_, P> {
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    pub fn launch_config(&self) -> LaunchConfig {
-        self.cfg
-    }
-
-    pub fn params(&self) -> &P {
-        &self.params
-    }
-
-    /// Queues the kernel on the device's stream.
-    pub fn launch(&self) -> Result<()> {
-        // SAFETY: the parameters passed the kernel's *Desc::check (shapes, strides, alignment,
-        // buffer lengths) for buffers borrowed for this value's lifetime; every MoE kernel
-        // takes exactly one parameter struct by value; the GEMMs' dynamic shared memory was
-        // raised when their module was loaded.
-        unsafe {
-            self.dev
-                .launch(self.func, self.name, &self.params, self.cfg)
-        }
     }
 }
 

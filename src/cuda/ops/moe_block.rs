@@ -194,7 +194,7 @@ impl MoeWorkspace {
 
     /// Reads and clears the sticky error flags (synchronizes: call after the step, outside a
     /// graph capture); an error names what the kernels found.
-    pub fn take_errors(&mut self, ops: &MoeOps<'_>) -> Result<()> {
+    pub fn take_errors(&mut self, ops: &MoeOps) -> Result<()> {
         let flags = ops.read_flags(&self.flags)?;
         if !flags.is_clear() {
             ops.clear_flags(&mut self.flags)?;
@@ -203,7 +203,7 @@ impl MoeWorkspace {
     }
 }
 
-impl MoeOps<'_> {
+impl MoeOps {
     /// The MoE block for `tokens` rows of `x` (bf16 `[tokens][H]`, contiguous) into `out`
     /// (bf16 `[tokens][H]`): routed experts + shared expert, summed. Queues the kernels on the
     /// stream (no synchronization, no allocation: capturable). Host-side checks run before

@@ -11,11 +11,12 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use super::fp8_gemm::PipelineOperands;
-use super::moe::{MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch};
+use super::moe::{MoeGeometry, MoeLayout, MoeOps};
 use super::moe_permute::{MoePlanBuffers, PermutedRows};
 use super::{Checker, Region, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::heuristics::{self, Choice};
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1MoeGemmParams, R1MoeGemmRefParams};
 use crate::cuda::{Device, DeviceBuffer};
 
@@ -349,87 +350,69 @@ impl GroupedGemmArgs<'_> {
     }
 }
 
-/// A checked grouped GEMM launch.
-pub enum PreparedGroupedGemm<'a> {
-    Reference(PreparedMoeLaunch<'a, R1MoeGemmRefParams>),
-    Wgmma(
-        GroupedGemmKernel,
-        Box<PreparedMoeLaunch<'a, R1MoeGemmParams>>,
-    ),
-}
+/// The reference kernel's launch of a resolved call.
+struct RefLaunch(GroupedGemmDesc);
 
-impl PreparedGroupedGemm<'_> {
-    pub fn kernel(&self) -> GroupedGemmKernel {
-        match self {
-            PreparedGroupedGemm::Reference(_) => GroupedGemmKernel::Reference,
-            PreparedGroupedGemm::Wgmma(k, _) => *k,
-        }
+impl KernelLaunch for RefLaunch {
+    type Params = R1MoeGemmRefParams;
+
+    fn kernel(&self) -> &'static str {
+        GroupedGemmKernel::Reference.name()
     }
 
-    pub fn launch(&self) -> Result<()> {
-        match self {
-            PreparedGroupedGemm::Reference(l) => l.launch(),
-            PreparedGroupedGemm::Wgmma(_, l) => l.launch(),
+    fn params(&self) -> Result<R1MoeGemmRefParams> {
+        let d = &self.0;
+        Ok(R1MoeGemmRefParams {
+            a: d.a.addr,
+            b: d.b.addr,
+            sa: d.sa.addr,
+            sb: d.sb.addr,
+            d: d.d.addr,
+            dest_row: d.dest_row.addr,
+            expert_of: d.topk_ids.addr,
+            entries: (d.tokens * d.geom.top_k) as i32,
+            experts: d.geom.experts as i32,
+            n: d.n as i32,
+            k: d.k as i32,
+            lda: d.lda as i32,
+            ldb: d.k as i32,
+            ldd: d.ldd as i32,
+            m_pad: d.geom.r_pad() as i32,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let d = &self.0;
+        LaunchConfig {
+            grid_dim: (
+                d.n.div_ceil(16) as u32,
+                (d.tokens * d.geom.top_k).div_ceil(16) as u32,
+                1,
+            ),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
         }
     }
 }
 
-impl MoeOps<'_> {
-    /// Checks `args` for `kernel`, resolves Auto, encodes the tensor maps and builds the
-    /// launch (persistent grid = #SMs, capped by the tile bound). No work is queued.
-    pub fn prepare_grouped_gemm<'a>(
-        &'a self,
-        args: GroupedGemmArgs<'a>,
-        kernel: GroupedGemmKernel,
-    ) -> Result<PreparedGroupedGemm<'a>> {
-        let d = args.desc();
-        let kernel = d.resolve(kernel)?;
-        let choice = |ctas| Choice::GroupedGemm {
-            layout: d.geom.layout,
-            tokens: d.tokens,
-            n: d.n,
-            k: d.k,
-            kernel,
-            ctas,
-        };
-        if kernel == GroupedGemmKernel::Reference {
-            heuristics::report(&choice(None));
-            let p = R1MoeGemmRefParams {
-                a: d.a.addr,
-                b: d.b.addr,
-                sa: d.sa.addr,
-                sb: d.sb.addr,
-                d: d.d.addr,
-                dest_row: d.dest_row.addr,
-                expert_of: d.topk_ids.addr,
-                entries: (d.tokens * d.geom.top_k) as i32,
-                experts: d.geom.experts as i32,
-                n: d.n as i32,
-                k: d.k as i32,
-                lda: d.lda as i32,
-                ldb: d.k as i32,
-                ldd: d.ldd as i32,
-                m_pad: d.geom.r_pad() as i32,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    d.n.div_ceil(16) as u32,
-                    (d.tokens * d.geom.top_k).div_ceil(16) as u32,
-                    1,
-                ),
-                block_dim: (16, 16, 1),
-                shared_mem_bytes: 0,
-            };
-            return Ok(PreparedGroupedGemm::Reference(self.launch(
-                kernel.name(),
-                |k| &k.gemm_ref,
-                p,
-                cfg,
-            )));
-        }
-        let name = kernel.name();
-        let [ta, tb, tsa] = d.pipeline_operands(kernel).tensor_maps();
-        let p = R1MoeGemmParams {
+/// A wgmma kernel's launch of a resolved call on `ctas` persistent CTAs.
+struct WgmmaLaunch {
+    desc: GroupedGemmDesc,
+    kernel: GroupedGemmKernel,
+    ctas: usize,
+}
+
+impl KernelLaunch for WgmmaLaunch {
+    type Params = R1MoeGemmParams;
+
+    fn kernel(&self) -> &'static str {
+        self.kernel.name()
+    }
+
+    fn params(&self) -> Result<R1MoeGemmParams> {
+        let (d, name) = (&self.desc, self.kernel.name());
+        let [ta, tb, tsa] = d.pipeline_operands(self.kernel).tensor_maps();
+        Ok(R1MoeGemmParams {
             tmap_a: ta.encode(name)?,
             tmap_b: tb.encode(name)?,
             tmap_sa: tsa.encode(name)?,
@@ -445,8 +428,11 @@ impl MoeOps<'_> {
             experts: d.geom.experts as i32,
             max_blocks: d.geom.max_blocks() as i32,
             max_tokens_per_expert: d.geom.max_tokens_per_expert() as i32,
-        };
-        let (threads, smem) = if kernel == GroupedGemmKernel::MaskedWgmmaM64 {
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let (threads, smem) = if self.kernel == GroupedGemmKernel::MaskedWgmmaM64 {
             (
                 sys::R1_MOE_GEMM_M64_THREADS,
                 sys::R1_MOE_GEMM_M64_SMEM_BYTES,
@@ -454,28 +440,47 @@ impl MoeOps<'_> {
         } else {
             (sys::R1_MOE_GEMM_THREADS, sys::R1_MOE_GEMM_SMEM_BYTES)
         };
-        let grid = heuristics::persistent_ctas(d.max_tiles(kernel), self.dev.info());
-        heuristics::report(&choice(Some(grid)));
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
+        LaunchConfig {
+            grid_dim: (self.ctas as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
-        };
-        let pick: fn(&super::moe::MoeKernels) -> &cudarc::driver::CudaFunction = match kernel {
-            GroupedGemmKernel::ContigWgmma => |k| &k.gemm_contig,
-            GroupedGemmKernel::MaskedWgmma => |k| &k.gemm_masked,
-            _ => |k| &k.gemm_masked_m64,
-        };
-        Ok(PreparedGroupedGemm::Wgmma(
+        }
+    }
+}
+
+impl MoeOps {
+    /// Checks `args` for `kernel`, resolves Auto, encodes the tensor maps and builds the
+    /// launch (persistent grid = #SMs, capped by the tile bound). No work is queued.
+    pub fn prepare_grouped_gemm<'a>(
+        &'a self,
+        args: GroupedGemmArgs<'a>,
+        kernel: GroupedGemmKernel,
+    ) -> Result<Prepared<'a, GroupedGemmKernel>> {
+        let desc = args.desc();
+        let kernel = desc.resolve(kernel)?;
+        let choice = |ctas| Choice::GroupedGemm {
+            layout: desc.geom.layout,
+            tokens: desc.tokens,
+            n: desc.n,
+            k: desc.k,
             kernel,
-            Box::new(self.launch(name, pick, p, cfg)),
-        ))
+            ctas,
+        };
+        let prepared = Prepared::new(&self.dev, kernel);
+        if kernel == GroupedGemmKernel::Reference {
+            heuristics::report(&choice(None));
+            return prepared.then(&RefLaunch(desc));
+        }
+        let ctas = heuristics::persistent_ctas(desc.max_tiles(kernel), self.dev.info());
+        heuristics::report(&choice(Some(ctas)));
+        prepared.then(&WgmmaLaunch { desc, kernel, ctas })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::launch::row_symbol;
 
     fn desc(layout: MoeLayout, tokens: usize, n: usize, k: usize) -> GroupedGemmDesc {
         let geom = MoeGeometry {
@@ -505,6 +510,22 @@ mod tests {
             block_expert: r(0x9000, geom.max_blocks()),
             block_rows: r(0xA000, geom.max_blocks()),
             num_blocks: r(0xB000, 1),
+        }
+    }
+
+    /// Each resolved kernel's launch pairs with its kernel-table row.
+    #[test]
+    fn launches_pair_with_their_rows() {
+        use GroupedGemmKernel as K;
+        let d = desc(MoeLayout::Contiguous, 4, 256, 256);
+        assert_eq!(row_symbol(&RefLaunch(d)), K::Reference.name());
+        for kernel in [K::ContigWgmma, K::MaskedWgmma, K::MaskedWgmmaM64] {
+            let l = WgmmaLaunch {
+                desc: d,
+                kernel,
+                ctas: 132,
+            };
+            assert_eq!(row_symbol(&l), kernel.name());
         }
     }
 

@@ -8,10 +8,11 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::moe::{MoeFlags, MoeGeometry, MoeLayout, MoeOps, PreparedMoeLaunch, MOE_BLOCK_M};
+use super::moe::{MoeFlags, MoeGeometry, MoeLayout, MoeOps, MOE_BLOCK_M};
 use super::moe::{MOE_FLAGS_LEN, MOE_MAX_TOP_K};
 use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
 use crate::cuda::error::Result;
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1MoeGatherParams, R1MoePlanParams};
 use crate::cuda::sys::{R1MoeSiluQuantParams, R1MoeUnpermuteParams};
 use crate::cuda::{Device, DeviceBuffer};
@@ -161,9 +162,17 @@ impl PlanDesc {
         }
         Ok(())
     }
+}
 
-    fn params(&self) -> R1MoePlanParams {
-        R1MoePlanParams {
+impl KernelLaunch for PlanDesc {
+    type Params = R1MoePlanParams;
+
+    fn kernel(&self) -> &'static str {
+        PLAN
+    }
+
+    fn params(&self) -> Result<R1MoePlanParams> {
+        Ok(R1MoePlanParams {
             topk_ids: self.topk_ids.addr,
             dest_row: self.dest_row.addr,
             counts: self.counts.addr,
@@ -177,7 +186,7 @@ impl PlanDesc {
             layout: self.geom.layout_code(),
             max_blocks: self.geom.max_blocks() as i32,
             max_tokens_per_expert: self.geom.max_tokens_per_expert() as i32,
-        }
+        })
     }
 
     fn launch_config(&self) -> LaunchConfig {
@@ -373,9 +382,17 @@ impl GatherDesc {
             "[K/128][r_pad]",
         )
     }
+}
 
-    fn params(&self) -> R1MoeGatherParams {
-        R1MoeGatherParams {
+impl KernelLaunch for GatherDesc {
+    type Params = R1MoeGatherParams;
+
+    fn kernel(&self) -> &'static str {
+        GATHER
+    }
+
+    fn params(&self) -> Result<R1MoeGatherParams> {
+        Ok(R1MoeGatherParams {
             xq: self.xq.addr,
             xs: self.xs.addr,
             dest_row: self.dest_row.addr,
@@ -389,7 +406,7 @@ impl GatherDesc {
             xs_m_pad: self.xs_m_pad as i32,
             as_m_pad: self.geom.r_pad() as i32,
             reserved: 0,
-        }
+        })
     }
 
     fn launch_config(&self) -> LaunchConfig {
@@ -519,9 +536,17 @@ impl SiluQuantDesc {
             }),
         }
     }
+}
 
-    fn params(&self) -> R1MoeSiluQuantParams {
-        R1MoeSiluQuantParams {
+impl KernelLaunch for SiluQuantDesc {
+    type Params = R1MoeSiluQuantParams;
+
+    fn kernel(&self) -> &'static str {
+        SILU
+    }
+
+    fn params(&self) -> Result<R1MoeSiluQuantParams> {
+        Ok(R1MoeSiluQuantParams {
             gu: self.gu.addr,
             q: self.q.addr,
             scales: self.scales.addr,
@@ -532,7 +557,7 @@ impl SiluQuantDesc {
             up_offset: self.up_offset as i32,
             ldq: self.ldq as i32,
             m_pad: self.m_pad as i32,
-        }
+        })
     }
 
     fn launch_config(&self) -> LaunchConfig {
@@ -693,9 +718,17 @@ impl UnpermuteDesc {
         }
         Ok(())
     }
+}
 
-    fn params(&self) -> R1MoeUnpermuteParams {
-        R1MoeUnpermuteParams {
+impl KernelLaunch for UnpermuteDesc {
+    type Params = R1MoeUnpermuteParams;
+
+    fn kernel(&self) -> &'static str {
+        UNPERMUTE
+    }
+
+    fn params(&self) -> Result<R1MoeUnpermuteParams> {
+        Ok(R1MoeUnpermuteParams {
             y: self.y.addr,
             dest_row: self.dest_row.addr,
             topk_ids: self.topk_ids.addr,
@@ -708,7 +741,7 @@ impl UnpermuteDesc {
             ldy: self.ldy as i32,
             lds: self.lds as i32,
             ldo: self.ldo as i32,
-        }
+        })
     }
 
     fn launch_config(&self) -> LaunchConfig {
@@ -797,41 +830,29 @@ pub fn unpermute_host(
 // Launches
 // ------------------------------------------------------------------------------------------
 
-impl MoeOps<'_> {
-    pub fn prepare_plan<'a>(
-        &'a self,
-        args: PlanArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoePlanParams>> {
+impl MoeOps {
+    pub fn prepare_plan<'a>(&'a self, args: PlanArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(PLAN, |k| &k.plan, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 
-    pub fn prepare_gather<'a>(
-        &'a self,
-        args: GatherArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeGatherParams>> {
+    pub fn prepare_gather<'a>(&'a self, args: GatherArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(GATHER, |k| &k.gather, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 
-    pub fn prepare_silu_quant<'a>(
-        &'a self,
-        args: SiluQuantArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeSiluQuantParams>> {
+    pub fn prepare_silu_quant<'a>(&'a self, args: SiluQuantArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(SILU, |k| &k.silu_quant, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 
-    pub fn prepare_unpermute<'a>(
-        &'a self,
-        args: UnpermuteArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeUnpermuteParams>> {
+    pub fn prepare_unpermute<'a>(&'a self, args: UnpermuteArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(UNPERMUTE, |k| &k.unpermute, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 }
 
@@ -1105,6 +1126,7 @@ mod tests {
             flags: r(0x7000, 8),
         };
         plan.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&plan), PLAN);
         let e = |d: PlanDesc| d.check().unwrap_err().to_string();
         assert!(e(PlanDesc { tokens: 4, ..plan }).contains("tokens = 4 must be in 1..=3"));
         assert!(e(PlanDesc {
@@ -1128,6 +1150,7 @@ mod tests {
             a_scales: r(0x40000, 2 * g.r_pad()),
         };
         gather.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&gather), GATHER);
         let e = |d: GatherDesc| d.check().unwrap_err().to_string();
         assert!(e(GatherDesc { k: 200, ..gather }).contains("multiple of 128"));
         assert!(e(GatherDesc {
@@ -1155,6 +1178,7 @@ mod tests {
             m_pad: 12,
         };
         silu.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&silu), SILU);
         let e = |d: SiluQuantDesc| d.check().unwrap_err().to_string();
         assert!(e(SiluQuantDesc {
             up_offset: 128,
@@ -1185,6 +1209,7 @@ mod tests {
             ldo: 256,
         };
         un.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&un), UNPERMUTE);
         let e = |d: UnpermuteDesc| d.check().unwrap_err().to_string();
         assert!(e(UnpermuteDesc { n: 100, ..un }).contains("multiple of 8"));
         assert!(e(UnpermuteDesc {

@@ -7,9 +7,10 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::moe::{opt_addr, MoeFlags, MoeOps, PreparedMoeLaunch, RouterConfig, MOE_FLAGS_LEN};
+use super::moe::{opt_addr, MoeFlags, MoeOps, RouterConfig, MOE_FLAGS_LEN};
 use super::{Checker, Region};
 use crate::cuda::error::Result;
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1MoeRouterLogitsParams, R1MoeRouterParams};
 use crate::cuda::DeviceBuffer;
 use crate::numerics::dot;
@@ -62,6 +63,26 @@ impl RouterLogitsDesc {
             format!("tokens = {t} exceed the grid's y limit")
         })
     }
+}
+
+impl KernelLaunch for RouterLogitsDesc {
+    type Params = R1MoeRouterLogitsParams;
+
+    fn kernel(&self) -> &'static str {
+        LOGITS
+    }
+
+    fn params(&self) -> Result<R1MoeRouterLogitsParams> {
+        Ok(R1MoeRouterLogitsParams {
+            x: self.x.addr,
+            w: self.w.addr,
+            logits: self.logits.addr,
+            tokens: self.tokens as i32,
+            experts: self.experts as i32,
+            hidden: self.hidden as i32,
+            ldx: self.ldx as i32,
+        })
+    }
 
     fn launch_config(&self) -> LaunchConfig {
         LaunchConfig {
@@ -72,18 +93,6 @@ impl RouterLogitsDesc {
             ),
             block_dim: (sys::R1_MOE_LOGITS_THREADS, 1, 1),
             shared_mem_bytes: 0,
-        }
-    }
-
-    fn params(&self) -> R1MoeRouterLogitsParams {
-        R1MoeRouterLogitsParams {
-            x: self.x.addr,
-            w: self.w.addr,
-            logits: self.logits.addr,
-            tokens: self.tokens as i32,
-            experts: self.experts as i32,
-            hidden: self.hidden as i32,
-            ldx: self.ldx as i32,
         }
     }
 }
@@ -139,18 +148,17 @@ impl RouterDesc {
         }
         Ok(())
     }
+}
 
-    fn launch_config(&self) -> LaunchConfig {
-        let warps = sys::R1_MOE_ROUTER_WARPS as usize;
-        LaunchConfig {
-            grid_dim: (self.tokens.div_ceil(warps) as u32, 1, 1),
-            block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: self.smem_bytes() as u32,
-        }
+impl KernelLaunch for RouterDesc {
+    type Params = R1MoeRouterParams;
+
+    fn kernel(&self) -> &'static str {
+        ROUTER
     }
 
-    fn params(&self) -> R1MoeRouterParams {
-        R1MoeRouterParams {
+    fn params(&self) -> Result<R1MoeRouterParams> {
+        Ok(R1MoeRouterParams {
             logits: self.logits.addr,
             bias: opt_addr(self.bias),
             topk_ids: self.topk_ids.addr,
@@ -164,6 +172,15 @@ impl RouterDesc {
             normalize: i32::from(self.cfg.normalize),
             scaling: self.cfg.scaling,
             reserved: 0,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        let warps = sys::R1_MOE_ROUTER_WARPS as usize;
+        LaunchConfig {
+            grid_dim: (self.tokens.div_ceil(warps) as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: self.smem_bytes() as u32,
         }
     }
 }
@@ -218,23 +235,17 @@ impl RouterArgs<'_> {
     }
 }
 
-impl MoeOps<'_> {
-    pub fn prepare_router_logits<'a>(
-        &'a self,
-        args: RouterLogitsArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeRouterLogitsParams>> {
+impl MoeOps {
+    pub fn prepare_router_logits<'a>(&'a self, args: RouterLogitsArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(LOGITS, |k| &k.router_logits, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 
-    pub fn prepare_router<'a>(
-        &'a self,
-        args: RouterArgs<'a>,
-    ) -> Result<PreparedMoeLaunch<'a, R1MoeRouterParams>> {
+    pub fn prepare_router<'a>(&'a self, args: RouterArgs<'a>) -> Result<Prepared<'a>> {
         let d = args.desc();
         d.check()?;
-        Ok(self.launch(ROUTER, |k| &k.router, d.params(), d.launch_config()))
+        Prepared::single(&self.dev, &d)
     }
 }
 
@@ -354,6 +365,7 @@ mod tests {
     fn router_checks() {
         let d = desc();
         d.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&d), ROUTER);
         assert_eq!(d.smem_bytes(), 4 * (32 + 8) * 4);
         let e = |d: RouterDesc| d.check().unwrap_err().to_string();
         let mut bad = d;
@@ -400,6 +412,7 @@ mod tests {
             },
         };
         ok.check().unwrap();
+        assert_eq!(crate::cuda::launch::row_symbol(&ok), LOGITS);
         let e = |d: RouterLogitsDesc| d.check().unwrap_err().to_string();
         assert!(e(RouterLogitsDesc { hidden: 100, ..ok }).contains("multiple of 8"));
         assert!(e(RouterLogitsDesc {

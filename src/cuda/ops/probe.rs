@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::{Checker, Region};
 use crate::cuda::error::Result;
-use crate::cuda::launch::kernel;
+use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1ProbeWgmmaParams};
 use crate::cuda::Device;
 
@@ -45,6 +45,38 @@ impl WgmmaProbe {
     }
 }
 
+/// One probe over A, B and out at these addresses.
+struct ProbeLaunch {
+    probe: WgmmaProbe,
+    a: u64,
+    b: u64,
+    out: u64,
+}
+
+impl KernelLaunch for ProbeLaunch {
+    type Params = R1ProbeWgmmaParams;
+
+    fn kernel(&self) -> &'static str {
+        self.probe.name()
+    }
+
+    fn params(&self) -> Result<R1ProbeWgmmaParams> {
+        Ok(R1ProbeWgmmaParams {
+            a: self.a,
+            b: self.b,
+            out: self.out,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (sys::R1_PROBE_WGMMA_THREADS, 1, 1),
+            shared_mem_bytes: sys::R1_PROBE_WGMMA_SMEM_BYTES,
+        }
+    }
+}
+
 impl Device {
     /// Runs `probe` on A fp8 `[64][K]` and B fp8 `[128][K]` (row-major, K = `probe.k()`) and
     /// returns the warpgroup's raw accumulators in register order: `out[t * 64 + j]` is
@@ -65,7 +97,6 @@ impl Device {
                 )
             },
         )?;
-        let func = kernel(&self.load_cubin("probe")?, probe.name())?;
         let a = self.upload(a)?;
         let b = self.upload(b)?;
         let out = self.alloc_zeros::<f32>(WGMMA_PROBE_THREADS * WGMMA_PROBE_REGS)?;
@@ -76,20 +107,19 @@ impl Device {
         ] {
             c.aligned(name, r, 16)?;
         }
-        let params = R1ProbeWgmmaParams {
-            a: a.addr(),
-            b: b.addr(),
-            out: out.addr(),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (sys::R1_PROBE_WGMMA_THREADS, 1, 1),
-            shared_mem_bytes: sys::R1_PROBE_WGMMA_SMEM_BYTES,
-        };
-        // SAFETY: a, b and out were allocated here with exactly the lengths the kernel reads
-        // and writes (launch_params.h PROBE SECTION), checked 16-byte aligned, and live until
-        // the download below has waited for the kernel.
-        unsafe { self.launch(&func, probe.name(), &params, cfg)? };
+        // a, b and out were allocated here with exactly the lengths the kernel reads and
+        // writes (launch_params.h PROBE SECTION) and live until the download below has waited
+        // for the kernel.
+        Prepared::single(
+            self,
+            &ProbeLaunch {
+                probe,
+                a: a.addr(),
+                b: b.addr(),
+                out: out.addr(),
+            },
+        )?
+        .launch()?;
         self.download(&out)
     }
 }
