@@ -1,4 +1,4 @@
-//! MLA on the GPU (cuda/mla.cu): the paged latent cache, its write kernel, q RoPE, and the
+//! MLA on the GPU (cuda/mla/): the paged latent cache, its write kernel, q RoPE, and the
 //! device-side step layout shared by every MLA kernel. Attention itself (reference kernel,
 //! split-KV wgmma fast path, scheduler, combine) is in [`super::mla_attn`].
 //!
@@ -42,7 +42,7 @@ unsafe impl DeviceRepr for R1MlaCombineParams {}
 pub const MLA_PAGE_TOKENS: usize = sys::R1_MLA_PAGE_TOKENS as usize;
 const _: () = assert!(MLA_PAGE_TOKENS == crate::kv_cache::PAGE_TOKENS);
 
-/// The loaded functions of cuda/mla.cu.
+/// The loaded functions of cuda/mla/.
 pub(crate) struct MlaFunctions {
     pub cache_write: CudaFunction,
     pub q_rope: CudaFunction,
@@ -65,17 +65,16 @@ impl std::fmt::Debug for Mla<'_> {
 }
 
 impl Device {
-    /// Loads cuda/mla.cu's kernels (the fast path's shared-memory limit is raised at load).
+    /// Loads the kernels of cuda/mla/ (the fast path's shared-memory limit is raised at load).
     pub fn mla(&self) -> Result<Mla<'_>> {
-        let module = self.load_cubin("mla")?;
-        let function = |name: &str| kernel(&module, name);
+        let function = |stem: &str, name: &str| kernel(&self.load_cubin(stem)?, name);
         let f = MlaFunctions {
-            cache_write: function("mla_cache_write")?,
-            q_rope: function("mla_q_rope")?,
-            attn_ref: function("mla_attn_ref")?,
-            schedule: function("mla_schedule")?,
-            decode: function("mla_decode_wgmma")?,
-            combine: function("mla_combine")?,
+            cache_write: function("mla_rope", "mla_cache_write")?,
+            q_rope: function("mla_rope", "mla_q_rope")?,
+            attn_ref: function("mla_reference", "mla_attn_ref")?,
+            schedule: function("mla_schedule", "mla_schedule")?,
+            decode: function("mla_decode", "mla_decode_wgmma")?,
+            combine: function("mla_combine", "mla_combine")?,
         };
         Ok(Mla { dev: self, f })
     }
