@@ -1,10 +1,10 @@
 // act_quant: bf16 activations -> fp8 e4m3 + one f32 scale per row per 128 channels.
-// Contract (buffers, grid, block, numerics): cuda/launch_params.h, R1ActQuantParams.
+// Contract (buffers, grid, block, numerics): cuda/params/act_quant.h, R1ActQuantParams.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/act_quant.h"
 #include "ptx.cuh"
 
 namespace {

@@ -111,7 +111,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, uint
 // ---- warpgroup register reallocation -------------------------------------------------------
 // The CTA's register file is fixed at launch (registers per thread x threads): what the
 // producer warpgroup gives back with dec is all the consumers can take with inc, and an inc
-// that cannot be met waits forever. Budgets: launch_params.h R1_REALLOC_*; the host checks
+// that cannot be met waits forever. Budgets: params/common.h R1_REALLOC_*; the host checks
 // every reallocating kernel's register count at load (src/cuda/launch.rs).
 
 template <int REGS>

@@ -5,7 +5,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/mla.h"
 
 namespace r1 {
 namespace mla {
@@ -31,7 +31,7 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float bf(const __nv_bfloat16 v) { return __bfloat162float(v); }
 
 // A sequence's query range and key count, clamped so that no device value can send an
-// access out of bounds (launch_params.h: "Device data are never trusted").
+// access out of bounds (cuda/params/mla.h: "Device data are never trusted").
 struct SeqInfo {
     int q_start;
     int q_len;

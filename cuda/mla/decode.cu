@@ -36,7 +36,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/mla.h"
 #include "mla/common.cuh"
 #include "ptx.cuh"
 
@@ -58,10 +58,10 @@ constexpr int OFF_P = OFF_K + STAGES * TILE_BYTES;
 constexpr int OFF_STATS = OFF_P + 64 * 128;
 constexpr int OFF_BARS = OFF_STATS + 4 * 64 * 4;
 constexpr int SMEM_BYTES = OFF_BARS + 64;
-static_assert(SMEM_BYTES == R1_MLA_DECODE_SMEM_BYTES, "launch_params.h R1_MLA_DECODE_SMEM_BYTES");
+static_assert(SMEM_BYTES == R1_MLA_DECODE_SMEM_BYTES, "params/mla.h R1_MLA_DECODE_SMEM_BYTES");
 static_assert(R1_MLA_DECODE_THREADS == 3 * 128, "one producer warpgroup + two compute warpgroups");
 static_assert(WIDTH % 64 == 0 && KV == 512 && BM == 64 && BN == 64, "tile shapes");
-static_assert(ROW_BYTES == 1152, "tensor-map rows (launch_params.h)");
+static_assert(ROW_BYTES == 1152, "tensor-map rows (params/mla.h)");
 constexpr int K_STEPS_QK = WIDTH / 16;  // 36
 constexpr int K_STEPS_PV = BN / 16;     // 4
 constexpr uint32_t CONSUMER_WARPS = 8;
@@ -248,7 +248,6 @@ __device__ __forceinline__ void producer(const R1MlaDecodeParams& p, const Smem&
 // A compute thread's place in the tile (wgmma register layout, ptx.cuh).
 struct Thread {
     int c;     // compute warpgroup: keys [32c, 32c + 32) of S, features [256c, 256c + 256) of O
-    int lane;
     int r0;    // this thread's rows: r0 and r0 + 8
     int quad;  // lane % 4
 };
@@ -438,7 +437,7 @@ __device__ __forceinline__ void consumer(const R1MlaDecodeParams& p, const Smem&
                                          int warp_idx, int lane) {
     r1::setmaxnreg_inc<R1_REALLOC_CONSUMER_REGS>();
     const int w = warp_idx % 4;
-    const Thread th{warp_idx / 4 - 1, lane, 16 * w + lane / 4, lane % 4};
+    const Thread th{warp_idx / 4 - 1, 16 * w + lane / 4, lane % 4};
     const int rows_cap = p.max_q_len * p.heads;
     Ring ring{0, 0, 0};
 

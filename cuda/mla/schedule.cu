@@ -4,7 +4,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/mla.h"
 #include "mla/common.cuh"
 
 using namespace r1::mla;

@@ -178,7 +178,7 @@ typedef struct R1MlaAttnRefParams {
 #define R1_MLA_DECODE_THREADS 384
 #define R1_MLA_COMBINE_THREADS 256
 /* Q 73728 + 2 x K 73728 + P 8192 + row stats 1024 + barriers 64 from the 1024-aligned
- * dynamic shared memory base (mla.cu static_asserts the sum and traps on a misaligned base). */
+ * dynamic shared memory base (cuda/mla/decode.cu static_asserts the sum and traps on a misaligned base). */
 #define R1_MLA_DECODE_SMEM_BYTES 230464
 
 typedef struct R1MlaScheduleParams {
