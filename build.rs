@@ -1,13 +1,18 @@
 //! Build script.
 //!
 //! 1. `$OUT_DIR/launch_params.rs`: Rust mirrors of `cuda/launch_params.h` (bindgen; needs libclang).
-//! 2. `$OUT_DIR/kernels.rs`: every `cuda/*.cu` compiled by nvcc to an sm_90a cubin and embedded
-//!    (`CUBINS`) with ptxas's inventory of its kernels and their registers (`KERNELS`), or
-//!    `KERNELS_BUILT = false` when no nvcc is found. nvcc is looked up as
+//! 2. `$OUT_DIR/kernels.rs`: every `.cu` under `cuda/` (subfolders included) compiled by nvcc to
+//!    an sm_90a cubin and embedded (`CUBINS`) with ptxas's inventory of its kernels and their
+//!    registers (`KERNELS`), or `KERNELS_BUILT = false` when no nvcc is found. A cubin's stem is
+//!    the source's path under `cuda/` without `.cu`, folders joined with `_`: `cuda/moe.cu` is
+//!    "moe", `cuda/mla/decode.cu` is "mla_decode". Two sources with the same stem fail the
+//!    build. Every `.cu`, `.cuh` and `.h` under `cuda/` reruns the script when it changes.
+//!    nvcc is looked up as
 //!    `$NVCC`, `$CUDA_HOME/bin/nvcc`, the project-local `tools/install-cuda-toolchain` install,
 //!    then `nvcc` on `PATH`. `R1_REQUIRE_CUDA=1` turns a missing nvcc into an error (CI).
 //!    A kernel that fails to compile is always an error.
 
+use std::collections::BTreeMap;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -50,19 +55,31 @@ fn run() -> Result<()> {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rerun-if-changed={}", cuda.display());
+    let mut files = Vec::new();
+    walk(&cuda, &mut files)?;
+    files.sort();
     let mut sources = Vec::new();
-    for entry in fs::read_dir(&cuda).map_err(|e| format!("cannot read {}: {e}", cuda.display()))? {
-        let path = entry
-            .map_err(|e| format!("cannot read {}: {e}", cuda.display()))?
-            .path();
+    for path in files {
         match path.extension().and_then(|e| e.to_str()) {
-            Some("cu") => sources.push(path.clone()),
+            Some("cu") => sources.push(Source::new(&cuda, path.clone())?),
             Some("cuh" | "h") => {}
             _ => continue,
         }
+        // cuda/'s own entry (above) notices added and removed files; each source and header is
+        // also named, so that the dependency is explicit in cargo's output.
         println!("cargo::rerun-if-changed={}", path.display());
     }
-    sources.sort();
+    let mut stems = BTreeMap::new();
+    for src in &sources {
+        if let Some(other) = stems.insert(src.stem.as_str(), &src.path) {
+            return Err(format!(
+                "{} and {} both compile to the cubin stem {:?}; rename one",
+                other.display(),
+                src.path.display(),
+                src.stem
+            ));
+        }
+    }
 
     generate_launch_params(&cuda.join("launch_params.h"), &out.join("launch_params.rs"))?;
 
@@ -86,6 +103,46 @@ fn run() -> Result<()> {
         }
     };
     write_kernels_rs(&out.join("kernels.rs"), built, &cubins)
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .path();
+        if path.is_dir() {
+            walk(&path, files)?;
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A kernel source and the stem of its cubin (see the module docs).
+struct Source {
+    path: PathBuf,
+    stem: String,
+}
+
+impl Source {
+    fn new(cuda: &Path, path: PathBuf) -> Result<Self> {
+        let rel = path
+            .strip_prefix(cuda)
+            .map_err(|_| format!("{} is not under {}", path.display(), cuda.display()))?
+            .with_extension("");
+        let parts = rel
+            .components()
+            .map(|c| c.as_os_str().to_str())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("bad file name {}", path.display()))?;
+        Ok(Source {
+            stem: parts.join("_"),
+            path,
+        })
+    }
 }
 
 /// `$NVCC` (must exist when set), `$CUDA_HOME/bin/nvcc`, the project-local install, `PATH`.
@@ -112,7 +169,7 @@ fn find_nvcc(root: &Path) -> Result<Option<PathBuf>> {
     Ok(candidates.into_iter().find(|p| p.is_file()))
 }
 
-/// One compiled cuda/<stem>.cu: its cubin and the kernels ptxas reported in it.
+/// One compiled kernel source: its cubin and the kernels ptxas reported in it.
 struct Cubin {
     stem: String,
     path: PathBuf,
@@ -159,18 +216,9 @@ fn ptxas_report(log: &str) -> Result<PtxasLog<'_>> {
 }
 
 /// Compiles every source to `$OUT_DIR/<stem>.cubin` (in parallel).
-fn compile_kernels(
-    nvcc: &Path,
-    cuda: &Path,
-    sources: &[PathBuf],
-    out: &Path,
-) -> Result<Vec<Cubin>> {
+fn compile_kernels(nvcc: &Path, cuda: &Path, sources: &[Source], out: &Path) -> Result<Vec<Cubin>> {
     let mut jobs = Vec::new();
-    for src in sources {
-        let stem = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| format!("bad file name {}", src.display()))?;
+    for Source { path: src, stem } in sources {
         let cubin = out.join(format!("{stem}.cubin"));
         let child = Command::new(nvcc)
             .args(NVCC_FLAGS)
@@ -201,7 +249,7 @@ fn compile_kernels(
         if output.status.success() {
             let PtxasLog { kernels, other } = ptxas_report(&log)?;
             for line in other {
-                println!("cargo::warning=nvcc {stem}.cu: {line}");
+                println!("cargo::warning=nvcc {}: {line}", src.display());
             }
             if kernels.is_empty() {
                 return Err(format!("ptxas reported no kernels in {}", src.display()));
@@ -230,7 +278,8 @@ fn compile_kernels(
 }
 
 fn write_kernels_rs(path: &Path, built: bool, cubins: &[Cubin]) -> Result<()> {
-    let mut rs = String::from("// @generated by build.rs: cuda/*.cu compiled to sm_90a cubins.\n");
+    let mut rs =
+        String::from("// @generated by build.rs: cuda/**/*.cu compiled to sm_90a cubins.\n");
     let _ = writeln!(
         rs,
         "/// False when the crate was built without nvcc (no CUDA kernels embedded)."
@@ -238,7 +287,8 @@ fn write_kernels_rs(path: &Path, built: bool, cubins: &[Cubin]) -> Result<()> {
     let _ = writeln!(rs, "pub const KERNELS_BUILT: bool = {built};");
     let _ = writeln!(
         rs,
-        "/// (cuda/ file stem, cubin for sm_90a) for every cuda/*.cu."
+        "/// (cubin stem, cubin for sm_90a) for every .cu under cuda/ (stem: its path under cuda/ \
+         without .cu, folders joined with `_`)."
     );
     let _ = writeln!(rs, "pub static CUBINS: &[(&str, &[u8])] = &[");
     for c in cubins {
@@ -252,7 +302,7 @@ fn write_kernels_rs(path: &Path, built: bool, cubins: &[Cubin]) -> Result<()> {
     rs.push_str("];\n");
     let _ = writeln!(
         rs,
-        "/// (cuda/ file stem, kernel, registers per thread as ptxas reported) for every kernel."
+        "/// (cubin stem, kernel, registers per thread as ptxas reported) for every kernel."
     );
     let _ = writeln!(rs, "pub static KERNELS: &[(&str, &str, u32)] = &[");
     for c in cubins {

@@ -1,10 +1,11 @@
 // act_quant: bf16 activations -> fp8 e4m3 + one f32 scale per row per 128 channels.
-// Contract (buffers, grid, block, numerics): cuda/launch_params.h, R1ActQuantParams.
+// Contract (buffers, grid, block, numerics): cuda/params/act_quant.h, R1ActQuantParams.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/act_quant.h"
+#include "ptx.cuh"
 
 namespace {
 
@@ -13,15 +14,6 @@ static_assert(R1_ACT_QUANT_THREADS / kThreadsPerGroup == R1_ACT_QUANT_GROUPS_PER
 
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
-
-// Streaming 16-byte load: activations are read once.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 
 // Two floats -> two e4m3 bytes (round to nearest even, saturating to +-448), `a` in the low byte.
 __device__ __forceinline__ uint32_t to_e4m3x2(float a, float b) {
@@ -45,8 +37,8 @@ act_quant(const R1ActQuantParams p) {
 
     const uint4* src = reinterpret_cast<const uint4*>(
         reinterpret_cast<const __nv_bfloat16*>(p.x) + static_cast<int64_t>(row) * p.ldx + col);
-    const uint4 v0 = load_stream(src);
-    const uint4 v1 = load_stream(src + 1);
+    const uint4 v0 = r1::ld_global_nc_stream_v4(src);  // activations are read once
+    const uint4 v1 = r1::ld_global_nc_stream_v4(src + 1);
     const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 
     float x[16];

@@ -4,13 +4,13 @@
 //   fp8_gemm_wgmma      Hopper: TMA + mbarrier pipeline + wgmma, warp-specialized, persistent
 //                       (cuda/fp8_gemm_pipeline.cuh).
 //   fp8_gemm_wgmma_m64  the same with BLOCK_M = 64 (small M, e.g. decode).
-// Contract (buffers, tensor maps, grid, block, smem): cuda/launch_params.h.
+// Contract (buffers, tensor maps, grid, block, smem): cuda/params/fp8_gemm.h.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
 #include "fp8_gemm_pipeline.cuh"
-#include "launch_params.h"
+#include "params/fp8_gemm.h"
 
 // ============================================================================================
 // Reference
@@ -50,10 +50,10 @@ namespace {
 using r1::gemm::BN;
 using r1::gemm::PipeConfig;
 static_assert(PipeConfig<R1_FP8_GEMM_BLOCK_M, R1_FP8_GEMM_STAGES>::kSmemBytes == R1_FP8_GEMM_SMEM_BYTES,
-              "launch_params.h R1_FP8_GEMM_SMEM_BYTES");
+              "params/fp8_gemm.h R1_FP8_GEMM_SMEM_BYTES");
 static_assert(PipeConfig<R1_FP8_GEMM_M64_BLOCK_M, R1_FP8_GEMM_M64_STAGES>::kSmemBytes ==
                   R1_FP8_GEMM_M64_SMEM_BYTES,
-              "launch_params.h R1_FP8_GEMM_M64_SMEM_BYTES");
+              "params/fp8_gemm.h R1_FP8_GEMM_M64_SMEM_BYTES");
 static_assert(PipeConfig<R1_FP8_GEMM_BLOCK_M, R1_FP8_GEMM_STAGES>::kThreads == R1_FP8_GEMM_THREADS, "threads");
 static_assert(PipeConfig<R1_FP8_GEMM_M64_BLOCK_M, R1_FP8_GEMM_M64_STAGES>::kThreads == R1_FP8_GEMM_M64_THREADS,
               "threads");

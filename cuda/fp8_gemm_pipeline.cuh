@@ -15,7 +15,7 @@
 
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/fp8_gemm.h"
 #include "ptx.cuh"
 
 namespace r1 {

@@ -1,6 +1,6 @@
 // MoE small kernels: router logits, noaux_tc router, permutation plan, gather, SiLU*up +
-// act_quant, weighted un-permutation. Contracts (buffers, grids, numerics): the MoE section of
-// cuda/launch_params.h. The grouped GEMMs are in cuda/moe_gemm.cu.
+// act_quant, weighted un-permutation. Contracts (buffers, grids, numerics):
+// cuda/params/moe.h. The grouped GEMMs are in cuda/moe_gemm.cu.
 //
 // Numerics follow the CPU reference (src/cpu/moe.rs, src/cpu/linear.rs, src/numerics) operation
 // by operation: f32 arithmetic is written with __fadd_rn / __fmul_rn / __fdiv_rn so nvcc never
@@ -11,7 +11,7 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/moe.h"
 
 namespace {
 

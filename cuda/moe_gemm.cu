@@ -6,13 +6,13 @@
 //   moe_gemm_masked_wgmma_m64  masked layout, BLOCK_M 64 (few tokens per expert).
 // The tiles in use are found on the device (block tables / counts written by moe_plan), so a
 // launch needs no host synchronization and can be captured in a CUDA graph.
-// Contract (buffers, tensor maps, grid, block, smem): the MoE section of cuda/launch_params.h.
+// Contract (buffers, tensor maps, grid, block, smem): cuda/params/moe.h.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
 #include "fp8_gemm_pipeline.cuh"
-#include "launch_params.h"
+#include "params/moe.h"
 
 // ============================================================================================
 // Reference
@@ -66,9 +66,9 @@ constexpr int kSchedBytes = 2 * (R1_MOE_MAX_EXPERTS + 1) * 4;
 
 using Pipe128 = r1::gemm::PipeConfig<R1_FP8_GEMM_BLOCK_M, R1_FP8_GEMM_STAGES>;
 using Pipe64 = r1::gemm::PipeConfig<R1_FP8_GEMM_M64_BLOCK_M, R1_FP8_GEMM_M64_STAGES>;
-static_assert(Pipe128::kSmemBytes + kSchedBytes == R1_MOE_GEMM_SMEM_BYTES, "launch_params.h R1_MOE_GEMM_SMEM_BYTES");
+static_assert(Pipe128::kSmemBytes + kSchedBytes == R1_MOE_GEMM_SMEM_BYTES, "params/moe.h R1_MOE_GEMM_SMEM_BYTES");
 static_assert(Pipe64::kSmemBytes + kSchedBytes == R1_MOE_GEMM_M64_SMEM_BYTES,
-              "launch_params.h R1_MOE_GEMM_M64_SMEM_BYTES");
+              "params/moe.h R1_MOE_GEMM_M64_SMEM_BYTES");
 static_assert(Pipe128::kThreads == R1_MOE_GEMM_THREADS && Pipe64::kThreads == R1_MOE_GEMM_M64_THREADS, "threads");
 static_assert(R1_FP8_GEMM_BLOCK_M == R1_MOE_BLOCK_M, "contiguous padding is the wgmma kernel's BLOCK_M");
 

@@ -1,4 +1,4 @@
-// Layout probes (launch_params.h PROBE SECTION): diagnostics that run one piece of the fast
+// Layout probes (cuda/params/probe.h): diagnostics that run one piece of the fast
 // kernels' machinery in isolation. tests/gpu_probes.rs reads their raw results.
 //
 //   probe_wgmma_m64n128k32     one wgmma m64n128k32 e4m3 on hand-swizzled shared memory
@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/probe.h"
 #include "ptx.cuh"
 
 namespace {
@@ -21,7 +21,7 @@ constexpr int ROW_BYTES = 128;  // one swizzle row: K up to 128 fp8
 constexpr int CHUNKS = ROW_BYTES / 16;
 constexpr int A_BYTES = ROWS_A * ROW_BYTES;
 constexpr int B_BYTES = ROWS_B * ROW_BYTES;
-static_assert(A_BYTES + B_BYTES == R1_PROBE_WGMMA_SMEM_BYTES, "launch_params.h");
+static_assert(A_BYTES + B_BYTES == R1_PROBE_WGMMA_SMEM_BYTES, "params/probe.h");
 static_assert(A_BYTES % 1024 == 0, "the B tile starts on a swizzle atom");
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a K-major tile as TMA writes it with

@@ -1,11 +1,11 @@
 // Small ops of the model graph that no specialised kernel covers: simple, obviously-correct
 // CUDA-core kernels (one thread per element or a block per row), f32 arithmetic, one bf16
-// rounding on store. Contract (buffers, grids, numerics): cuda/launch_params.h, SMALL OPS.
+// rounding on store. Contract (buffers, grids, numerics): cuda/params/small_ops.h.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-#include "launch_params.h"
+#include "params/small_ops.h"
 
 namespace {
 

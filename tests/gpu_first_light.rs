@@ -9,7 +9,7 @@
 //! other GPU tests compare every kernel with the CPU.
 //!
 //! Coverage: the kernels launched must be exactly `Device::kernel_attributes()` (ptxas's
-//! inventory of cuda/*.cu) minus the modules in [`NOT_LAUNCHED_HERE`], so a kernel added
+//! inventory of every .cu under cuda/) minus the modules in [`NOT_LAUNCHED_HERE`], so a kernel added
 //! without a first-light launch fails `first_light`.
 //!
 //! Without a usable device both tests print `skipped: no CUDA device (...)` and return (a

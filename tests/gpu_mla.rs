@@ -1,4 +1,4 @@
-//! MLA kernels (cuda/mla.cu) against the CPU reference (`r1_runtime::cpu::attention`).
+//! MLA kernels (cuda/mla/) against the CPU reference (`r1_runtime::cpu::attention`).
 //!
 //! Without a usable device every GPU test prints `skipped: no CUDA device (<reason>) [<test>]`
 //! to stderr (past libtest's capture) and returns; `R1_REQUIRE_GPU=1` (tools/gpu-suite) makes

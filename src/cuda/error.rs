@@ -204,7 +204,7 @@ mod tests {
             CudaError::OutOfMemory { bytes: 1 },
             CudaError::BuiltWithoutKernels,
             CudaError::NotEmbedded {
-                what: "cuda/mla/decode.cu".into(),
+                what: "cubin mla_decode".into(),
             },
             CudaError::DriverPanic {
                 call: "cuInit".into(),

@@ -241,7 +241,7 @@ impl KernelTable {
                 CudaError::requirement(
                     symbol,
                     format!(
-                        "needs a row in the kernel table (src/cuda/launch.rs) for cuda/{stem}.cu"
+                        "needs a row in the kernel table (src/cuda/launch.rs); cubin {stem} defines it"
                     ),
                 )
             })?;
@@ -285,7 +285,7 @@ fn load_module(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<CudaModule>> {
         .iter()
         .find(|(s, _)| *s == stem)
         .ok_or_else(|| CudaError::NotEmbedded {
-            what: format!("cuda/{stem}.cu"),
+            what: format!("cubin {stem}"),
         })?;
     ctx.load_module(Ptx::from_binary(cubin.to_vec()))
         .map_err(|e| CudaError::driver(&format!("cuModuleLoadData({stem}.cubin)"), e))
@@ -648,10 +648,7 @@ mod tests {
             return;
         }
         for (stem, symbol, _) in sys::KERNELS {
-            assert!(
-                row(symbol).is_some(),
-                "{symbol} (cuda/{stem}.cu) has no row"
-            );
+            assert!(row(symbol).is_some(), "{symbol} (cubin {stem}) has no row");
         }
         for spec in KERNEL_TABLE {
             assert!(

@@ -6,7 +6,7 @@
 //! - Linear on an FP8 weight: act_quant (cuda/act_quant.cu when K % 128 == 0, else the small
 //!   ragged-K kernel) + fp8_gemm (Auto: wgmma where it applies, the reference kernel
 //!   otherwise); on a dense weight (lm_head, eh_proj): the small bf16 GEMM (f32 logits).
-//! - MlaCacheWrite / MlaAttention: cuda/mla.cu's cache write, q RoPE and attention (the
+//! - MlaCacheWrite / MlaAttention: cuda/mla/'s cache write, q RoPE and attention (the
 //!   split-KV wgmma fast path, scheduled once per step, where the shapes apply; the reference
 //!   kernel otherwise) over this backend's paged latent caches (grown as block ids appear,
 //!   pages copied when a forked sequence writes into a shared one), with the absorption GEMMs

@@ -1,4 +1,4 @@
-//! MLA on the GPU (cuda/mla.cu): the paged latent cache, its write kernel, q RoPE, and the
+//! MLA on the GPU (cuda/mla/): the paged latent cache, its write kernel, q RoPE, and the
 //! device-side step layout shared by every MLA kernel. Attention itself (reference kernel,
 //! split-KV wgmma fast path, scheduler, combine) is in [`super::mla_attn`].
 //!

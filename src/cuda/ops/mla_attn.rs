@@ -1,5 +1,5 @@
 //! MLA attention, absorbed form, over the paged latent cache: decode (s_q 1-2) and chunked
-//! prefill with one call shape. Kernels (cuda/mla.cu):
+//! prefill with one call shape. Kernels (cuda/mla/):
 //!
 //! - `mla_attn_ref`: the simple GPU reference and fallback (any kv_lora <= 512, any rope).
 //! - the fast path (kv_lora 512, rope 64): `mla_schedule` (split-KV tile scheduler, run once

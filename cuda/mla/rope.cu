@@ -1,0 +1,107 @@
+// MLA cache write and q RoPE: the two kernels that put a step's new tokens into the form the
+// attention kernels read, sharing the interleaved YaRN RoPE rounded as the CPU reference does.
+//   mla_cache_write   rmsnorm(c_kv) * w | rope(k_pe) -> bf16 cache page slot, one warp per token
+//   mla_q_rope        interleaved YaRN RoPE of q_pe (bf16 -> bf16, in place or into the q buffer)
+// Contracts (buffers, grids, blocks, numerics): cuda/params/mla.h.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "params/mla.h"
+#include "mla/common.cuh"
+
+using namespace r1::mla;
+
+namespace {
+
+// sin and cos of the f32 value `a`, rounded to f32 from a double evaluation: a is reduced by
+// 2*pi in double (Cody-Waite, two-part constant; |a| < 2^24 keeps k exact), then sincospi
+// runs on the reduced argument. Nearly always the correctly rounded f32 result (what the CPU's
+// libm sinf/cosf return), without the local-memory Payne-Hanek path of sincosf for the large
+// angles long contexts produce (position 163839 x inv_freq 1.0).
+__device__ __forceinline__ void sincos_of_f32(float a, float& s, float& c) {
+    constexpr double kTwoPiHi = 6.283185307179586;        // fl64(2 pi)
+    constexpr double kTwoPiLo = 2.4492935982947064e-16;   // 2 pi - fl64(2 pi)
+    constexpr double kInvTwoPi = 0.15915494309189535;
+    constexpr double kInvPi = 0.3183098861837907;
+    const double x = static_cast<double>(a);
+    const double k = rint(x * kInvTwoPi);
+    double r = fma(-k, kTwoPiHi, x);
+    r = fma(-k, kTwoPiLo, r);
+    double sd, cd;
+    sincospi(r * kInvPi, &sd, &cd);
+    s = static_cast<float>(sd);
+    c = static_cast<float>(cd);
+}
+
+// Interleaved-pair RoPE of (a, b) at `pos`, exactly as the CPU reference rounds it: every
+// product and sum rounded on its own (no FMA contraction).
+__device__ __forceinline__ void rope_pair(float a, float b, float inv_freq, int pos, float attention_factor,
+                                          float& out_a, float& out_b) {
+    const float angle = __fmul_rn(static_cast<float>(pos), inv_freq);
+    float s, c;
+    sincos_of_f32(angle, s, c);
+    c = __fmul_rn(c, attention_factor);
+    s = __fmul_rn(s, attention_factor);
+    out_a = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    out_b = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(R1_MLA_CACHE_WRITE_THREADS)
+mla_cache_write(const R1MlaCacheWriteParams p) {
+    const int lane = threadIdx.x % 32;
+    const int t = blockIdx.x * (R1_MLA_CACHE_WRITE_THREADS / 32) + threadIdx.x / 32;
+    if (t >= p.tokens) return;
+    const int seq = reinterpret_cast<const int*>(p.token_seq)[t];
+    const int pos = reinterpret_cast<const int*>(p.positions)[t];
+    if (seq < 0 || seq >= p.num_seqs || pos < 0 || pos / PAGE >= p.bt_stride) return;
+    const int page = reinterpret_cast<const int*>(p.block_table)[static_cast<int64_t>(seq) * p.bt_stride + pos / PAGE];
+    if (page < 0 || page >= p.num_pages) return;
+
+    const int width = p.kv_lora + p.rope;
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(p.kv) + static_cast<int64_t>(t) * p.ld_kv;
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.norm_w);
+    __nv_bfloat16* dst =
+        reinterpret_cast<__nv_bfloat16*>(p.cache) + (static_cast<int64_t>(page) * PAGE + pos % PAGE) * width;
+
+    float ss = 0.0f;
+    for (int c = lane; c < p.kv_lora; c += 32) {
+        const float v = bf(src[c]);
+        ss = fmaf(v, v, ss);
+    }
+    ss = warp_sum(ss);
+    const float mean = __fdiv_rn(ss, static_cast<float>(p.kv_lora));
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, p.eps)));
+    for (int c = lane; c < p.kv_lora; c += 32) {
+        dst[c] = __float2bfloat16_rn(__fmul_rn(__fmul_rn(bf(src[c]), inv), bf(w[c])));
+    }
+
+    const float* inv_freq = reinterpret_cast<const float*>(p.inv_freq);
+    for (int i = lane; i < p.rope / 2; i += 32) {
+        float a, b;
+        rope_pair(bf(src[p.kv_lora + 2 * i]), bf(src[p.kv_lora + 2 * i + 1]), inv_freq[i], pos,
+                  p.attention_factor, a, b);
+        dst[p.kv_lora + 2 * i] = __float2bfloat16_rn(a);
+        dst[p.kv_lora + 2 * i + 1] = __float2bfloat16_rn(b);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(R1_MLA_Q_ROPE_THREADS) mla_q_rope(const R1MlaQRopeParams p) {
+    const int half = p.rope / 2;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * R1_MLA_Q_ROPE_THREADS + threadIdx.x;
+    if (half <= 0 || idx >= static_cast<int64_t>(p.tokens) * p.heads * half) return;
+    const int i = static_cast<int>(idx % half);
+    const int64_t th = idx / half;
+    const int h = static_cast<int>(th % p.heads);
+    const int t = static_cast<int>(th / p.heads);
+    const int pos = reinterpret_cast<const int*>(p.positions)[t];
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(p.src) +
+                               static_cast<int64_t>(t) * p.src_ld_token + static_cast<int64_t>(h) * p.src_ld_head + 2 * i;
+    __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.dst) + static_cast<int64_t>(t) * p.dst_ld_token +
+                         static_cast<int64_t>(h) * p.dst_ld_head + 2 * i;
+    float a, b;
+    rope_pair(bf(src[0]), bf(src[1]), reinterpret_cast<const float*>(p.inv_freq)[i], pos, p.attention_factor, a, b);
+    dst[0] = __float2bfloat16_rn(a);
+    dst[1] = __float2bfloat16_rn(b);
+}
