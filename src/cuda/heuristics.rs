@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 
 use super::ops::{
     GemmKernel, GroupedGemmKernel, MlaKernel, MoeBlockConfig, MoeGeometry, MoeLayout, MLA_BLOCK_M,
-    MLA_PAGE_TOKENS,
+    MLA_PAGE_TOKENS, QUANT_BLOCK,
 };
 use super::{sys, DeviceInfo};
 
@@ -234,6 +234,26 @@ impl MoeLayout {
     }
 }
 
+/// Which kernel quantizes a linear layer's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActQuantKernel {
+    /// cuda/act_quant.cu: 16-byte loads, 8 threads per 128-channel group (K % 128 == 0).
+    Vectorized,
+    /// The small-ops kernel, which also takes a last group shorter than 128 channels.
+    RaggedK,
+}
+
+/// The vectorized kernel wherever every 128-channel group is whole, else the ragged-K one.
+pub fn act_quant_kernel(m: usize, k: usize) -> ActQuantKernel {
+    let kernel = if k % QUANT_BLOCK == 0 {
+        ActQuantKernel::Vectorized
+    } else {
+        ActQuantKernel::RaggedK
+    };
+    report(&Choice::ActQuant { m, k, kernel });
+    kernel
+}
+
 /// How a MoE layer's routed experts run on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MoeRoutedPath {
@@ -268,6 +288,11 @@ pub fn moe_routed_path(cfg: &MoeBlockConfig) -> MoeRoutedPath {
 /// One decision, as `R1_PRINT_CHOICES` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
+    ActQuant {
+        m: usize,
+        k: usize,
+        kernel: ActQuantKernel,
+    },
     Fp8Gemm {
         m: usize,
         n: usize,
@@ -316,6 +341,13 @@ impl Choice {
             } => format!("masked ({max_tokens_per_expert} rows per expert)"),
         };
         let body = match self {
+            Choice::ActQuant { m, k, kernel } => format!(
+                "act_quant m={m} k={k} -> {}",
+                match kernel {
+                    ActQuantKernel::Vectorized => "act_quant",
+                    ActQuantKernel::RaggedK => "small_act_quant (ragged K)",
+                }
+            ),
             Choice::Fp8Gemm {
                 m,
                 n,
@@ -404,7 +436,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::cuda::ops::{
         act_scale_m_pad, Fp8GemmDesc, MlaAttnDesc, MlaWorkspace, MlaWorkspaceDesc, Region,
-        RouterConfig, MLA_SCHED_FIXED_OVERHEAD, QUANT_BLOCK,
+        RouterConfig, MLA_SCHED_FIXED_OVERHEAD,
     };
 
     /// H200 / H100 SXM: 132 SMs.
@@ -924,6 +956,24 @@ pub(crate) mod tests {
         );
         assert_eq!(MoeLayout::auto(129), MoeLayout::Contiguous);
         assert_eq!(MoeLayout::auto(4096), MoeLayout::Contiguous);
+    }
+
+    #[test]
+    fn act_quant_vectorized_for_whole_groups_only() {
+        assert_eq!(act_quant_kernel(1, 7168), ActQuantKernel::Vectorized);
+        assert_eq!(act_quant_kernel(5, 128), ActQuantKernel::Vectorized);
+        for k in [1, 64, 7000, 7168 + 64] {
+            assert_eq!(act_quant_kernel(1, k), ActQuantKernel::RaggedK, "k={k}");
+        }
+        assert_eq!(
+            Choice::ActQuant {
+                m: 3,
+                k: 100,
+                kernel: ActQuantKernel::RaggedK
+            }
+            .line(),
+            "r1-choice: act_quant m=3 k=100 -> small_act_quant (ragged K)"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use half::bf16;
 use super::pages::mla_workspace;
 use super::weights::GpuWeight;
 use super::{ensure, missing, Core, Slot, State, StepData};
+use crate::cuda::heuristics::{act_quant_kernel, ActQuantKernel};
 use crate::cuda::ops::{
     act_scale_m_pad, ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight,
     GemmBf16Desc, GemmKernel, MlaAbsorbDesc, QuantizedActivations, Region, QUANT_BLOCK,
@@ -25,7 +26,7 @@ impl Core {
         let mut scales = self
             .dev
             .alloc_zeros::<f32>(k.div_ceil(QUANT_BLOCK) * m_pad)?;
-        if k % QUANT_BLOCK == 0 {
+        if act_quant_kernel(m, k) == ActQuantKernel::Vectorized {
             self.dev
                 .prepare_act_quant(ActQuantArgs {
                     x,
