@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::graph::{Graph, Plan};
 use crate::kv_cache::Batch;
 
-/// Arithmetic recipe (DESIGN.md "numerics contract").
+/// Arithmetic recipe (docs/design.md, "Numerics contract").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Precision {
     /// f32 everywhere, FP8 weights dequantized exactly: the golden reference.

@@ -17,7 +17,7 @@
  * Weight-scale layout (the checkpoint's weight_scale_inv, a MULTIPLIER):
  *   f32 sb[(n / 128) * ceil(K/128) + kb], shape [ceil(N/128), ceil(K/128)], row-major.
  *
- * w8a8 numerics (DESIGN.md):
+ * w8a8 numerics (docs/design.md, "Numerics contract"):
  *   act_quant:  amax = max_i |x_i| over the 128 channels (exact, bf16 -> f32),
  *               s = max(amax, 1e-4f) / 448.0f                  (f32 IEEE division)
  *               q_i = e4m3(x_i / s)  (f32 IEEE division, round to nearest even, saturate to +-448)

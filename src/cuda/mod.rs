@@ -20,7 +20,6 @@
 //!
 //! cudarc loads libcuda at run time, so a binary built with this module starts on machines
 //! without a driver; [`Device::open`] then returns [`CudaError::NoDriver`] (or `NoDevice`, ...).
-//! Status: compiled here, not yet run on a GPU (tests/gpu_kernels.rs skips without one).
 
 pub mod backend;
 mod buffer;

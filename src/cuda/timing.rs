@@ -1,7 +1,7 @@
 //! Kernel timing for benches: CUDA events recorded on the device's stream around each call,
 //! with the L2 cache flushed before each timed call (a memset over a buffer several times the
-//! L2 size), so operands come from HBM as they do in a model (DESIGN.md: DeepGEMM's harness
-//! was flattered by L2 reuse).
+//! L2 size), so operands come from HBM as they do in a model: a harness that lets
+//! operands stay in L2 flatters small GEMMs.
 
 use cudarc::driver::sys::CUevent_flags;
 

@@ -1,4 +1,4 @@
-//! Number formats and the quantization recipe shared by every backend (DESIGN.md "numerics
+//! Number formats and the quantization recipe shared by every backend (docs/design.md, "Numerics
 //! contract"): FP8 e4m3 codes, bf16 rounding, per-token activation quantization, the
 //! block-scaled FP8 GEMM as a plain loop that GPU kernels are checked against, the f32 dot
 //! product's summation order, and the MoE routing rule ([`routing`]).

@@ -1,5 +1,5 @@
 //! The CUDA [`Backend`]: runs the model graphs on one Hopper GPU with the w8a8 recipe
-//! (DESIGN.md "numerics contract"), mirroring the CPU backend's w8a8 semantics op by op:
+//! (docs/design.md, "Numerics contract"), mirroring the CPU backend's w8a8 semantics op by op:
 //!
 //! - Embed / RmsNorm / Add / Concat / SiluMul / ZeroPositionZero / SelectRows: the simple
 //!   kernels of cuda/small_ops.cu (bf16 buffers, f32 arithmetic, one rounding per op).
@@ -23,8 +23,7 @@
 //!
 //! The [`Device`] is opened once per backend; the kernel handles (`Mla`, `MoeOps`, `SmallOps`)
 //! hold clones of it, and dropping the backend first waits for its stream.
-//! Status: compiled here, not yet run on a GPU (tests/gpu_engine.rs compares it with the CPU
-//! w8a8 backend end to end where a device exists).
+//! tests/gpu_engine.rs compares it with the CPU w8a8 backend end to end where a device exists.
 
 mod adapters;
 mod dispatch;

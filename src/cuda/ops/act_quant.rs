@@ -1,5 +1,5 @@
 //! act_quant: bf16 [M, K] -> fp8 e4m3 [M, K] + f32 scales per row per 128 channels, in the SA
-//! layout the GEMMs read (`sa[kb * m_pad + r]`). Numerics: DESIGN.md / launch_params.h;
+//! layout the GEMMs read (`sa[kb * m_pad + r]`). Numerics: cuda/params/common.h;
 //! bit-identical to `numerics::act_quant` (tests/gpu_kernels.rs).
 
 use cudarc::driver::LaunchConfig;

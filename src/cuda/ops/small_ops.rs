@@ -6,7 +6,6 @@
 //! Each launch has a `*Desc` (plain numbers; `check` names the rule of cuda/launch_params.h's
 //! SMALL OPS section that fails) built by a method of [`SmallOps`], which checks it and
 //! returns a [`Prepared`] launch (launch any number of times).
-//! Status: compiled, not yet run on a GPU.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
