@@ -979,17 +979,8 @@ pub(crate) mod tests {
     #[test]
     fn moe_routed_path_fused_where_the_block_applies() {
         let deepseek = MoeBlockConfig {
-            router: RouterConfig {
-                experts: 256,
-                n_group: 8,
-                topk_group: 4,
-                top_k: 8,
-                normalize: true,
-                scaling: 2.5,
-            },
-            hidden: 7168,
-            inter: 2048,
             shared_inter: 0,
+            ..MoeBlockConfig::deepseek_r1()
         };
         assert_eq!(moe_routed_path(&deepseek), MoeRoutedPath::Fused);
         for odd in [

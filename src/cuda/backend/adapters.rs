@@ -149,22 +149,7 @@ mod tests {
     #[test]
     fn deepseek_r1_shapes_fit_the_moe_block() {
         let cfg = moe_block_config(&r1());
-        assert_eq!(
-            cfg,
-            MoeBlockConfig {
-                router: RouterConfig {
-                    experts: 256,
-                    n_group: 8,
-                    topk_group: 4,
-                    top_k: 8,
-                    normalize: true,
-                    scaling: 2.5,
-                },
-                hidden: 7168,
-                inter: 2048,
-                shared_inter: 2048,
-            }
-        );
+        assert_eq!(cfg, MoeBlockConfig::deepseek_r1());
         cfg.check().unwrap();
         assert_eq!(cfg.router.host().n_experts, 256);
     }

@@ -419,13 +419,12 @@ impl MoeOps {
     }
 }
 
+/// DeepSeek-R1's MoE block as its config.json gives it (tests of the block, its adapters and
+/// the choices made from it).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_config_from_deepseek() {
-        let cfg = MoeBlockConfig {
+impl MoeBlockConfig {
+    pub(crate) fn deepseek_r1() -> Self {
+        MoeBlockConfig {
             router: RouterConfig {
                 experts: 256,
                 n_group: 8,
@@ -437,7 +436,17 @@ mod tests {
             hidden: 7168,
             inter: 2048,
             shared_inter: 2048,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_config_from_deepseek() {
+        let cfg = MoeBlockConfig::deepseek_r1();
         cfg.check().unwrap();
         let e = MoeBlockConfig { inter: 96, ..cfg }
             .check()
