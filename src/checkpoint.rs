@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::numerics::QUANT_BLOCK;
+use crate::numerics::{e4m3_to_f32, QUANT_BLOCK};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -154,6 +154,20 @@ impl Fp8Weight {
             },
             scales,
         }
+    }
+
+    /// The weight in f32, exactly: W = q * s per 128x128 block, row-major [n, k].
+    pub fn dequantized(&self) -> Vec<f32> {
+        let kb = self.k.div_ceil(QUANT_BLOCK);
+        self.codes
+            .as_slice()
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let (n, k) = (i / self.k, i % self.k);
+                e4m3_to_f32(c) * self.scales[(n / QUANT_BLOCK) * kb + k / QUANT_BLOCK]
+            })
+            .collect()
     }
 }
 

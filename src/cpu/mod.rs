@@ -14,7 +14,7 @@ use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
 use crate::kv_cache::{Batch, PAGE_TOKENS};
 use crate::model::weights::{ModelWeights, Weight, WeightId};
 use crate::numerics::routing::Router;
-use crate::numerics::{e4m3_to_f32, round_bf16, silu, QUANT_BLOCK};
+use crate::numerics::{round_bf16, silu};
 
 use attention::{Absorbed, LayerCache, MlaShape, Rope};
 use moe::MoeCall;
@@ -268,18 +268,7 @@ pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn dequantize(w: &Weight, precision: Precision) -> Absorbed {
     let kv_b = match w {
         Weight::Dense { data, .. } => data.clone(),
-        Weight::Fp8(w) => {
-            let kb = w.k.div_ceil(QUANT_BLOCK);
-            w.codes
-                .as_slice()
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| {
-                    let (n, k) = (i / w.k, i % w.k);
-                    e4m3_to_f32(c) * w.scales[(n / QUANT_BLOCK) * kb + k / QUANT_BLOCK]
-                })
-                .collect()
-        }
+        Weight::Fp8(w) => w.dequantized(),
     };
     let kv_b = match precision {
         Precision::Exact => kv_b,

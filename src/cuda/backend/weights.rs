@@ -5,11 +5,11 @@
 use half::bf16;
 
 use super::Core;
-use crate::cuda::ops::{Fp8Weight, QUANT_BLOCK};
+use crate::cuda::ops::Fp8Weight;
 use crate::cuda::{Device, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::model::weights::{ModelWeights, Weight, WeightId};
-use crate::numerics::{e4m3_to_f32, round_bf16};
+use crate::numerics::round_bf16;
 
 /// A weight on the device as the graph's ops use it.
 pub(super) enum GpuWeight {
@@ -65,19 +65,11 @@ pub(super) fn dense_f32(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> 
 pub(super) fn upload_absorbed(dev: &Device, w: &Weight) -> Result<DeviceBuffer<bf16>> {
     let v: Vec<bf16> = match w {
         Weight::Dense { data, .. } => data.iter().map(|&x| bf16::from_f32(x)).collect(),
-        Weight::Fp8(w) => {
-            let kb = w.k.div_ceil(QUANT_BLOCK);
-            w.codes
-                .as_slice()
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| {
-                    let (n, k) = (i / w.k, i % w.k);
-                    let x = e4m3_to_f32(c) * w.scales[(n / QUANT_BLOCK) * kb + k / QUANT_BLOCK];
-                    bf16::from_f32(round_bf16(x))
-                })
-                .collect()
-        }
+        Weight::Fp8(w) => w
+            .dequantized()
+            .into_iter()
+            .map(|x| bf16::from_f32(round_bf16(x)))
+            .collect(),
     };
     Ok(dev.upload(&v)?)
 }
