@@ -66,6 +66,11 @@ pub struct Region {
     pub len: usize,
 }
 
+/// The address a kernel reads for an optional buffer: 0 when absent.
+pub(crate) fn opt_addr(r: Option<Region>) -> u64 {
+    r.map_or(0, |r| r.addr)
+}
+
 impl<T> From<&super::DeviceBuffer<T>> for Region {
     fn from(b: &super::DeviceBuffer<T>) -> Self {
         Region {

@@ -295,11 +295,6 @@ impl MoeOps {
     }
 }
 
-/// Region helpers for the descs.
-pub(crate) fn opt_addr(r: Option<super::Region>) -> u64 {
-    r.map_or(0, |r| r.addr)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

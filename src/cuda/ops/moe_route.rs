@@ -7,7 +7,8 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::moe::{opt_addr, MoeFlags, MoeOps, RouterConfig, MOE_FLAGS_LEN};
+use super::moe::{MoeFlags, MoeOps, RouterConfig, MOE_FLAGS_LEN};
+use super::opt_addr;
 use super::{Checker, Region};
 use crate::cuda::error::Result;
 use crate::cuda::launch::{KernelLaunch, Prepared};

@@ -456,7 +456,7 @@ impl KernelLaunch for Eltwise {
         let d = &self.desc;
         Ok(R1SmallEltwiseParams {
             a: d.a.addr,
-            b: d.b.map_or(0, |b| b.addr),
+            b: super::opt_addr(d.b),
             out: d.out.addr,
             n: d.n as i64,
         })
@@ -478,7 +478,7 @@ impl KernelLaunch for CopyRowsDesc {
         Ok(R1SmallCopyRowsParams {
             src: self.src.addr,
             dst: self.dst.addr,
-            row_map: self.row_map.map_or(0, |m| m.addr),
+            row_map: super::opt_addr(self.row_map),
             rows: self.rows as i32,
             cols: self.cols as i32,
             lds: self.lds as i32,
