@@ -406,17 +406,11 @@ fn first_time(seen: &mut HashSet<String>, choice: &Choice) -> Option<String> {
     seen.insert(line.clone()).then_some(line)
 }
 
-/// True when `R1_PRINT_CHOICES` asks for the choices (any value but empty or "0").
-fn printing_enabled(value: Option<&str>) -> bool {
-    value.is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// Prints `choice` to stderr the first time it is made, when `R1_PRINT_CHOICES` is set.
 pub fn report(choice: &Choice) {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let enabled = *ENABLED
-        .get_or_init(|| printing_enabled(std::env::var("R1_PRINT_CHOICES").ok().as_deref()));
+    let enabled = *ENABLED.get_or_init(|| super::env_switch("R1_PRINT_CHOICES"));
     if !enabled {
         return;
     }
@@ -1107,9 +1101,5 @@ pub(crate) mod tests {
         assert_eq!(first_time(&mut seen, &a), None);
         assert_eq!(first_time(&mut seen, &b), Some(b.line()));
         assert_eq!(first_time(&mut seen, &a.clone()), None);
-        assert!(printing_enabled(Some("1")));
-        assert!(!printing_enabled(Some("0")));
-        assert!(!printing_enabled(Some("")));
-        assert!(!printing_enabled(None));
     }
 }

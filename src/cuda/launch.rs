@@ -214,7 +214,7 @@ pub(crate) fn check_register_budget(kernel: &str, registers: u32, threads: u32) 
 /// One embedded kernel, loaded (its function keeps its module alive).
 pub(crate) struct LoadedKernel {
     spec: &'static KernelSpec,
-    /// The `cuda/<stem>.cu` it comes from.
+    /// The cubin it comes from (its source's path under cuda/, folders joined by `_`).
     stem: &'static str,
     registers_at_build: u32,
     func: CudaFunction,
@@ -527,7 +527,7 @@ fn queue(stream: &Arc<CudaStream>, step: &Step<'_>) -> Result<()> {
 /// What the driver reports for one loaded kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelAttributes {
-    /// The `cuda/<module>.cu` it comes from.
+    /// The cubin it comes from (its source's path under cuda/, folders joined by `_`).
     pub module: &'static str,
     pub kernel: &'static str,
     pub registers: i32,
@@ -546,7 +546,7 @@ pub struct KernelAttributes {
 /// `R1_CUDA_TRACE` is set (non-empty, not "0"): read once.
 fn trace_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("R1_CUDA_TRACE").is_some_and(|v| !v.is_empty() && v != "0"))
+    *ON.get_or_init(|| super::env_switch("R1_CUDA_TRACE"))
 }
 
 /// The trace line of one launch (the GPU suite's runner reads the last one before a hang).

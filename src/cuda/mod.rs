@@ -51,3 +51,29 @@ pub use ops::{
     MLA_SCHED_MAX_BATCH,
 };
 pub use tma::{TensorMap2d, TmaElem};
+
+/// The diagnostics switches (`R1_CUDA_TRACE`, `R1_PRINT_CHOICES`) are on for any value but
+/// empty or "0".
+fn switch_on(value: Option<&std::ffi::OsStr>) -> bool {
+    value.is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Whether the diagnostics switch `var` is on in this process's environment.
+pub(crate) fn env_switch(var: &str) -> bool {
+    switch_on(std::env::var_os(var).as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::switch_on;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn switches_are_on_for_any_value_but_empty_or_zero() {
+        assert!(switch_on(Some(OsStr::new("1"))));
+        assert!(switch_on(Some(OsStr::new("yes"))));
+        assert!(!switch_on(Some(OsStr::new("0"))));
+        assert!(!switch_on(Some(OsStr::new(""))));
+        assert!(!switch_on(None));
+    }
+}
