@@ -579,22 +579,7 @@ mod tests {
     /// Each resolved kernel's launch pairs with its kernel-table row.
     #[test]
     fn launches_pair_with_their_rows() {
-        let r = |len| Region { addr: 256, len };
-        let (m, n, k) = (64, 128, 128);
-        let desc = Fp8GemmDesc {
-            m,
-            n,
-            k,
-            a: r(m * k),
-            lda: k,
-            sa: r(m),
-            m_pad: m,
-            b: r(n * k),
-            ldb: k,
-            sb: r(1),
-            d: r(m * n),
-            ldd: n,
-        };
+        let desc = desc(64, 128, 128);
         assert_eq!(row_symbol(&RefLaunch(desc)), "fp8_gemm_ref");
         for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
             let l = WgmmaLaunch {
