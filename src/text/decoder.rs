@@ -36,17 +36,9 @@ impl IncrementalDecoder {
     /// Adds one token; returns the text that became complete (possibly empty).
     pub fn step(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let after = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        let (before, after) = self.window()?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
-            let delta = match after.strip_prefix(before.as_str()) {
-                Some(rest) => rest.to_string(),
-                None => after[common_prefix(&before, &after)..].to_string(),
-            };
+            let delta = after[common_prefix(&before, &after)..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
             // Keep the buffer short: only the window is ever decoded again.
@@ -67,23 +59,27 @@ impl IncrementalDecoder {
         if self.read == self.ids.len() {
             return Ok(String::new());
         }
+        let (before, after) = self.window()?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        let rest = &after[common_prefix(&before, &after)..];
+        Ok(rest.trim_end_matches('\u{FFFD}').to_string())
+    }
+
+    /// The window's text without and with the tokens not yet returned.
+    fn window(&self) -> Result<(String, String)> {
         let before = self
             .tokenizer
             .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
         let after = self
             .tokenizer
             .decode(&self.ids[self.prefix..], self.skip_special)?;
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        let rest = match after.strip_prefix(before.as_str()) {
-            Some(rest) => rest,
-            None => &after[common_prefix(&before, &after)..],
-        };
-        Ok(rest.trim_end_matches('\u{FFFD}').to_string())
+        Ok((before, after))
     }
 }
 
-/// Byte length of the longest common prefix of `a` and `b` that ends on a char boundary.
+/// Byte length of the longest common prefix of `a` and `b` that ends on a char boundary (all of
+/// `a` when `b` extends it, the usual case).
 fn common_prefix(a: &str, b: &str) -> usize {
     let mut n = 0;
     for ((i, ca), cb) in a.char_indices().zip(b.chars()) {
