@@ -72,23 +72,7 @@ impl Core {
     ) -> Result<()> {
         let a = self.quantize(x, m, w.k)?;
         self.dev
-            .prepare_fp8_gemm(
-                Fp8GemmArgs {
-                    a: &a.q,
-                    lda: w.k,
-                    sa: &a.scales,
-                    m_pad: a.m_pad,
-                    b: &w.codes,
-                    ldb: w.k,
-                    sb: &w.scales,
-                    d,
-                    ldd: w.n,
-                    m,
-                    n: w.n,
-                    k: w.k,
-                },
-                GemmKernel::Auto,
-            )?
+            .prepare_fp8_gemm(Fp8GemmArgs::new(&a, w, d), GemmKernel::Auto)?
             .launch()?;
         Ok(())
     }
