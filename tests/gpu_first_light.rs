@@ -23,6 +23,7 @@ use std::time::Instant;
 use bytemuck::Pod;
 use half::bf16;
 
+use r1_runtime::cuda::backend::upload_rope;
 use r1_runtime::cuda::ops::{
     CopyRowsDesc, GatherArgs, GemmBf16Desc, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel,
     MlaAbsorbDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps, MoePlanBuffers, PermutedRows,
@@ -31,7 +32,7 @@ use r1_runtime::cuda::ops::{
 use r1_runtime::cuda::{
     mla_schedule_host, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
     GemmKernel, Mla, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel, MlaLayout, MlaQRopeArgs,
-    MlaRope, MlaWorkspace, Prepared, QuantizedActivations, Region, MLA_FAST_KV_LORA, MLA_FAST_ROPE,
+    MlaWorkspace, Prepared, QuantizedActivations, Region, MLA_FAST_KV_LORA, MLA_FAST_ROPE,
     MLA_SCHED_FIXED_OVERHEAD,
 };
 use r1_runtime::numerics;
@@ -240,7 +241,7 @@ fn light_mla(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let mut cache = MlaCache::new(dev, 5, kv_lora, rope).unwrap();
     let old = to_bf16(&rng.uniform(cache.data.len(), -1.0, 1.0));
     dev.copy_to_device(&old, &mut cache.data).unwrap();
-    let rope_table = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
+    let rope_table = upload_rope(dev, &cfg).unwrap();
     let kv = dev
         .upload(&to_bf16(&rng.uniform(tokens * width, -2.0, 2.0)))
         .unwrap();

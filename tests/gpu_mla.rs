@@ -33,9 +33,10 @@ use rayon::prelude::*;
 
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cpu::attention::{self as cpu_attn, Absorbed, LayerCache, MlaShape, Rope};
+use r1_runtime::cuda::backend::upload_rope;
 use r1_runtime::cuda::{
     mla_schedule_host, CudaError, Mla, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel,
-    MlaLayout, MlaQRopeArgs, MlaRope, MlaWorkspace, MLA_SCHED_FIXED_OVERHEAD,
+    MlaLayout, MlaQRopeArgs, MlaWorkspace, MLA_SCHED_FIXED_OVERHEAD,
 };
 use r1_runtime::kv_cache::{Batch, BlockId, Segment, PAGE_TOKENS};
 use r1_runtime::numerics::round_bf16;
@@ -475,7 +476,7 @@ fn cache_write_matches_cpu() {
     dev.memset(&mut cache.data, 0xFF).unwrap();
     let kv_d = dev.upload(&to_bf16(&kv)).unwrap();
     let norm_d = dev.upload(&to_bf16(&norm)).unwrap();
-    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
+    let rope = upload_rope(dev, &cfg).unwrap();
     mla.cache_write(MlaCacheWriteArgs {
         kv: &kv_d,
         ld_kv,
@@ -545,7 +546,7 @@ fn q_rope_matches_cpu() {
         .map(|_| round_bf16(rng.normal()))
         .collect();
     let batch = layout.upload(dev).unwrap();
-    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
+    let rope = upload_rope(dev, &cfg).unwrap();
     let qb_d = dev.upload(&to_bf16(&qb)).unwrap();
     let mut q = dev.alloc::<bf16>(tokens * heads * WIDTH).unwrap();
     dev.memset(&mut q, 0xFF).unwrap();
@@ -729,7 +730,7 @@ fn prefill_then_decode_equals_single_prefill() {
     let q_all: Vec<f32> = (0..n * heads * WIDTH)
         .map(|_| round_bf16(rng.normal() * 0.3))
         .collect();
-    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
+    let rope = upload_rope(dev, &cfg).unwrap();
     let norm_d = dev.upload(&to_bf16(&norm)).unwrap();
 
     // Steps as (new tokens) lists: [all n] vs [130, 60, 1 x 20, 2 x 10].
@@ -870,7 +871,7 @@ fn sanitizer_smoke() {
         .upload(&to_bf16(&vec![0.5f32; p.layout.total_q() * WIDTH]))
         .unwrap();
     let norm = dev.upload(&to_bf16(&[1.0f32; KV_LORA])).unwrap();
-    let rope = MlaRope::new(dev, &cfg.rope_inv_freq(), cfg.rope_attention_factor()).unwrap();
+    let rope = upload_rope(dev, &cfg).unwrap();
     mla.cache_write(MlaCacheWriteArgs {
         kv: &kv,
         ld_kv: WIDTH,
