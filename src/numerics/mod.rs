@@ -1,11 +1,13 @@
 //! Number formats and the quantization recipe shared by every backend (docs/design.md, "Numerics
 //! contract"): FP8 e4m3 codes, bf16 rounding, per-token activation quantization, the
 //! block-scaled FP8 GEMM as a plain loop that GPU kernels are checked against, the f32 dot
-//! product's summation order, and the MoE routing rule ([`routing`]).
+//! product's summation order, the MoE routing rule ([`routing`]) and the sampling rule
+//! ([`sampling`]).
 
 pub mod fp8;
 pub mod quant;
 pub mod routing;
+pub mod sampling;
 
 pub use fp8::{e4m3_to_f32, f32_to_e4m3};
 pub use quant::{act_quant, block_gemm_w8a8, QuantizedRows, QUANT_BLOCK};
