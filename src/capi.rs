@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::engine::sampling::SamplingParams;
-use crate::engine::{BackendKind, Engine, EngineOptions, Sequence, Step};
+use crate::engine::{BackendKind, Engine, EngineOptions, Readback, Sequence, Step};
 use crate::{Error, Precision};
 
 /// Result of a C ABI call (`R1_OK` is 0).
@@ -544,7 +544,8 @@ unsafe fn forward(
                 need / vocab
             )));
         }
-        let out = e.forward_batch_rows(&mut steps, &logit_rows)?;
+        let reads: Vec<Readback> = logit_rows.iter().map(|&r| Readback::logits(r)).collect();
+        let out = e.forward_batch_with(&mut steps, &reads, false)?;
         let mut at = 0;
         for f in out {
             logits[at..at + f.logits.len()].copy_from_slice(&f.logits);

@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
-use r1_runtime::engine::sampling::{Rng, SamplingParams};
-use r1_runtime::engine::speculative::{Draft, DraftRequest, Drafter, MtpDrafter, Verified};
-use r1_runtime::engine::{Engine, EngineOptions, Sequence};
+use r1_runtime::engine::sampling::SamplingParams;
+use r1_runtime::engine::speculative::{DraftRequest, Drafter, MtpDrafter, Verified};
+use r1_runtime::engine::{Engine, EngineOptions, Readback, Sequence, Step};
 use r1_runtime::Result;
 
 fn engine(name: &str) -> Engine {
@@ -70,7 +70,7 @@ struct Scripted {
 
 impl Scripted {
     /// Up to `k` drafts after the verified tokens, right or wrong as scripted.
-    fn drafts(&mut self, v: &Verified<'_>, k: usize) -> Vec<Draft> {
+    fn drafts(&mut self, v: &Verified<'_>, k: usize) -> Vec<u32> {
         self.calls_with_drafts += (k > 0) as usize;
         // The last verified token sits at position first_pos + len; drafts follow it.
         let next_pos = v.first_pos + v.next_tokens.len() + 1;
@@ -82,13 +82,10 @@ impl Scripted {
                     Script::Wrong => false,
                     Script::FirstRight => i == 0,
                 };
-                Draft {
-                    token: if right {
-                        truth
-                    } else {
-                        (truth + 1) % self.vocab
-                    },
-                    dist: None,
+                if right {
+                    truth
+                } else {
+                    (truth + 1) % self.vocab
                 }
             })
             .collect()
@@ -100,7 +97,7 @@ impl Drafter for Scripted {
         &mut self,
         _: &mut Engine,
         requests: &mut [DraftRequest<'_>],
-    ) -> Result<Vec<Vec<Draft>>> {
+    ) -> Result<Vec<Vec<u32>>> {
         Ok(requests
             .iter()
             .map(|r| self.drafts(&r.verified, r.budget))
@@ -162,7 +159,7 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
             &mut self,
             _: &mut Engine,
             requests: &mut [DraftRequest<'_>],
-        ) -> Result<Vec<Vec<Draft>>> {
+        ) -> Result<Vec<Vec<u32>>> {
             Ok(requests
                 .iter()
                 .map(|r| self.0[r.verified.index].drafts(&r.verified, r.budget))
@@ -210,31 +207,28 @@ fn mixed_batch_speculation_matches_each_sequence_alone() {
 /// batch with others of different lengths (k = 3 chains on the layer's own states).
 #[test]
 fn mtp_drafts_are_the_same_batched_or_alone() {
-    use r1_runtime::engine::sampling::argmax;
-    use r1_runtime::model::LogitRows;
     let r = reference("r1-heads");
     let mut e = engine("r1-heads");
     let prompts = [r.tokens.clone(), r.tokens[..7].to_vec()];
     let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::default()).collect();
     let mut verified_inputs = Vec::new();
+    let sampling = greedy();
     for (seq, p) in seqs.iter_mut().zip(&prompts) {
-        let out = e.forward(seq, p, LogitRows::Last).unwrap();
-        let next: Vec<u32> = p[1..]
-            .iter()
-            .copied()
-            .chain([argmax(&out.logits)])
-            .collect();
+        let reads = [Readback::sample(1, &sampling)];
+        let mut step = [Step { seq, tokens: p }];
+        let out = e
+            .forward_batch_with(&mut step, &reads, true)
+            .unwrap()
+            .remove(0);
+        let next: Vec<u32> = p[1..].iter().copied().chain(out.tokens).collect();
         verified_inputs.push((next, out.hidden));
     }
-    let sampling = greedy();
     let propose = |e: &mut Engine, seqs: &mut [Sequence], which: &[usize]| -> Vec<Vec<u32>> {
-        let mut rngs: Vec<Rng> = which.iter().map(|_| Rng::new(0)).collect();
         let mut requests: Vec<DraftRequest> = seqs
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| which.contains(i))
-            .zip(rngs.iter_mut())
-            .map(|((i, seq), rng)| DraftRequest {
+            .map(|(i, seq)| DraftRequest {
                 seq,
                 verified: Verified {
                     index: i,
@@ -244,14 +238,9 @@ fn mtp_drafts_are_the_same_batched_or_alone() {
                 },
                 budget: 3,
                 sampling: &sampling,
-                rng,
             })
             .collect();
-        let drafts = MtpDrafter.propose(e, &mut requests).unwrap();
-        drafts
-            .iter()
-            .map(|d| d.iter().map(|x| x.token).collect())
-            .collect()
+        MtpDrafter.propose(e, &mut requests).unwrap()
     };
     let alone: Vec<Vec<u32>> = (0..2)
         .map(|i| propose(&mut e, &mut seqs, &[i]).remove(0))

@@ -203,6 +203,10 @@ struct RunArgs {
     /// exact (f32 reference) or w8a8 (the GPU recipe).
     #[arg(long, default_value = "exact")]
     precision: Precision,
+    /// Run every step eagerly on the CUDA backend instead of replaying decode steps as
+    /// captured CUDA graphs.
+    #[arg(long)]
+    no_cuda_graphs: bool,
 }
 
 #[derive(Clone)]
@@ -240,6 +244,7 @@ fn load(args: &RunArgs, with_mtp: bool, draft_tokens: usize) -> Result<Engine> {
         precision: args.precision,
         with_mtp,
         draft_tokens,
+        cuda_graphs: !args.no_cuda_graphs,
         ..EngineOptions::default()
     };
     Engine::load(&args.model, &options)
@@ -348,7 +353,7 @@ fn run(command: Command) -> Result<()> {
 fn bench(a: BenchArgs) -> Result<()> {
     use r1_runtime::engine::scheduler::SchedulerOptions;
     use r1_runtime::engine::throughput::{self, BenchOptions};
-    let options = engine_options(&a.run, &a.spec, a.sched.cache_tokens);
+    let options = engine_options(&a.run, &a.spec, Some(&a.sched));
     let engine = Engine::load(&a.run.model, &options)?;
     let opts = BenchOptions {
         requests: a.requests,
@@ -514,19 +519,25 @@ fn human_bytes(b: usize) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-fn engine_options(run: &RunArgs, spec: &SpecArgs, cache_tokens: usize) -> EngineOptions {
+/// Engine options for a front end; `sched` sets the step limits (interactive chat runs one
+/// sequence with the defaults).
+fn engine_options(run: &RunArgs, spec: &SpecArgs, sched: Option<&SchedulerArgs>) -> EngineOptions {
+    let defaults = EngineOptions::default();
     EngineOptions {
         backend: run.backend,
         precision: run.precision,
         with_mtp: false,
-        cache_tokens,
+        cache_tokens: sched.map_or(defaults.cache_tokens, |s| s.cache_tokens),
         draft_tokens: spec.drafts(),
+        max_seqs: sched.map_or(defaults.max_seqs, |s| s.max_running),
+        max_step_tokens: sched.map_or(defaults.max_step_tokens, |s| s.step_tokens),
+        cuda_graphs: !run.no_cuda_graphs,
     }
 }
 
 fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
     r1_runtime::chat::terminal::ChatOptions {
-        engine: engine_options(&a.run, &a.spec, EngineOptions::default().cache_tokens),
+        engine: engine_options(&a.run, &a.spec, None),
         model_dir: a.run.model,
         prompt: a.prompt,
         system: a.system,
@@ -547,7 +558,7 @@ fn chat_options(a: ChatArgs) -> r1_runtime::chat::terminal::ChatOptions {
 
 fn serve_options(a: ServeArgs) -> r1_runtime::server::ServeOptions {
     r1_runtime::server::ServeOptions {
-        engine: engine_options(&a.run, &a.spec, a.sched.cache_tokens),
+        engine: engine_options(&a.run, &a.spec, Some(&a.sched)),
         model_dir: a.run.model,
         host: a.host,
         port: a.port,

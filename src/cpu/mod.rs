@@ -7,12 +7,13 @@ pub mod moe;
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, Outputs, Precision};
+use crate::backend::{Backend, Precision, Readout, StepOutput};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
+use crate::graph::{Buf, Graph, Op, Plan, Storage};
 use crate::kv_cache::{Batch, PAGE_TOKENS};
 use crate::model::weights::{ModelWeights, Weight, WeightId};
+use crate::model::{HIDDEN_OUT, LOGITS};
 use crate::numerics::routing::Router;
 use crate::numerics::{round_bf16, silu};
 
@@ -226,9 +227,10 @@ impl Backend for CpuBackend {
         plan: &Plan,
         batch: &Batch,
         inputs: &[(&str, &[f32])],
-    ) -> Result<Outputs> {
+        readout: &Readout<'_>,
+    ) -> Result<StepOutput> {
         let bound = graph.bind_inputs(batch, inputs)?;
-        let tokens = batch.tokens.len();
+        readout.check(batch)?;
         self.prepare_pages(batch);
         self.slots.resize_with(plan.slots, Vec::new);
         for (buf, data) in bound {
@@ -239,19 +241,21 @@ impl Backend for CpuBackend {
         for op in &graph.nodes {
             self.execute(op, graph, plan, batch)?;
         }
-        Ok(graph
-            .outputs
-            .iter()
-            .map(|(name, b)| {
-                let rows = match graph.desc(*b).rows {
-                    Rows::Tokens => tokens,
-                    Rows::Selected => batch.selected_rows().len(),
-                };
-                let data = self.slots[plan.slot(*b)].clone();
-                debug_assert_eq!(data.len(), rows * graph.desc(*b).width);
-                (name.clone(), data)
-            })
-            .collect())
+        let slot = |name: &str| {
+            graph
+                .output(name)
+                .map(|b| &self.slots[plan.slot(b)])
+                .ok_or_else(|| Error::Backend {
+                    backend: "cpu".into(),
+                    message: format!("the graph has no `{name}` output"),
+                })
+        };
+        let hidden = if readout.hidden {
+            slot(HIDDEN_OUT)?.clone()
+        } else {
+            Vec::new()
+        };
+        Ok(readout.from_host(slot(LOGITS)?, self.cfg.vocab_size, hidden))
     }
 }
 

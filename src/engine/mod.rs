@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Precision};
+use crate::backend::{Backend, Precision, Readout, RowRead};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan};
 use crate::kv_cache::{Batch, BlockAllocator, PageCopy, Segment, SeqBlocks, PAGE_TOKENS};
 use crate::model::weights::ModelWeights;
-use crate::model::{self, LogitRows, HIDDEN_IN, HIDDEN_OUT, LOGITS};
-use sampling::{sample, Rng, SamplingParams};
+use crate::model::{self, LogitRows, HIDDEN_IN};
+use sampling::SamplingParams;
 
 /// Which backend executes the graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,12 @@ pub struct EngineOptions {
     /// MTP speculative decoding: drafts per step for front ends that decode with the
     /// scheduler or `generate` (0: off). Loads the MTP layer; an error without one.
     pub draft_tokens: usize,
+    /// The largest step the engine will run: sequences in it, and tokens over them. A GPU
+    /// backend sizes its workspaces for it at load.
+    pub max_seqs: usize,
+    pub max_step_tokens: usize,
+    /// Replay decode steps as captured CUDA graphs (the CUDA backend).
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +67,9 @@ impl Default for EngineOptions {
             with_mtp: true,
             cache_tokens: 1 << 20,
             draft_tokens: 0,
+            max_seqs: 64,
+            max_step_tokens: 512,
+            cuda_graphs: true,
         }
     }
 }
@@ -127,8 +136,43 @@ impl AsMut<Sequence> for MtpStep<'_> {
     }
 }
 
-/// Logits (rows as requested) and final-normed hidden states of every token of one forward.
+/// What one sequence of a step reads back: its last `rows` token rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Readback<'a> {
+    pub rows: usize,
+    /// Draw the token after each of those rows with these settings, on the backend. A draw's
+    /// counter is the position the drawn token takes, so a seed draws the same tokens whether
+    /// or not speculation runs ahead of it.
+    pub sample: Option<&'a SamplingParams>,
+    /// Return those rows' f32 logits.
+    pub logits: bool,
+}
+
+impl<'a> Readback<'a> {
+    /// The logits of the last `rows` rows.
+    pub fn logits(rows: usize) -> Self {
+        Readback {
+            rows,
+            sample: None,
+            logits: true,
+        }
+    }
+
+    /// A token drawn after each of the last `rows` rows.
+    pub fn sample(rows: usize, params: &'a SamplingParams) -> Self {
+        Readback {
+            rows,
+            sample: Some(params),
+            logits: false,
+        }
+    }
+}
+
+/// What one sequence read back from a forward, as its [`Readback`] asked: drawn tokens (one
+/// per row), logits rows, and (when the step asked) final-normed hidden states of every token.
+#[derive(Debug, Clone, Default)]
 pub struct Forward {
+    pub tokens: Vec<u32>,
     pub logits: Vec<f32>,
     pub hidden: Vec<f32>,
 }
@@ -265,7 +309,7 @@ impl Engine {
     }
 
     /// Appends `tokens` to `seq` through the main model. Logits come for every new token
-    /// (`LogitRows::All`) or the last one.
+    /// (`LogitRows::All`) or the last one, with the hidden states of every token.
     pub fn forward(
         &mut self,
         seq: &mut Sequence,
@@ -279,32 +323,34 @@ impl Engine {
 
     /// One forward step over several sequences at once (continuous batching): each appends
     /// its tokens; results come back in the same order, with logits for every token
-    /// (`LogitRows::All`) or each sequence's last token.
+    /// (`LogitRows::All`) or each sequence's last token, and every token's hidden state.
     pub fn forward_batch(
         &mut self,
         steps: &mut [Step<'_>],
         rows: LogitRows,
     ) -> Result<Vec<Forward>> {
-        let logit_rows: Vec<usize> = match rows {
-            LogitRows::All => steps.iter().map(|s| s.tokens.len()).collect(),
-            LogitRows::Last => vec![1; steps.len()],
-        };
-        self.forward_batch_rows(steps, &logit_rows)
+        let reads: Vec<Readback> = steps
+            .iter()
+            .map(|s| Readback::logits(rows.count(s.tokens.len())))
+            .collect();
+        self.forward_batch_with(steps, &reads, true)
     }
 
-    /// [`Engine::forward_batch`] with logits for the last `logit_rows[i]` tokens of step i
-    /// (0 for a prefill chunk that needs none, 1 + drafts when verifying speculation).
-    pub fn forward_batch_rows(
+    /// [`Engine::forward_batch`] reading back what `reads[i]` asks of step i (nothing for a
+    /// prefill chunk, a drawn token for a decode, 1 + drafts draws when verifying
+    /// speculation) and, with `hidden`, every token's final hidden state.
+    pub fn forward_batch_with(
         &mut self,
         steps: &mut [Step<'_>],
-        logit_rows: &[usize],
+        reads: &[Readback<'_>],
+        hidden: bool,
     ) -> Result<Vec<Forward>> {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
         let mut batch = Batch::default();
         let mut copies = Vec::with_capacity(steps.len());
-        for (step, &rows) in steps.iter_mut().zip(logit_rows) {
+        for (step, read) in steps.iter_mut().zip(reads) {
             let start = step.seq.len();
             let unshared = self.check_tokens(start, step.tokens).and_then(|()| {
                 Self::make_writable(&mut self.alloc, step.seq, start, start + step.tokens.len())
@@ -321,7 +367,7 @@ impl Engine {
                 blocks: step.seq.blocks.blocks.clone(),
                 start_pos: start,
                 len: step.tokens.len(),
-                logit_rows: rows.min(step.tokens.len()),
+                logit_rows: read.rows.min(step.tokens.len()),
             });
         }
         let every_token = batch.segments.iter().all(|s| s.logit_rows == s.len);
@@ -331,29 +377,26 @@ impl Engine {
             &self.main_last
         };
         batch.page_copies = copies.iter().flatten().copied().collect();
-        let mut out = match self
-            .backend
-            .run(&compiled.graph, &compiled.plan, &batch, &[])
-        {
-            Ok(out) => out,
+        let read = read_step(
+            self.backend.as_mut(),
+            compiled,
+            &batch,
+            &[],
+            reads,
+            hidden,
+            Predicts::NextPosition,
+            self.cfg.hidden_size,
+            self.cfg.vocab_size,
+        );
+        let results = match read {
+            Ok(r) => r,
             Err(e) => {
                 Self::undo_unshare(&mut self.alloc, steps, &copies);
                 return Err(e);
             }
         };
-        let (logits, hidden) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
-        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let (mut logit_row, mut token_row) = (0, 0);
-        let mut results = Vec::with_capacity(steps.len());
-        for (step, seg) in steps.iter_mut().zip(&batch.segments) {
-            let n = step.tokens.len();
-            results.push(Forward {
-                logits: logits[logit_row * v..(logit_row + seg.logit_rows) * v].to_vec(),
-                hidden: hidden[token_row * h..(token_row + n) * h].to_vec(),
-            });
-            logit_row += seg.logit_rows;
-            token_row += n;
-            step.seq.blocks.len += n;
+        for step in steps.iter_mut() {
+            step.seq.blocks.len += step.tokens.len();
         }
         Ok(results)
     }
@@ -453,23 +496,43 @@ impl Engine {
         steps: &mut [MtpStep<'_>],
         rows: LogitRows,
     ) -> Result<Vec<Forward>> {
-        let compiled = match rows {
-            LogitRows::All => self.mtp_all.as_ref(),
-            LogitRows::Last => self.mtp_last.as_ref(),
+        let reads: Vec<Readback> = steps
+            .iter()
+            .map(|s| Readback::logits(rows.count(s.next_tokens.len())))
+            .collect();
+        self.mtp_forward_batch_with(steps, &reads, true)
+    }
+
+    /// [`Engine::mtp_forward_batch`] reading back what `reads[i]` asks of step i; a draw after
+    /// the row of position p is the token at p + 2 (the MTP layer predicts two ahead).
+    pub fn mtp_forward_batch_with(
+        &mut self,
+        steps: &mut [MtpStep<'_>],
+        reads: &[Readback<'_>],
+        hidden: bool,
+    ) -> Result<Vec<Forward>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let every_token = steps
+            .iter()
+            .zip(reads)
+            .all(|(s, r)| r.rows >= s.next_tokens.len());
+        let compiled = if every_token {
+            self.mtp_all.as_ref()
+        } else {
+            self.mtp_last.as_ref()
         }
         .ok_or_else(|| {
             Error::Unsupported(
                 "this checkpoint has no MTP layer (num_nextn_predict_layers is 0 or it was not loaded)".into(),
             )
         })?;
-        if steps.is_empty() {
-            return Ok(Vec::new());
-        }
         let h = self.cfg.hidden_size;
         let mut batch = Batch::default();
-        let mut hidden = Vec::new();
+        let mut hidden_in = Vec::new();
         let mut copies = Vec::with_capacity(steps.len());
-        for step in steps.iter_mut() {
+        for (step, read) in steps.iter_mut().zip(reads) {
             if step.from > step.seq.mtp_len {
                 return Err(Error::Input(format!(
                     "MTP positions must be contiguous: {} cached, asked to start at {}",
@@ -496,43 +559,35 @@ impl Engine {
                 }
             }
             batch.tokens.extend_from_slice(step.next_tokens);
-            hidden.extend_from_slice(step.hidden);
+            hidden_in.extend_from_slice(step.hidden);
             batch.segments.push(Segment {
                 blocks: step.seq.blocks.blocks.clone(),
                 start_pos: step.from,
                 len: step.next_tokens.len(),
-                logit_rows: match rows {
-                    LogitRows::All => step.next_tokens.len(),
-                    LogitRows::Last => 1,
-                },
+                logit_rows: read.rows.min(step.next_tokens.len()),
             });
         }
         batch.page_copies = copies.iter().flatten().copied().collect();
-        let run = self.backend.run(
-            &compiled.graph,
-            &compiled.plan,
+        let read = read_step(
+            self.backend.as_mut(),
+            compiled,
             &batch,
-            &[(HIDDEN_IN, &hidden)],
+            &[(HIDDEN_IN, &hidden_in)],
+            reads,
+            hidden,
+            Predicts::TwoAhead,
+            h,
+            self.cfg.vocab_size,
         );
-        let mut out = match run {
-            Ok(out) => out,
+        let results = match read {
+            Ok(r) => r,
             Err(e) => {
                 Self::undo_unshare(&mut self.alloc, steps, &copies);
                 return Err(e);
             }
         };
-        let (logits, states) = (take(&mut out, LOGITS)?, take(&mut out, HIDDEN_OUT)?);
-        let v = self.cfg.vocab_size;
-        let (mut logit_row, mut token_row) = (0, 0);
-        let mut results = Vec::with_capacity(steps.len());
-        for (step, seg) in steps.iter_mut().zip(&batch.segments) {
-            results.push(Forward {
-                logits: logits[logit_row * v..(logit_row + seg.logit_rows) * v].to_vec(),
-                hidden: states[token_row * h..(token_row + seg.len) * h].to_vec(),
-            });
-            logit_row += seg.logit_rows;
-            token_row += seg.len;
-            step.seq.mtp_len = step.from + seg.len;
+        for step in steps.iter_mut() {
+            step.seq.mtp_len = step.from + step.next_tokens.len();
         }
         Ok(results)
     }
@@ -602,6 +657,23 @@ impl Engine {
         Ok(())
     }
 
+    /// Appends `tokens` to `seq` and draws the token after them on the backend.
+    pub fn sample_next(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        sampling: &SamplingParams,
+    ) -> Result<u32> {
+        let mut step = [Step { seq, tokens }];
+        let out = self.forward_batch_with(&mut step, &[Readback::sample(1, sampling)], false)?;
+        out.first()
+            .and_then(|f| f.tokens.first().copied())
+            .ok_or_else(|| Error::Backend {
+                backend: self.backend.name().into(),
+                message: "a step asked for a drawn token returned none".into(),
+            })
+    }
+
     fn generate_in(
         &mut self,
         seq: &mut Sequence,
@@ -609,15 +681,13 @@ impl Engine {
         max_new_tokens: usize,
         sampling: &SamplingParams,
     ) -> Result<Generation> {
-        let mut rng = Rng::new(sampling.seed);
         let t0 = Instant::now();
-        let mut logits = self.forward(seq, prompt, LogitRows::Last)?.logits;
+        let mut next = self.sample_next(seq, prompt, sampling)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let mut tokens = Vec::new();
         let mut decode_steps = 0;
         let finish_reason = loop {
-            let next = sample(&logits, sampling, &mut rng);
             tokens.push(next);
             if !sampling.ignore_eos && self.cfg.eos_token_ids.contains(&next) {
                 break FinishReason::Eos;
@@ -625,7 +695,7 @@ impl Engine {
             if tokens.len() == max_new_tokens {
                 break FinishReason::Length;
             }
-            logits = self.forward(seq, &[next], LogitRows::Last)?.logits;
+            next = self.sample_next(seq, &[next], sampling)?;
             decode_steps += 1;
         };
         Ok(Generation {
@@ -638,9 +708,90 @@ impl Engine {
     }
 }
 
-fn take(out: &mut crate::backend::Outputs, name: &str) -> Result<Vec<f32>> {
-    out.remove(name).ok_or_else(|| Error::Backend {
-        backend: "engine".into(),
-        message: format!("graph produced no `{name}` output"),
-    })
+/// What the rows of a graph predict: the main model the next position, the MTP layer the one
+/// after (a draw's counter is the position of the token it draws).
+#[derive(Clone, Copy)]
+enum Predicts {
+    NextPosition,
+    TwoAhead,
+}
+
+/// Runs one step on `backend` and splits what it read back among the batch's sequences.
+#[allow(clippy::too_many_arguments)]
+fn read_step(
+    backend: &mut dyn Backend,
+    compiled: &Compiled,
+    batch: &Batch,
+    inputs: &[(&str, &[f32])],
+    reads: &[Readback<'_>],
+    hidden: bool,
+    predicts: Predicts,
+    width: usize,
+    vocab: usize,
+) -> Result<Vec<Forward>> {
+    let ahead = match predicts {
+        Predicts::NextPosition => 1,
+        Predicts::TwoAhead => 2,
+    };
+    let mut rows = Vec::new();
+    for (seg, read) in batch.segments.iter().zip(reads) {
+        let first = seg.start_pos + seg.len - seg.logit_rows;
+        rows.extend((0..seg.logit_rows).map(|j| RowRead {
+            draw: read.sample.map(|p| p.draw((first + j + ahead) as u64)),
+            logits: read.logits,
+        }));
+    }
+    let readout = Readout {
+        rows: &rows,
+        hidden,
+    };
+    let out = backend.run(&compiled.graph, &compiled.plan, batch, inputs, &readout)?;
+    let logit_rows = rows.iter().filter(|r| r.logits).count();
+    let hidden_len = if hidden {
+        batch.tokens.len() * width
+    } else {
+        0
+    };
+    if out.tokens.len() != rows.len()
+        || out.logits.len() != logit_rows * vocab
+        || out.hidden.len() != hidden_len
+    {
+        return Err(Error::Backend {
+            backend: backend.name().into(),
+            message: format!(
+                "a step read back {} rows, {} logits and {} hidden values; {} rows, {} logits and {hidden_len} hidden values were asked",
+                out.tokens.len(),
+                out.logits.len(),
+                out.hidden.len(),
+                rows.len(),
+                logit_rows * vocab
+            ),
+        });
+    }
+    let (mut row, mut logit_row, mut token_row) = (0, 0, 0);
+    let mut results = Vec::with_capacity(batch.segments.len());
+    for (seg, read) in batch.segments.iter().zip(reads) {
+        let n = seg.logit_rows;
+        let tokens: Vec<u32> = out.tokens[row..row + n].iter().flatten().copied().collect();
+        if read.sample.is_some() && tokens.len() != n {
+            return Err(Error::Backend {
+                backend: backend.name().into(),
+                message: format!("{} of {n} asked draws came back", tokens.len()),
+            });
+        }
+        let logit_rows = if read.logits { n } else { 0 };
+        results.push(Forward {
+            tokens,
+            logits: out.logits[logit_row * vocab..(logit_row + logit_rows) * vocab].to_vec(),
+            hidden: if hidden {
+                out.hidden[token_row * width..(token_row + seg.len) * width].to_vec()
+            } else {
+                Vec::new()
+            },
+        });
+        row += n;
+        logit_row += logit_rows;
+        token_row += seg.len;
+    }
+    Ok(results)
 }

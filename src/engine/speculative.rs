@@ -1,17 +1,21 @@
 //! Speculative decoding with DeepSeek-V3's MTP layer as the drafter.
 //!
 //! Each step: the drafter proposes k tokens; one main-model forward over
-//! [last token, draft_1..draft_k] scores them all (s_q = k+1); the longest acceptable prefix is
-//! kept (greedy: equal to the argmax; sampling: the speculative-sampling rule, so outputs follow
-//! the target distribution exactly); one more token comes from the main model's own logits at
-//! the first rejection (or after the last draft). Rejected positions are dropped from the KV
-//! cache by shortening the sequence's length, without copying.
+//! [last token, draft_1..draft_k] draws the main model's own token at each of those k + 1
+//! positions, on the backend; drafts are kept while they equal those draws, and the first draw
+//! that differs (or the one after the last draft) is emitted after them. Rejected positions are
+//! dropped from the KV cache by shortening the sequence's length, without copying.
+//!
+//! A draw's randomness depends only on the request's seed and the position drawn (the shared
+//! sampling rule, `numerics::sampling`), so every emitted token is exactly the main model's
+//! own draw at its position: sampled output follows the target distribution and is the same,
+//! token for token, as without speculation. The drafter draws with the same noise at the same
+//! positions, so a drafter close to the main model agrees with it often.
 
 use crate::error::{Error, Result};
-use crate::model::LogitRows;
 
-use super::sampling::{argmax, distribution, pick, sample, Rng, SamplingParams};
-use super::{Engine, FinishReason, Generation, MtpStep, Sequence, Step};
+use super::sampling::SamplingParams;
+use super::{Engine, FinishReason, Generation, MtpStep, Readback, Sequence, Step};
 
 /// What the main model just verified, for the drafter to continue from: the tokens that
 /// follow positions `first_pos ..` (one per position) and the main model's final-normed
@@ -24,21 +28,13 @@ pub struct Verified<'a> {
     pub hidden: &'a [f32],
 }
 
-/// A proposed token and, when sampling, the distribution it was drawn from.
-#[derive(Debug, Clone)]
-pub struct Draft {
-    pub token: u32,
-    pub dist: Option<Vec<(u32, f64)>>,
-}
-
 /// One sequence asking for drafts: what was verified, how many drafts at most, and its
-/// sampling settings and generator.
+/// sampling settings.
 pub struct DraftRequest<'a> {
     pub seq: &'a mut Sequence,
     pub verified: Verified<'a>,
     pub budget: usize,
     pub sampling: &'a SamplingParams,
-    pub rng: &'a mut Rng,
 }
 
 impl DraftRequest<'_> {
@@ -55,7 +51,7 @@ pub trait Drafter {
         &mut self,
         engine: &mut Engine,
         requests: &mut [DraftRequest<'_>],
-    ) -> Result<Vec<Vec<Draft>>>;
+    ) -> Result<Vec<Vec<u32>>>;
 }
 
 /// Drafts with the checkpoint's MTP layer: its own latent cache (sharing the sequence's block
@@ -69,9 +65,9 @@ impl Drafter for MtpDrafter {
         &mut self,
         engine: &mut Engine,
         requests: &mut [DraftRequest<'_>],
-    ) -> Result<Vec<Vec<Draft>>> {
+    ) -> Result<Vec<Vec<u32>>> {
         let h = engine.config().hidden_size;
-        let mut drafts: Vec<Vec<Draft>> = requests
+        let mut drafts: Vec<Vec<u32>> = requests
             .iter()
             .map(|r| Vec::with_capacity(r.budget))
             .collect();
@@ -83,6 +79,14 @@ impl Drafter for MtpDrafter {
         let mut inputs: Vec<(usize, Vec<u32>, Vec<f32>)> = Vec::new();
         let mut round = 0;
         while !active.is_empty() {
+            let reads: Vec<Readback> = active
+                .iter()
+                .map(|&i| Readback::sample(1, requests[i].sampling))
+                .collect();
+            // The layer's output states are read back only when a draft chains on them.
+            let chains = active
+                .iter()
+                .any(|&i| drafts[i].len() + 1 < requests[i].budget);
             let mut steps: Vec<MtpStep> = Vec::with_capacity(active.len());
             let mut input_of = inputs.iter();
             for (i, r) in requests.iter_mut().enumerate() {
@@ -109,14 +113,16 @@ impl Drafter for MtpDrafter {
                     }
                 });
             }
-            let outs = engine.mtp_forward_batch(&mut steps, LogitRows::Last)?;
+            let outs = engine.mtp_forward_batch_with(&mut steps, &reads, chains)?;
             drop(steps);
             let mut next_inputs = Vec::new();
             for (&i, out) in active.iter().zip(outs) {
                 let r = &mut requests[i];
-                let draft = draw(&out.logits, r.sampling, r.rng);
-                let token = draft.token;
-                drafts[i].push(draft);
+                let token = *out.tokens.first().ok_or_else(|| Error::Backend {
+                    backend: "engine".into(),
+                    message: "an MTP step asked for a drawn token returned none".into(),
+                })?;
+                drafts[i].push(token);
                 if drafts[i].len() < r.budget {
                     next_inputs.push((i, vec![token], out.hidden[out.hidden.len() - h..].to_vec()));
                 }
@@ -134,55 +140,6 @@ impl Drafter for MtpDrafter {
     }
 }
 
-fn draw(logits: &[f32], sampling: &SamplingParams, rng: &mut Rng) -> Draft {
-    if sampling.temperature == 0.0 {
-        return Draft {
-            token: argmax(logits),
-            dist: None,
-        };
-    }
-    let dist = distribution(logits, sampling);
-    let token = pick(&dist, rng);
-    Draft {
-        token,
-        dist: Some(dist),
-    }
-}
-
-fn prob(dist: &[(u32, f64)], token: u32) -> f64 {
-    dist.iter()
-        .find(|(t, _)| *t == token)
-        .map_or(0.0, |(_, p)| *p)
-}
-
-/// The speculative-sampling rule for one draft: accept with probability min(1, p(d)/q(d));
-/// on rejection return a token drawn from normalize(max(0, p - q)). `Ok(None)` = accepted.
-pub fn accept_or_resample(
-    target: &[(u32, f64)],
-    draft_dist: &[(u32, f64)],
-    draft: u32,
-    rng: &mut Rng,
-) -> Option<u32> {
-    let (p, q) = (prob(target, draft), prob(draft_dist, draft));
-    if q > 0.0 && rng.next_f64() < (p / q).min(1.0) {
-        return None;
-    }
-    // A map, not `prob` per token: both distributions may span the whole vocabulary.
-    let draft_p: std::collections::HashMap<u32, f64> = draft_dist.iter().copied().collect();
-    let residual: Vec<(u32, f64)> = target
-        .iter()
-        .map(|&(t, pt)| (t, (pt - draft_p.get(&t).copied().unwrap_or(0.0)).max(0.0)))
-        .filter(|&(_, r)| r > 0.0)
-        .collect();
-    let total: f64 = residual.iter().map(|(_, r)| r).sum();
-    if total <= 0.0 {
-        // p == q: any rejection is a rounding artifact; draw from p itself.
-        return Some(pick(target, rng));
-    }
-    let normalized: Vec<(u32, f64)> = residual.into_iter().map(|(t, r)| (t, r / total)).collect();
-    Some(pick(&normalized, rng))
-}
-
 /// Counters over a generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpecStats {
@@ -196,7 +153,8 @@ pub struct SpecStats {
 struct Speculating {
     index: usize,
     seq: Sequence,
-    rng: Rng,
+    /// This sequence's settings (the batch's, with its own seed).
+    sampling: SamplingParams,
     tokens: Vec<u32>,
     /// Tokens following positions `first_pos ..` and the main model's states there: what the
     /// drafter continues from.
@@ -205,7 +163,7 @@ struct Speculating {
     first_pos: usize,
     finish: Option<FinishReason>,
     stats: SpecStats,
-    drafts: Vec<Draft>,
+    drafts: Vec<u32>,
 }
 
 impl Engine {
@@ -253,7 +211,10 @@ impl Engine {
             .map(|(i, _)| Speculating {
                 index: i,
                 seq: Sequence::default(),
-                rng: Rng::new(sampling.seed.wrapping_add(i as u64)),
+                sampling: SamplingParams {
+                    seed: sampling.seed.wrapping_add(i as u64),
+                    ..sampling.clone()
+                },
                 tokens: Vec::new(),
                 next_tokens: Vec::new(),
                 hidden: Vec::new(),
@@ -300,6 +261,8 @@ impl Engine {
         k: usize,
     ) -> Result<(std::time::Duration, std::time::Duration)> {
         let t0 = std::time::Instant::now();
+        let samplings: Vec<SamplingParams> = states.iter().map(|st| st.sampling.clone()).collect();
+        let reads: Vec<Readback> = samplings.iter().map(|s| Readback::sample(1, s)).collect();
         let mut steps: Vec<Step> = states
             .iter_mut()
             .zip(prompts)
@@ -308,17 +271,17 @@ impl Engine {
                 tokens: p,
             })
             .collect();
-        let prefilled = self.forward_batch(&mut steps, LogitRows::Last)?;
+        let prefilled = self.forward_batch_with(&mut steps, &reads, true)?;
         let prefill = t0.elapsed();
         let t1 = std::time::Instant::now();
         for ((st, pre), prompt) in states.iter_mut().zip(prefilled).zip(prompts) {
-            let first = sample(&pre.logits, sampling, &mut st.rng);
+            let first = pre.tokens[0];
             st.tokens.push(first);
             st.next_tokens = prompt[1..].iter().copied().chain([first]).collect();
             st.hidden = pre.hidden;
             st.finish = self.stop_reason(&st.tokens, max_new_tokens, sampling);
         }
-        let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let h = self.cfg.hidden_size;
         loop {
             let mut active: Vec<&mut Speculating> =
                 states.iter_mut().filter(|st| st.finish.is_none()).collect();
@@ -336,8 +299,7 @@ impl Engine {
                         hidden: &st.hidden,
                     },
                     seq: &mut st.seq,
-                    sampling,
-                    rng: &mut st.rng,
+                    sampling: &st.sampling,
                 })
                 .collect();
             let proposed = drafter.propose(self, &mut requests)?;
@@ -350,11 +312,13 @@ impl Engine {
                 .map(|st| {
                     let last = st.tokens[st.tokens.len() - 1];
                     std::iter::once(last)
-                        .chain(st.drafts.iter().map(|d| d.token))
+                        .chain(st.drafts.iter().copied())
                         .collect()
                 })
                 .collect();
             let bases: Vec<usize> = active.iter().map(|st| st.seq.len()).collect();
+            let samplings: Vec<SamplingParams> =
+                active.iter().map(|st| st.sampling.clone()).collect();
             let mut steps: Vec<Step> = active
                 .iter_mut()
                 .zip(&inputs)
@@ -363,10 +327,14 @@ impl Engine {
                     tokens: input,
                 })
                 .collect();
-            let verified = self.forward_batch(&mut steps, LogitRows::All)?;
+            let reads: Vec<Readback> = inputs
+                .iter()
+                .zip(&samplings)
+                .map(|(input, s)| Readback::sample(input.len(), s))
+                .collect();
+            let verified = self.forward_batch_with(&mut steps, &reads, true)?;
             for ((st, out), base) in active.into_iter().zip(verified).zip(bases) {
-                let (accepted, bonus) =
-                    judge(&st.drafts, &out.logits, vocab, sampling, &mut st.rng);
+                let (accepted, bonus) = judge(&st.drafts, &out.tokens);
                 st.stats.steps += 1;
                 st.stats.drafted += st.drafts.len();
                 st.stats.accepted += accepted;
@@ -375,7 +343,7 @@ impl Engine {
                 st.hidden = out.hidden[..(accepted + 1) * h].to_vec();
                 st.next_tokens = st.drafts[..accepted]
                     .iter()
-                    .map(|d| d.token)
+                    .copied()
                     .chain([bonus])
                     .collect();
                 st.first_pos = base;
@@ -408,65 +376,23 @@ impl Engine {
     }
 }
 
-/// How many drafts the verify logits accept (rows: after the last token, then after each
-/// draft) and the token the main model contributes after them.
-pub(crate) fn judge(
-    drafts: &[Draft],
-    logits: &[f32],
-    vocab: usize,
-    sampling: &SamplingParams,
-    rng: &mut Rng,
-) -> (usize, u32) {
-    for (i, d) in drafts.iter().enumerate() {
-        let row = &logits[i * vocab..(i + 1) * vocab];
-        let rejected_with = if sampling.temperature == 0.0 {
-            Some(argmax(row)).filter(|&want| want != d.token)
-        } else {
-            // A drafter without a distribution proposed deterministically: q = δ(d).
-            let q = d.dist.clone().unwrap_or_else(|| vec![(d.token, 1.0)]);
-            accept_or_resample(&distribution(row, sampling), &q, d.token, rng)
-        };
-        if let Some(t) = rejected_with {
-            return (i, t);
-        }
-    }
-    let n = drafts.len();
-    (
-        n,
-        sample(&logits[n * vocab..(n + 1) * vocab], sampling, rng),
-    )
+/// How many drafts the main model's draws at the verified positions accept (`drawn`: after
+/// the last token, then after each draft, so one more than the drafts) and the token the main
+/// model contributes after them.
+pub(crate) fn judge(drafts: &[u32], drawn: &[u32]) -> (usize, u32) {
+    let accepted = drafts.iter().zip(drawn).take_while(|(d, t)| d == t).count();
+    (accepted, drawn[accepted])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Whatever the draft distribution, the emitted token follows the target distribution.
     #[test]
-    fn speculative_sampling_matches_the_target() {
-        let p = vec![(0u32, 0.5), (1, 0.3), (2, 0.2)];
-        let q = vec![(0u32, 0.1), (1, 0.2), (2, 0.7)];
-        let mut rng = Rng::new(11);
-        let n = 200_000;
-        let mut counts = [0usize; 3];
-        for _ in 0..n {
-            let d = pick(&q, &mut rng);
-            let t = accept_or_resample(&p, &q, d, &mut rng).unwrap_or(d);
-            counts[t as usize] += 1;
-        }
-        for (t, want) in p {
-            let got = counts[t as usize] as f64 / n as f64;
-            assert!((got - want).abs() < 0.005, "token {t}: {got} vs {want}");
-        }
-    }
-
-    #[test]
-    fn identical_distributions_always_accept() {
-        let p = vec![(0u32, 0.6), (1, 0.4)];
-        let mut rng = Rng::new(3);
-        for _ in 0..1000 {
-            let d = pick(&p, &mut rng);
-            assert_eq!(accept_or_resample(&p, &p, d, &mut rng), None);
-        }
+    fn drafts_are_kept_while_they_equal_the_draws() {
+        assert_eq!(judge(&[5, 6, 7], &[5, 6, 9, 1]), (2, 9));
+        assert_eq!(judge(&[5, 6], &[5, 6, 8]), (2, 8));
+        assert_eq!(judge(&[4], &[5, 6]), (0, 5));
+        assert_eq!(judge(&[], &[3]), (0, 3));
     }
 }

@@ -22,6 +22,16 @@ pub enum LogitRows {
     Last,
 }
 
+impl LogitRows {
+    /// Rows read back from a sequence's `len` new tokens.
+    pub fn count(self, len: usize) -> usize {
+        match self {
+            LogitRows::All => len,
+            LogitRows::Last => len.min(1),
+        }
+    }
+}
+
 /// The main model. Output `hidden` is the final-normed hidden state of every token (what the
 /// MTP layer consumes); `logits` covers the rows `rows` asks for.
 pub fn main_graph(cfg: &ModelConfig, w: &ModelWeights, rows: LogitRows) -> Graph {

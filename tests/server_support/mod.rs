@@ -11,16 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use half::bf16;
-use r1_runtime::backend::{Backend, Outputs};
+use r1_runtime::backend::{Backend, Readout, StepOutput};
 use r1_runtime::chat::ChatFormat;
 use r1_runtime::checkpoint::Checkpoint;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::engine::scheduler::{SchedulerHandle, SchedulerOptions};
 use r1_runtime::engine::{Engine, EngineOptions};
-use r1_runtime::graph::{Graph, Plan, Rows};
+use r1_runtime::graph::{Graph, Plan};
 use r1_runtime::kv_cache::{Batch, PAGE_TOKENS};
 use r1_runtime::model::weights::ModelWeights;
-use r1_runtime::model::{HIDDEN_OUT, LOGITS};
 use r1_runtime::numerics::fp8::f32_to_e4m3;
 use r1_runtime::server::{AppState, ServerOptions};
 use r1_runtime::Precision;
@@ -246,17 +245,12 @@ impl Backend for ScriptedBackend {
 
     fn run(
         &mut self,
-        graph: &Graph,
+        _graph: &Graph,
         _plan: &Plan,
         batch: &Batch,
         _inputs: &[(&str, &[f32])],
-    ) -> r1_runtime::Result<Outputs> {
-        let per_token = graph
-            .outputs
-            .iter()
-            .find(|(n, _)| n == LOGITS)
-            .map(|(_, b)| graph.buffers[b.0 as usize].rows == Rows::Tokens)
-            .unwrap_or(false);
+        readout: &Readout<'_>,
+    ) -> r1_runtime::Result<StepOutput> {
         let mut logits = Vec::new();
         let mut history = self.history.lock().unwrap();
         let mut offset = 0;
@@ -267,7 +261,7 @@ impl Backend for ScriptedBackend {
             h.truncate(seg.start_pos);
             for (i, &t) in tokens.iter().enumerate() {
                 h.push(t);
-                if per_token || i + 1 == tokens.len() {
+                if i + seg.logit_rows.min(seg.len) >= tokens.len() {
                     let next = match h.iter().rposition(|&x| x == self.trigger) {
                         Some(at) => {
                             let k = h.len() - 1 - at;
@@ -281,13 +275,8 @@ impl Backend for ScriptedBackend {
                 }
             }
         }
-        let mut out = Outputs::new();
-        out.insert(LOGITS.into(), logits);
-        out.insert(
-            HIDDEN_OUT.into(),
-            vec![0.0; batch.tokens.len() * self.hidden],
-        );
-        Ok(out)
+        let hidden = vec![0.0; batch.tokens.len() * self.hidden];
+        Ok(readout.from_host(&logits, self.vocab, hidden))
     }
 }
 

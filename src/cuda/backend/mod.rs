@@ -42,12 +42,13 @@ use weights::{dense_f32, upload_absorbed, upload_dense, upload_fp8, GpuWeight};
 
 use super::ops::{MoeBlockConfig, MoeOps, MoeWorkspace, RouterConfig, SmallOps};
 use super::{Device, DeviceBuffer, Mla, MlaBatch, MlaCache, MlaRope, MlaWorkspace};
-use crate::backend::{Backend, Outputs, Precision};
+use crate::backend::{Backend, Precision, Readout, StepOutput};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Plan, Rows, Storage};
+use crate::graph::{Graph, Plan, Storage};
 use crate::kv_cache::Batch;
 use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, Weight, WeightId};
+use crate::model::{HIDDEN_OUT, LOGITS};
 
 /// What never changes after construction.
 struct Core {
@@ -264,7 +265,9 @@ impl Backend for CudaBackend {
         plan: &Plan,
         batch: &Batch,
         inputs: &[(&str, &[f32])],
-    ) -> Result<Outputs> {
+        readout: &Readout<'_>,
+    ) -> Result<StepOutput> {
+        readout.check(batch)?;
         let core = &self.core;
         let state = &mut self.state;
         let bound = graph.bind_inputs(batch, inputs)?;
@@ -320,34 +323,34 @@ impl Backend for CudaBackend {
         if let Some(ws) = state.moe_ws.as_mut() {
             ws.take_errors(&core.moe)?;
         }
-        let mut outputs = Outputs::new();
-        for (name, b) in &graph.outputs {
-            let desc = graph.desc(*b);
-            let rows = match desc.rows {
-                Rows::Tokens => tokens,
-                Rows::Selected => step.selected,
-            };
+        let download = |name: &str, rows: usize| -> Result<Vec<f32>> {
+            let b = graph.output(name).ok_or_else(|| missing(name))?;
+            let desc = graph.desc(b);
             let n = rows * desc.width;
-            let slot = &state.slots[plan.slot(*b)];
-            let data = if n == 0 {
-                Vec::new()
-            } else {
-                match desc.storage {
-                    // Only the rows this step produced: the slot may have grown for an
-                    // earlier, longer step (a long prefill before many decode steps).
-                    Storage::F32 => {
-                        let buf = slot.f.as_ref().ok_or_else(|| missing(&desc.name))?;
-                        core.dev.download_prefix(buf, n)?
-                    }
-                    Storage::Activation => {
-                        let buf = slot.bf.as_ref().ok_or_else(|| missing(&desc.name))?;
-                        let v = core.dev.download_prefix(buf, n)?;
-                        v.iter().map(|x| x.to_f32()).collect()
-                    }
+            let slot = &state.slots[plan.slot(b)];
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            // Only the rows this step produced: the slot may have grown for an earlier, longer
+            // step (a long prefill before many decode steps).
+            Ok(match desc.storage {
+                Storage::F32 => {
+                    let buf = slot.f.as_ref().ok_or_else(|| missing(&desc.name))?;
+                    core.dev.download_prefix(buf, n)?
                 }
-            };
-            outputs.insert(name.clone(), data);
-        }
-        Ok(outputs)
+                Storage::Activation => {
+                    let buf = slot.bf.as_ref().ok_or_else(|| missing(&desc.name))?;
+                    let v = core.dev.download_prefix(buf, n)?;
+                    v.iter().map(|x| x.to_f32()).collect()
+                }
+            })
+        };
+        let hidden = if readout.hidden {
+            download(HIDDEN_OUT, tokens)?
+        } else {
+            Vec::new()
+        };
+        let logits = download(LOGITS, step.selected)?;
+        Ok(readout.from_host(&logits, core.cfg.vocab_size, hidden))
     }
 }

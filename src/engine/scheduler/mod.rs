@@ -45,11 +45,11 @@ pub use metrics::{Histogram, Metrics, LATENCY_BUCKETS};
 pub use output::{Event, Finish, StopReason};
 pub use request::{AnswerMode, Request, RequestId};
 
-use super::sampling::{pick, sample, sampling_distribution, Rng, SamplingParams};
-use super::speculative::{judge, Draft, DraftRequest, Drafter, MtpDrafter, Verified};
-use super::{Engine, Sequence, Step};
+use super::speculative::{judge, DraftRequest, Drafter, MtpDrafter, Verified};
+use super::{Engine, Forward, Readback, Sequence, Step};
 use crate::error::Result;
 use crate::kv_cache::PAGE_TOKENS;
+use crate::numerics::sampling::draw_allowed;
 use crate::text::constrained::AnswerConstraint;
 use crate::text::{IncrementalDecoder, StopStrings, TokenBytes, Tokenizer};
 use prefix_cache::CachedSeq;
@@ -113,7 +113,6 @@ struct Running {
     /// Prompt tokens that came from the prefix cache.
     cached: usize,
     generated: Vec<u32>,
-    rng: Rng,
     decoder: Option<IncrementalDecoder>,
     /// The request's stop strings over the decoded text.
     stops: StopStrings,
@@ -133,7 +132,7 @@ struct SpecState {
     from: usize,
     next_tokens: Vec<u32>,
     hidden: Vec<f32>,
-    drafts: Vec<Draft>,
+    drafts: Vec<u32>,
 }
 
 impl Running {
@@ -222,7 +221,6 @@ impl Scheduler {
             }
             _ => None,
         };
-        let rng = Rng::new(req.sampling.seed);
         let context = req.prompt.clone();
         let stops = StopStrings::new(req.stop.clone());
         self.waiting.push_back(Running {
@@ -234,7 +232,6 @@ impl Scheduler {
             prefilled: 0,
             cached: 0,
             generated: Vec::new(),
-            rng,
             decoder,
             stops,
             events,
@@ -321,7 +318,7 @@ impl Scheduler {
                 let last = r.generated[r.generated.len() - 1];
                 let drafts = r.spec.as_ref().map_or(&[][..], |s| &s.drafts[..]);
                 let tokens: Vec<u32> = std::iter::once(last)
-                    .chain(drafts.iter().map(|d| d.token))
+                    .chain(drafts.iter().copied())
                     .collect();
                 let rows = tokens.len();
                 inputs.push((i, tokens, rows));
@@ -339,7 +336,24 @@ impl Scheduler {
             }
         }
         let members: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
-        let rows: Vec<usize> = inputs.iter().map(|(_, _, n)| *n).collect();
+        // Drawn tokens for every row; logits too where an answer constraint may refuse the
+        // draw; hidden states when a member speculates (the drafter's input).
+        let samplings: Vec<_> = members
+            .iter()
+            .map(|&i| self.running[i].req.sampling.clone())
+            .collect();
+        let reads: Vec<Readback> = inputs
+            .iter()
+            .zip(&samplings)
+            .map(|(&(i, _, rows), sampling)| Readback {
+                rows,
+                sample: Some(sampling),
+                logits: self.running[i].answer.as_ref().is_some_and(|c| c.active()),
+            })
+            .collect();
+        let hidden = inputs
+            .iter()
+            .any(|&(i, _, _)| self.running[i].spec.is_some());
         let bases: Vec<usize> = members.iter().map(|&i| self.running[i].seq.len()).collect();
         let result = {
             let mut seqs: Vec<&mut Sequence> = self
@@ -354,7 +368,7 @@ impl Scheduler {
                 .zip(&inputs)
                 .map(|(seq, (_, tokens, _))| Step { seq, tokens })
                 .collect();
-            self.engine.forward_batch_rows(&mut steps, &rows)
+            self.engine.forward_batch_with(&mut steps, &reads, hidden)
         };
         let outputs = match result {
             Ok(o) => o,
@@ -367,7 +381,6 @@ impl Scheduler {
         };
         let (mut generated, mut prefilled) = (0, 0);
         let mut done: Vec<usize> = Vec::new();
-        let vocab = self.info.vocab_size;
         let h = self.engine.config().hidden_size;
         for (((&i, out), (_, tokens, _)), base) in
             members.iter().zip(outputs).zip(&inputs).zip(bases)
@@ -399,17 +412,13 @@ impl Scheduler {
             let finish = match r.spec.as_mut() {
                 None => {
                     generated += 1;
-                    self.advance(i, &out.logits)
+                    self.advance(i, &out)
                 }
                 Some(spec) => {
                     let drafts = std::mem::take(&mut spec.drafts);
-                    let (accepted, bonus) =
-                        judge(&drafts, &out.logits, vocab, &r.req.sampling, &mut r.rng);
-                    let emitted: Vec<u32> = drafts[..accepted]
-                        .iter()
-                        .map(|d| d.token)
-                        .chain([bonus])
-                        .collect();
+                    let (accepted, bonus) = judge(&drafts, &out.tokens);
+                    let emitted: Vec<u32> =
+                        drafts[..accepted].iter().copied().chain([bonus]).collect();
                     if r.generated.is_empty() {
                         // First token after the prefill: the drafter's pending input completes.
                         spec.next_tokens.push(bonus);
@@ -479,7 +488,6 @@ impl Scheduler {
                 spec: Some(spec),
                 seq,
                 req,
-                rng,
                 ..
             } = r
             else {
@@ -496,7 +504,6 @@ impl Scheduler {
                 },
                 budget,
                 sampling: &req.sampling,
-                rng,
             });
         }
         let proposed = MtpDrafter.propose(&mut self.engine, &mut requests)?;
@@ -518,26 +525,24 @@ impl Scheduler {
         }
     }
 
-    /// Samples request `i`'s next token from `logits`; returns its finish when it is done.
-    fn advance(&mut self, i: usize, logits: &[f32]) -> Option<Finish> {
+    /// Emits request `i`'s next token, drawn by the backend in `out` (or, where an answer
+    /// constraint refuses it, drawn again among the tokens it allows, with the same draw, from
+    /// the logits read back for it); returns its finish when it is done.
+    fn advance(&mut self, i: usize, out: &Forward) -> Option<Finish> {
         let eos = &self.info.eos_token_ids;
         let r = &mut self.running[i];
+        // The engine returns one drawn token per row asked.
+        let own = out.tokens[0];
         let token = match &r.answer {
-            Some(c) if c.active() => {
-                // The model's own choice where it fits; where it does not, fixed text (markup)
-                // continues with its own tokens, anything else with a constrained draw.
-                let own = sample(logits, &r.req.sampling, &mut r.rng);
-                if c.allows(own) {
-                    own
-                } else {
-                    c.forced()
-                        .or_else(|| {
-                            constrained_sample(logits, &r.req.sampling, &mut r.rng, |t| c.allows(t))
-                        })
-                        .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
-                }
+            Some(c) if c.active() && !c.allows(own) => {
+                // Fixed text (markup) continues with its own tokens, anything else with a
+                // constrained draw at the same position.
+                let draw = r.req.sampling.draw(r.seq.len() as u64);
+                c.forced()
+                    .or_else(|| draw_allowed(&out.logits, &draw, |t| c.allows(t)))
+                    .unwrap_or_else(|| eos.first().copied().unwrap_or(0))
             }
-            _ => sample(logits, &r.req.sampling, &mut r.rng),
+            _ => own,
         };
         self.emit(i, token)
     }
@@ -546,56 +551,6 @@ impl Scheduler {
     pub fn run_until_idle(&mut self) {
         while self.step() {}
     }
-}
-
-/// Samples among the tokens `allowed` accepts: greedy takes the best allowed token; sampling
-/// draws from the request's distribution restricted to allowed tokens (the best allowed token
-/// when none of the distribution's tokens is allowed). None when nothing is allowed.
-fn constrained_sample(
-    logits: &[f32],
-    p: &SamplingParams,
-    rng: &mut Rng,
-    allowed: impl Fn(u32) -> bool,
-) -> Option<u32> {
-    let best_allowed = || {
-        // The best few first (selected in linear time), then the rest in order.
-        let order = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let head = 64.min(idx.len());
-        if head < idx.len() {
-            idx.select_nth_unstable_by(head - 1, order);
-        }
-        idx[..head].sort_unstable_by(order);
-        if let Some(t) = idx[..head].iter().copied().find(|&t| allowed(t)) {
-            return Some(t);
-        }
-        idx[head..].sort_unstable_by(order);
-        idx[head..].iter().copied().find(|&t| allowed(t))
-    };
-    if p.temperature == 0.0 {
-        return best_allowed();
-    }
-    let dist = sampling_distribution(logits, p);
-    // Rejection sampling: an allowed draw from the distribution is a draw from the
-    // distribution restricted to allowed tokens. After a few refusals the restriction is
-    // built and drawn from directly (exact either way, and cheap when most mass is allowed).
-    for _ in 0..8 {
-        let t = pick(&dist, rng);
-        if allowed(t) {
-            return Some(t);
-        }
-    }
-    let kept: Vec<(u32, f64)> = dist.into_iter().filter(|&(t, _)| allowed(t)).collect();
-    let total: f64 = kept.iter().map(|(_, q)| q).sum();
-    if kept.is_empty() || total <= 0.0 {
-        return best_allowed();
-    }
-    let kept: Vec<(u32, f64)> = kept.into_iter().map(|(t, q)| (t, q / total)).collect();
-    Some(pick(&kept, rng))
 }
 
 #[cfg(test)]
@@ -645,51 +600,5 @@ mod tests {
                 Event::Error(e) => panic!("request failed: {e}"),
             }
         }
-    }
-
-    /// Constrained sampling draws from the request's distribution restricted to the allowed
-    /// tokens, whether rejection sampling succeeds (most mass allowed) or falls back (little).
-    #[test]
-    fn constrained_sampling_follows_the_restricted_distribution() {
-        let logits = [0.0f32, 1.0, 2.0, 3.0, -1.0];
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.99,
-            ..Default::default()
-        };
-        let full = crate::engine::sampling::distribution(&logits, &p);
-        for allowed in [vec![0u32, 1, 2], vec![0, 4], vec![3]] {
-            let mass: f64 = full
-                .iter()
-                .filter(|(t, _)| allowed.contains(t))
-                .map(|(_, q)| q)
-                .sum();
-            let mut rng = Rng::new(11);
-            let mut counts = [0usize; 5];
-            let n = 100_000;
-            for _ in 0..n {
-                let t = constrained_sample(&logits, &p, &mut rng, |t| allowed.contains(&t));
-                counts[t.unwrap() as usize] += 1;
-            }
-            for &(t, q) in &full {
-                let want = if allowed.contains(&t) { q / mass } else { 0.0 };
-                let got = counts[t as usize] as f64 / n as f64;
-                assert!(
-                    (got - want).abs() < 0.01,
-                    "{allowed:?} token {t}: {got} vs {want}"
-                );
-            }
-        }
-        // Greedy: the best allowed token.
-        let greedy = SamplingParams::default();
-        let mut rng = Rng::new(1);
-        assert_eq!(
-            constrained_sample(&logits, &greedy, &mut rng, |t| t < 2),
-            Some(1)
-        );
-        assert_eq!(
-            constrained_sample(&logits, &greedy, &mut rng, |_| false),
-            None
-        );
     }
 }
