@@ -493,7 +493,7 @@ mod tests {
         ) else {
             panic!("the r1-heads fixture loads");
         };
-        let w = ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights");
+        let w = ModelWeights::load(&ckpt, &cfg, true).expect("fixture weights");
         let is_fp8 = |id: WeightId| matches!(w.get(id), crate::model::weights::Weight::Fp8(_));
         for graph in [
             main_graph(&cfg, &w, LogitRows::Last),

@@ -107,9 +107,9 @@ pub fn logits_staging(tokens: usize, hidden: usize) -> LogitsStaging {
     let chunk = if fits(whole, 1) {
         whole
     } else {
-        // Largest multiple of 8 with two stages in the budget (at most 66 rows of 16 bytes + 32
-        // of padding per stage always fit: chunk >= 8).
-        let mut chunk = (budget / (2 * rows * 2)).saturating_sub(16) / 8 * 8;
+        // The largest multiple of 8 with two stages in the budget (66 rows of 8 channels and
+        // 32 bytes of padding always fit: chunk >= 8).
+        let mut chunk = (budget / (2 * rows * 2)).saturating_sub(8) / 8 * 8;
         while chunk > 8 && !fits(chunk, 2) {
             chunk -= 8;
         }
