@@ -9,7 +9,6 @@
 #include <stdint.h>
 
 #include "mla/rope.cuh"
-#include "params/mla.h"
 #include "params/small_ops.h"
 #include "silu.cuh"
 
