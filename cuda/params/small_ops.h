@@ -44,7 +44,8 @@
  *                      quantized per 128-channel group into q [rows][ldq] and SA scales
  *                      [ceil(width/128)][m_pad] (act_quant / small_act_quant on y).
  *                      grid (rows), block 256 (R1_SMALL_THREADS). sum may be x or residual
- *                      (in place); out, q and scales must not overlap x, residual or sum.
+ *                      (in place); with a residual, out may be x or residual too (both are
+ *                      read before a block barrier); q and scales overlap nothing else.
  *   small_silu_mul_quant a = bf16(silu(gate) * up) (small_silu_mul), stored to out when
  *                      out != 0, quantized per 128-channel group into q and SA scales.
  *                      grid (ceil(rows * ceil(width/128) / 8)), block 256: a warp per group.
