@@ -12,10 +12,14 @@
 #include <stdint.h>
 
 #include "params/moe.h"
+#include "ptx.cuh"
+#include "silu.cuh"
 
 namespace {
 
 constexpr unsigned kFull = 0xFFFFFFFFu;
+
+using r1::exp_f32;
 
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
@@ -26,14 +30,8 @@ __device__ __forceinline__ uint32_t bf16_bits(float x) {
 }
 __device__ __forceinline__ float round_bf16(float x) { return __uint_as_float(bf16_bits(x) << 16); }
 
-// exp(x) correctly rounded to f32 (up to double rounding of a <= 1 ulp double result).
-__device__ __forceinline__ float exp_f32(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
-
 // numerics::sigmoid: 1 / (1 + exp(-x)).
 __device__ __forceinline__ float sigmoid_ref(float x) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_f32(-x))); }
-
-// numerics::silu: x / (1 + exp(-x)).
-__device__ __forceinline__ float silu_ref(float x) { return __fdiv_rn(x, __fadd_rn(1.0f, exp_f32(-x))); }
 
 // IEEE total order (Rust's f32::total_cmp) as an unsigned key.
 __device__ __forceinline__ uint32_t order_key(float x) {
@@ -76,54 +74,112 @@ __device__ void set_flag(uint32_t* flags, uint32_t bit, int counter) {
 // moe_router_logits
 // ============================================================================================
 
+// Thread (l, e, g) of a CTA (l = tid % 8, e = tid / 8 % EXPERTS, g = tid / (8 * EXPERTS))
+// owns partial sum l of expert e for tokens g, g + G, ... (G = THREADS / (8 * EXPERTS)) of the
+// CTA's token tile; the eight partial sums of a (token, expert) sit in eight adjacent lanes.
+// The expert rows and the token rows are staged through shared memory a chunk of channels at
+// a time (cp.async, two stages: the next chunk loads while this one is summed); every
+// partial sum still runs over the channels in ascending order, as numerics::dot's does.
+namespace {
+
+constexpr int kLogitsExperts = R1_MOE_LOGITS_EXPERTS;
+constexpr int kLogitsGroups = R1_MOE_LOGITS_THREADS / (8 * kLogitsExperts);
+constexpr int kLogitsPerThread = R1_MOE_LOGITS_TOKENS / kLogitsGroups;
+static_assert(kLogitsGroups * 8 * kLogitsExperts == R1_MOE_LOGITS_THREADS, "layout");
+static_assert(kLogitsPerThread * kLogitsGroups == R1_MOE_LOGITS_TOKENS, "layout");
+
+// acc[j] += x_j[8 i + l] * w[8 i + l] for the chunk's 8-channel steps i, tokens j < N.
+template <int N>
+__device__ __forceinline__ void logits_chunk(float (&acc)[kLogitsPerThread], const __nv_bfloat16* w,
+                                             const __nv_bfloat16* x, int ld_smem, int steps) {
+    const __nv_bfloat16* xr[N];
+#pragma unroll
+    for (int j = 0; j < N; j++) xr[j] = x + j * kLogitsGroups * ld_smem;
+#pragma unroll 4
+    for (int i = 0; i < steps; i++) {
+        const float wv = __bfloat162float(w[8 * i]);
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[j] = __fadd_rn(acc[j], __fmul_rn(__bfloat162float(xr[j][8 * i]), wv));
+    }
+}
+
+}  // namespace
+
 extern "C" __global__ void __launch_bounds__(R1_MOE_LOGITS_THREADS)
 moe_router_logits(const R1MoeRouterLogitsParams p) {
-    constexpr int TOK = R1_MOE_LOGITS_TOKENS;
-    const int e = blockIdx.x * R1_MOE_LOGITS_THREADS + threadIdx.x;
-    const int t0 = blockIdx.y * TOK;
-    if (e >= p.experts) return;
-    const int ntok = min(TOK, p.tokens - t0);
+    extern __shared__ __align__(16) uint8_t logits_smem[];
+    __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(logits_smem);
+    const int tid = threadIdx.x;
+    const int l = tid % 8;
+    const int el = tid / 8 % kLogitsExperts;
+    const int g = tid / (8 * kLogitsExperts);
+    const int e0 = blockIdx.x * kLogitsExperts;
+    const int t0 = blockIdx.y * R1_MOE_LOGITS_TOKENS;
+    const int ne = min(kLogitsExperts, p.experts - e0);
+    const int nt = min(R1_MOE_LOGITS_TOKENS, p.tokens - t0);
+    // Stage layout (the host sized the shared memory with the same numbers): rows
+    // [0, EXPERTS) the expert rows, [EXPERTS, EXPERTS + tile) the token rows, ld_smem apart.
+    const int tile = min(R1_MOE_LOGITS_TOKENS, p.tokens);
+    const int stage_elems = (kLogitsExperts + tile) * p.ld_smem;
+    const int chunks = (p.hidden + p.chunk - 1) / p.chunk;
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.w);
+    const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(p.x);
 
-    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.w) + static_cast<int64_t>(e) * p.hidden;
-    const __nv_bfloat16* x = reinterpret_cast<const __nv_bfloat16*>(p.x) + static_cast<int64_t>(t0) * p.ldx;
-    const int64_t ldx = p.ldx;
-
-    float acc[TOK][8];
-#pragma unroll
-    for (int j = 0; j < TOK; j++)
-#pragma unroll
-        for (int l = 0; l < 8; l++) acc[j][l] = 0.0f;
-
-    for (int i = 0; i < p.hidden; i += 8) {
-        const uint4 wv = ldg16(w + i);
-        const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w};
-        float wf[8];
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            wf[2 * q] = bf16_lo(ww[q]);
-            wf[2 * q + 1] = bf16_hi(ww[q]);
+    // Queues chunk c's rows (16-byte pieces) into stage c % 2, one commit group per chunk.
+    auto load = [&](int c) {
+        const int c0 = c * p.chunk;
+        const int pieces = min(p.chunk, p.hidden - c0) / 8;
+        __nv_bfloat16* stage = smem + (c % 2) * stage_elems;
+        for (int i = tid; i < (ne + nt) * pieces; i += R1_MOE_LOGITS_THREADS) {
+            const int r = i / pieces, v = i - r * pieces;
+            const __nv_bfloat16* src = r < ne ? w + static_cast<int64_t>(e0 + r) * p.hidden + c0 + 8 * v
+                                              : x + static_cast<int64_t>(t0 + r - ne) * p.ldx + c0 + 8 * v;
+            const int row = r < ne ? r : kLogitsExperts + (r - ne);
+            r1::cp_async_16(stage + row * p.ld_smem + 8 * v, src);
         }
+        r1::cp_async_commit();
+    };
+
+    // Tokens this thread sums: g, g + G, ... below nt (0 for a missing expert).
+    const int mine = el < ne && g < nt ? min(kLogitsPerThread, (nt - g + kLogitsGroups - 1) / kLogitsGroups) : 0;
+    float acc[kLogitsPerThread];
 #pragma unroll
-        for (int j = 0; j < TOK; j++) {
-            // Rows past the last token re-read row 0 (in bounds); their sums are not stored.
-            const uint4 xv = ldg16(x + (j < ntok ? j : 0) * ldx + i);
-            const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                acc[j][2 * q] = __fadd_rn(acc[j][2 * q], __fmul_rn(bf16_lo(xw[q]), wf[2 * q]));
-                acc[j][2 * q + 1] = __fadd_rn(acc[j][2 * q + 1], __fmul_rn(bf16_hi(xw[q]), wf[2 * q + 1]));
-            }
+    for (int j = 0; j < kLogitsPerThread; j++) acc[j] = 0.0f;
+
+    load(0);
+    for (int c = 0; c < chunks; c++) {
+        if (c + 1 < chunks) {
+            load(c + 1);
+            r1::cp_async_wait<1>();
+        } else {
+            r1::cp_async_wait<0>();
         }
+        __syncthreads();  // chunk c is in shared memory for every thread
+        const __nv_bfloat16* stage = smem + (c % 2) * stage_elems;
+        const __nv_bfloat16* ws = stage + el * p.ld_smem + l;
+        const __nv_bfloat16* xs = stage + (kLogitsExperts + g) * p.ld_smem + l;
+        const int steps = min(p.chunk, p.hidden - c * p.chunk) / 8;
+        static_assert(kLogitsPerThread == 4, "the dispatch below");
+        switch (mine) {
+            case 1: logits_chunk<1>(acc, ws, xs, p.ld_smem, steps); break;
+            case 2: logits_chunk<2>(acc, ws, xs, p.ld_smem, steps); break;
+            case 3: logits_chunk<3>(acc, ws, xs, p.ld_smem, steps); break;
+            case 4: logits_chunk<4>(acc, ws, xs, p.ld_smem, steps); break;
+            default: break;
+        }
+        __syncthreads();  // every thread is done with stage c % 2 before chunk c + 2 refills it
     }
+
+    // ((acc0 + acc1) + ...) + acc7 over the eight adjacent lanes, as numerics::dot adds them
+    // (its sum starts from -0.0, so the first term is taken as it is). Every lane shuffles.
+    const int base = (tid % 32) & ~7;
     float* out = reinterpret_cast<float*>(p.logits);
 #pragma unroll
-    for (int j = 0; j < TOK; j++) {
-        if (j < ntok) {
-            float s = 0.0f;
+    for (int j = 0; j < kLogitsPerThread; j++) {
+        float s = __shfl_sync(kFull, acc[j], base);
 #pragma unroll
-            for (int l = 0; l < 8; l++) s = __fadd_rn(s, acc[j][l]);
-            out[static_cast<int64_t>(t0 + j) * p.experts + e] = s;
-        }
+        for (int i = 1; i < 8; i++) s = __fadd_rn(s, __shfl_sync(kFull, acc[j], base + i));
+        if (l == 0 && j < mine) out[static_cast<int64_t>(t0 + g + j * kLogitsGroups) * p.experts + e0 + el] = s;
     }
 }
 
@@ -447,8 +503,8 @@ moe_silu_quant(const R1MoeSiluQuantParams p) {
     float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
-        a[2 * i] = round_bf16(__fmul_rn(silu_ref(bf16_lo(gw[i])), bf16_lo(uw[i])));
-        a[2 * i + 1] = round_bf16(__fmul_rn(silu_ref(bf16_hi(gw[i])), bf16_hi(uw[i])));
+        a[2 * i] = r1::silu_mul_bf16(bf16_lo(gw[i]), bf16_lo(uw[i]));
+        a[2 * i + 1] = r1::silu_mul_bf16(bf16_hi(gw[i]), bf16_hi(uw[i]));
         amax = fmaxf(amax, fmaxf(fabsf(a[2 * i]), fabsf(a[2 * i + 1])));
     }
     const uint32_t lane = threadIdx.x % 32;

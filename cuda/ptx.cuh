@@ -1,7 +1,7 @@
 // Thin wrappers over the Hopper (sm_90a) PTX used by the kernels: mbarriers, named barriers,
-// TMA bulk tensor copies, streaming loads, register reallocation, wgmma and its shared-memory
-// descriptors. Every inline-asm helper of cuda/ lives here. Each wrapper is one instruction
-// (a descriptor is plain arithmetic); see the PTX ISA for semantics.
+// cp.async, TMA bulk tensor copies, streaming loads, register reallocation, wgmma and its
+// shared-memory descriptors. Every inline-asm helper of cuda/ lives here. Each wrapper is one
+// instruction (a descriptor is plain arithmetic); see the PTX ISA for semantics.
 #pragma once
 
 #include <stdint.h>
@@ -87,6 +87,18 @@ __device__ __forceinline__ uint4 ld_global_nc_stream_v4(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
+}
+
+// ---- cp.async (16 bytes, global -> shared, bypassing L1) ----------------------------------
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // ---- TMA -----------------------------------------------------------------------------------

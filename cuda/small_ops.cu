@@ -1,11 +1,16 @@
 // Small ops of the model graph that no specialised kernel covers: simple, obviously-correct
 // CUDA-core kernels (one thread per element or a block per row), f32 arithmetic, one bf16
-// rounding on store. Contract (buffers, grids, numerics): cuda/params/small_ops.h.
+// rounding on store; and the decode path's fusions of them (RMSNorm with the residual add
+// and act_quant, SiLU*up with act_quant, the q absorption with q RoPE), which share the
+// unfused kernels' device code so that both give the same bits.
+// Contract (buffers, grids, numerics): cuda/params/small_ops.h.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include "mla/rope.cuh"
 #include "params/small_ops.h"
+#include "silu.cuh"
 
 namespace {
 
@@ -41,6 +46,62 @@ __device__ float block_max(float v) {
     return m;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+    for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+// 1 / sqrt(mean(v^2) + eps) of the row whose element c is value(c) (called once per c, by
+// the thread c % blockDim.x): per-thread fma sums in column order, then block_sum. The one
+// RMSNorm statistic of small_rms_norm and small_rms_norm_quant.
+template <typename Value>
+__device__ __forceinline__ float row_inv_rms(Value value, int width, float eps) {
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        const float v = value(c);
+        ss = fmaf(v, v, ss);
+    }
+    const float mean = __fdiv_rn(block_sum(ss), static_cast<float>(width));
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+}
+
+// The normalized element as small_rms_norm stores it: bf16((v * inv) * w).
+__device__ __forceinline__ float normed(float v, float inv, float w) {
+    return r1::round_bf16(__fmul_rn(__fmul_rn(v, inv), w));
+}
+
+// act_quant of one 128-channel group held by a warp, four values per lane (channel
+// c0 + 32 i + lane; `in[i]` false past the row's end): amax (exact, any order), s =
+// max(amax, 1e-4) / 448, q = e4m3(y / s) as act_quant and small_act_quant compute them.
+__device__ __forceinline__ void quantize_group(const float (&y)[4], const bool (&in)[4], uint8_t* q, float* scale) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        if (in[i]) amax = fmaxf(amax, fabsf(y[i]));
+    amax = warp_max(amax);
+    const float s = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        if (in[i]) q[32 * i + lane] = __nv_cvt_float_to_fp8(__fdiv_rn(y[i], s), __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) *scale = s;
+}
+
+// q_lat[t][h][0..kv_lora) = q_nope[t][h] . W_UK[h] (small_mla_absorb_q's body).
+__device__ __forceinline__ void absorb_q(const R1SmallMlaAbsorbParams& p, int t, int h) {
+    const int qk = p.nope + p.rope;
+    const bf16* q = reinterpret_cast<const bf16*>(p.src) + (static_cast<int64_t>(t) * p.heads + h) * qk;
+    const bf16* wk = reinterpret_cast<const bf16*>(p.kv_b) +
+                     static_cast<int64_t>(h) * (p.nope + p.v) * p.kv_lora;
+    bf16* out = reinterpret_cast<bf16*>(p.dst) +
+                (static_cast<int64_t>(t) * p.heads + h) * (p.kv_lora + p.rope);
+    for (int l = threadIdx.x; l < p.kv_lora; l += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < p.nope; i++) acc = fmaf(ld(q, i), ld(wk, static_cast<int64_t>(i) * p.kv_lora + l), acc);
+        st(out, l, acc);
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
@@ -62,14 +123,57 @@ small_rms_norm(const R1SmallRmsNormParams p) {
     const bf16* x = reinterpret_cast<const bf16*>(p.x) + static_cast<int64_t>(r) * p.width;
     const bf16* w = reinterpret_cast<const bf16*>(p.w);
     bf16* out = reinterpret_cast<bf16*>(p.out) + static_cast<int64_t>(r) * p.width;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < p.width; c += blockDim.x) {
-        const float v = ld(x, c);
-        ss += v * v;
+    const float inv = row_inv_rms([&](int c) { return ld(x, c); }, p.width, p.eps);
+    for (int c = threadIdx.x; c < p.width; c += blockDim.x) st(out, c, normed(ld(x, c), inv, ld(w, c)));
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_rms_norm_quant(const R1SmallNormQuantParams p) {
+    const int r = blockIdx.x;
+    if (r >= p.rows) return;
+    const int64_t row = static_cast<int64_t>(r) * p.width;
+    const bf16* x = reinterpret_cast<const bf16*>(p.x) + row;
+    const bf16* res = p.residual ? reinterpret_cast<const bf16*>(p.residual) + row : nullptr;
+    bf16* sum = p.residual ? reinterpret_cast<bf16*>(p.sum) + row : nullptr;
+    const bf16* w = reinterpret_cast<const bf16*>(p.w);
+    bf16* out = p.out ? reinterpret_cast<bf16*>(p.out) + row : nullptr;
+
+    // Pass 1 (small_add, small_rms_norm's statistic): each thread reads x and residual at its
+    // own columns before writing sum there, so sum may be x or residual.
+    const float inv = row_inv_rms(
+        [&](int c) {
+            if (!res) return ld(x, c);
+            const float s = r1::round_bf16(__fadd_rn(ld(x, c), ld(res, c)));
+            st(sum, c, s);
+            return s;
+        },
+        p.width, p.eps);
+    // block_sum's barriers make every sum element visible to the whole block from here on;
+    // out may alias x or residual, both consumed above.
+    const bf16* v = res ? sum : x;
+
+    if (!p.q) {
+        for (int c = threadIdx.x; c < p.width; c += blockDim.x) st(out, c, normed(ld(v, c), inv, ld(w, c)));
+        return;
     }
-    const float mean = block_sum(ss) / static_cast<float>(p.width);
-    const float inv = 1.0f / sqrtf(mean + p.eps);
-    for (int c = threadIdx.x; c < p.width; c += blockDim.x) st(out, c, ld(x, c) * inv * ld(w, c));
+    // Pass 2: a warp per 128-channel group (small_rms_norm's values, then act_quant's).
+    uint8_t* q = reinterpret_cast<uint8_t*>(p.q) + static_cast<int64_t>(r) * p.ldq;
+    float* scales = reinterpret_cast<float*>(p.scales);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int groups = (p.width + R1_QUANT_BLOCK - 1) / R1_QUANT_BLOCK;
+    for (int g = warp; g < groups; g += warps) {
+        const int c0 = g * R1_QUANT_BLOCK;
+        float y[4];
+        bool in[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int c = c0 + 32 * i + lane;
+            in[i] = c < p.width;
+            y[i] = in[i] ? normed(ld(v, c), inv, ld(w, c)) : 0.0f;
+            if (in[i] && out) st(out, c, y[i]);
+        }
+        quantize_group(y, in, q + c0, scales + static_cast<int64_t>(g) * p.m_pad + r);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
@@ -86,7 +190,33 @@ small_silu_mul(const R1SmallEltwiseParams p) {
     if (i >= p.n) return;
     const float g = ld(reinterpret_cast<const bf16*>(p.a), i);
     const float u = ld(reinterpret_cast<const bf16*>(p.b), i);
-    st(reinterpret_cast<bf16*>(p.out), i, g / (1.0f + expf(-g)) * u);
+    st(reinterpret_cast<bf16*>(p.out), i, r1::silu_mul_bf16(g, u));
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_silu_mul_quant(const R1SmallSiluQuantParams p) {
+    const int groups = (p.width + R1_QUANT_BLOCK - 1) / R1_QUANT_BLOCK;
+    const int64_t gi = static_cast<int64_t>(blockIdx.x) * (R1_SMALL_THREADS / 32) + threadIdx.x / 32;
+    if (gi >= static_cast<int64_t>(p.rows) * groups) return;  // whole warps leave together
+    const int r = static_cast<int>(gi / groups);
+    const int g = static_cast<int>(gi - static_cast<int64_t>(r) * groups);
+    const int c0 = g * R1_QUANT_BLOCK;
+    const int64_t row = static_cast<int64_t>(r) * p.width;
+    const bf16* gate = reinterpret_cast<const bf16*>(p.gate) + row;
+    const bf16* up = reinterpret_cast<const bf16*>(p.up) + row;
+    bf16* out = p.out ? reinterpret_cast<bf16*>(p.out) + row : nullptr;
+    const int lane = threadIdx.x % 32;
+    float y[4];
+    bool in[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int c = c0 + 32 * i + lane;
+        in[i] = c < p.width;
+        y[i] = in[i] ? r1::silu_mul_bf16(ld(gate, c), ld(up, c)) : 0.0f;
+        if (in[i] && out) st(out, c, y[i]);
+    }
+    quantize_group(y, in, reinterpret_cast<uint8_t*>(p.q) + static_cast<int64_t>(r) * p.ldq + c0,
+                   reinterpret_cast<float*>(p.scales) + static_cast<int64_t>(g) * p.m_pad + r);
 }
 
 extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
@@ -166,16 +296,26 @@ extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
 small_mla_absorb_q(const R1SmallMlaAbsorbParams p) {
     const int t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
     if (t >= p.tokens) return;
-    const int qk = p.nope + p.rope;
-    const bf16* q = reinterpret_cast<const bf16*>(p.src) + (static_cast<int64_t>(t) * p.heads + h) * qk;
-    const bf16* wk = reinterpret_cast<const bf16*>(p.kv_b) +
-                     static_cast<int64_t>(h) * (p.nope + p.v) * p.kv_lora;
-    bf16* out = reinterpret_cast<bf16*>(p.dst) +
-                (static_cast<int64_t>(t) * p.heads + h) * (p.kv_lora + p.rope);
-    for (int l = threadIdx.x; l < p.kv_lora; l += blockDim.x) {
-        float acc = 0.0f;
-        for (int i = 0; i < p.nope; i++) acc += ld(q, i) * ld(wk, static_cast<int64_t>(i) * p.kv_lora + l);
-        st(out, l, acc);
+    absorb_q(p, t, h);
+}
+
+extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
+small_mla_absorb_q_rope(const R1SmallMlaAbsorbQRopeParams pr) {
+    const R1SmallMlaAbsorbParams& p = pr.absorb;
+    const int t = blockIdx.x / p.heads, h = blockIdx.x % p.heads;
+    if (t >= p.tokens) return;
+    absorb_q(p, t, h);
+    // mla_q_rope's pair i of (t, h): q_pe from the q_b output, roped after the latent query.
+    const int64_t th = static_cast<int64_t>(t) * p.heads + h;
+    const bf16* src = reinterpret_cast<const bf16*>(p.src) + th * (p.nope + p.rope) + p.nope;
+    bf16* dst = reinterpret_cast<bf16*>(p.dst) + th * (p.kv_lora + p.rope) + p.kv_lora;
+    const int pos = reinterpret_cast<const int32_t*>(pr.positions)[t];
+    const float* inv_freq = reinterpret_cast<const float*>(pr.inv_freq);
+    for (int i = threadIdx.x; i < p.rope / 2; i += blockDim.x) {
+        float a, b;
+        r1::mla::rope_pair(ld(src, 2 * i), ld(src, 2 * i + 1), inv_freq[i], pos, pr.attention_factor, a, b);
+        st(dst, 2 * i, a);
+        st(dst, 2 * i + 1, b);
     }
 }
 

@@ -26,8 +26,9 @@ use half::bf16;
 use r1_runtime::cuda::backend::upload_rope;
 use r1_runtime::cuda::ops::{
     CopyRowsDesc, GatherArgs, GemmBf16Desc, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel,
-    MlaAbsorbDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps, MoePlanBuffers, PermutedRows,
-    PlanArgs, RouterArgs, RouterLogitsArgs, SiluQuantArgs, SmallOps, UnpermuteArgs,
+    MlaAbsorbDesc, MlaAbsorbQRopeDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps,
+    MoePlanBuffers, NormQuantDesc, PermutedRows, PlanArgs, QuantOut, RouterArgs, RouterLogitsArgs,
+    SiluMulQuantDesc, SiluQuantArgs, SmallOps, UnpermuteArgs,
 };
 use r1_runtime::cuda::{
     mla_schedule_host, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
@@ -524,6 +525,45 @@ fn light_small_ops(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let o = dev.alloc::<bf16>(2 * heads * v).unwrap();
     fl.light(ops.prepare_mla_absorb(absorb(&o_lat, Region::from(&o)), false));
     fl.assert_finite("small_mla_absorb_o", &o);
+
+    // The decode path's fused kernels.
+    let positions = dev.upload(&[7i32, 100_000]).unwrap();
+    let inv_freq = dev.upload(&vec![0.01f32; rope / 2]).unwrap();
+    fl.light(ops.prepare_mla_absorb_q_rope(MlaAbsorbQRopeDesc {
+        absorb: absorb(&q_heads, Region::from(&q_lat)),
+        positions: Region::from(&positions),
+        inv_freq: Region::from(&inv_freq),
+        attention_factor: 1.0,
+    }));
+    fl.assert_finite("small_mla_absorb_q_rope", &q_lat);
+    let (sum, fused_q) = (dev.alloc::<bf16>(n).unwrap(), dev.alloc::<u8>(n).unwrap());
+    let fused_scales = dev.alloc::<f32>(2 * rows).unwrap();
+    let quant = QuantOut {
+        q: Region::from(&fused_q),
+        ldq: width,
+        scales: Region::from(&fused_scales),
+        m_pad: rows,
+    };
+    fl.light(ops.prepare_rms_norm_quant(NormQuantDesc {
+        rows,
+        width,
+        eps: 1e-6,
+        x: Region::from(&a),
+        residual: Some((Region::from(&b), Region::from(&sum))),
+        w: Region::from(&norm_w),
+        out: Some(Region::from(&out)),
+        quant: Some(quant),
+    }));
+    fl.assert_finite("small_rms_norm_quant scales", &fused_scales);
+    fl.light(ops.prepare_silu_mul_quant(SiluMulQuantDesc {
+        rows,
+        width,
+        gate: Region::from(&a),
+        up: Region::from(&b),
+        out: None,
+        quant,
+    }));
+    fl.assert_finite("small_silu_mul_quant scales", &fused_scales);
 
     let acc = dev.alloc_zeros::<f32>(n).unwrap();
     let topk_ids = dev.upload(&[1i32, 0, 2, 1, 1, 3, 0, 2]).unwrap();

@@ -61,16 +61,24 @@
 
 /* ---------------------------------------------------------------------------------------
  * moe_router_logits (cuda/moe.cu): logits[t][e] = dot(x[t], Wg[e]) in f32, in EXACTLY the
- * order of cpu::linear::dot (8 running sums acc[l] += x[8i+l] * w[8i+l], product and sum
- * each rounded, then ((acc0 + acc1) + ...) + acc7): bit-identical to the CPU router logits.
- * CUDA cores (the exact-order reference; not a tensor-core GEMM).
- *   block: (R1_MOE_LOGITS_THREADS, 1, 1); dynamic smem: 0
- *   grid:  (ceil(E / 128), ceil(T / R1_MOE_LOGITS_TOKENS), 1); thread x of block (bx, by):
- *          expert 128 bx + x, tokens [4 by, 4 by + 4).
- *   Requires: H % 8 == 0, ldx % 8 == 0, x and w 16-byte aligned.
+ * order of numerics::dot (8 running sums acc[l] += x[8i+l] * w[8i+l], product and sum each
+ * rounded, i ascending, then ((acc0 + acc1) + ...) + acc7): bit-identical to the CPU router
+ * logits. CUDA cores (the exact-order kernel; not a tensor-core GEMM).
+ *   CTA (bx, by): experts [EXPERTS bx, EXPERTS bx + EXPERTS) x tokens [TOKENS by, + TOKENS);
+ *   thread tid owns partial sum tid % 8 of expert tid / 8 % EXPERTS for the tile's tokens
+ *   tid / (8 EXPERTS) + k * THREADS / (8 EXPERTS). The CTA's expert rows and token rows are
+ *   staged in shared memory `chunk` channels at a time (cp.async, two stages), each row
+ *   `ld_smem` elements apart: stage = (EXPERTS + tile) * ld_smem bf16, tile = min(TOKENS, T).
+ *   block: (R1_MOE_LOGITS_THREADS, 1, 1)
+ *   dynamic smem: min(2, ceil(H / chunk)) * stage * 2 bytes (<= R1_MOE_LOGITS_SMEM_BYTES)
+ *   grid:  (ceil(E / R1_MOE_LOGITS_EXPERTS), ceil(T / R1_MOE_LOGITS_TOKENS), 1)
+ *   Requires: H % 8 == 0, ldx % 8 == 0, x and w 16-byte aligned; chunk % 8 == 0, chunk >= 8,
+ *             ld_smem % 8 == 0, ld_smem >= min(chunk, H).
  * ------------------------------------------------------------------------------------- */
-#define R1_MOE_LOGITS_THREADS 128
-#define R1_MOE_LOGITS_TOKENS 4
+#define R1_MOE_LOGITS_THREADS 256
+#define R1_MOE_LOGITS_EXPERTS 2
+#define R1_MOE_LOGITS_TOKENS 64
+#define R1_MOE_LOGITS_SMEM_BYTES 204800 /* 200 KiB (a literal so bindgen exports it) */
 
 typedef struct R1MoeRouterLogitsParams {
     unsigned long long x;      /* bf16 [tokens][ldx]                          */
@@ -80,6 +88,8 @@ typedef struct R1MoeRouterLogitsParams {
     int32_t experts;
     int32_t hidden;
     int32_t ldx;
+    int32_t chunk;             /* channels staged per step (multiple of 8)    */
+    int32_t ld_smem;           /* staged row stride in elements (multiple of 8) */
 } R1MoeRouterLogitsParams;
 
 /* ---------------------------------------------------------------------------------------

@@ -34,6 +34,24 @@
  *   small_moe_accum    acc[t][c] += w * y[t][c] for the entry of `expert` among topk_ids[t]
  *                      (weight topk_weights[t][j]; nothing when not chosen); f32 acc.
  *   small_f32_to_bf16  out = bf16(a) (n elements).
+ *
+ * Fused decode-path kernels: each gives bit for bit what the unfused kernels named give in
+ * sequence (same f32 operations, same reduction order, one bf16 rounding where those store
+ * bf16), with fewer launches and without the intermediate round trips:
+ *   small_rms_norm_quant  per row r: v = x[r], or with `residual`: v = bf16(x[r] + residual[r])
+ *                      stored to sum[r] (small_add); inv as small_rms_norm; y = bf16((v * inv)
+ *                      * w) stored to out[r] when out != 0 (small_rms_norm); when q != 0, y
+ *                      quantized per 128-channel group into q [rows][ldq] and SA scales
+ *                      [ceil(width/128)][m_pad] (act_quant / small_act_quant on y).
+ *                      grid (rows), block 256 (R1_SMALL_THREADS). sum may be x or residual
+ *                      (in place); with a residual, out may be x or residual too (both are
+ *                      read before a block barrier); q and scales overlap nothing else.
+ *   small_silu_mul_quant a = bf16(silu(gate) * up) (small_silu_mul), stored to out when
+ *                      out != 0, quantized per 128-channel group into q and SA scales.
+ *                      grid (ceil(rows * ceil(width/128) / 8)), block 256: a warp per group.
+ *   small_mla_absorb_q_rope small_mla_absorb_q, and in the same CTA mla_q_rope of the token's
+ *                      q_pe (src[t][h*(nope+rope) + nope ..]) into dst[t][h][kv_lora ..]
+ *                      (cuda/params/mla.h's RoPE numerics); grid (tokens*heads), block 256.
  * ------------------------------------------------------------------------------------- */
 #define R1_SMALL_THREADS 256
 #define R1_SMALL_GEMM_TILE 16
@@ -134,6 +152,41 @@ typedef struct R1SmallMoeAccumParams {
     int32_t top_k;
     int32_t expert;
 } R1SmallMoeAccumParams;
+typedef struct R1SmallNormQuantParams {
+    unsigned long long x;        /* bf16 [rows][width]                                    */
+    unsigned long long residual; /* bf16 [rows][width], or 0 (no add)                     */
+    unsigned long long sum;      /* out: bf16 [rows][width] x + residual (with residual)  */
+    unsigned long long w;        /* bf16 [width]                                          */
+    unsigned long long out;      /* out: bf16 [rows][width] normed, or 0                  */
+    unsigned long long q;        /* out: fp8 [rows][ldq], or 0                            */
+    unsigned long long scales;   /* out: f32 SA [ceil(width/128)][m_pad] (with q)         */
+    int32_t rows;
+    int32_t width;
+    int32_t ldq;
+    int32_t m_pad;
+    float eps;
+    int32_t reserved;
+} R1SmallNormQuantParams;
+
+typedef struct R1SmallSiluQuantParams {
+    unsigned long long gate;   /* bf16 [rows][width]                  */
+    unsigned long long up;     /* bf16 [rows][width]                  */
+    unsigned long long out;    /* out: bf16 [rows][width], or 0       */
+    unsigned long long q;      /* out: fp8 [rows][ldq]                */
+    unsigned long long scales; /* out: f32 SA [ceil(width/128)][m_pad] */
+    int32_t rows;
+    int32_t width;
+    int32_t ldq;
+    int32_t m_pad;
+} R1SmallSiluQuantParams;
+
+typedef struct R1SmallMlaAbsorbQRopeParams {
+    R1SmallMlaAbsorbParams absorb; /* as small_mla_absorb_q                          */
+    unsigned long long positions;  /* i32 [tokens]                                   */
+    unsigned long long inv_freq;   /* f32 [rope / 2] (YaRN-corrected)                */
+    float attention_factor;
+    int32_t reserved;
+} R1SmallMlaAbsorbQRopeParams;
 /* END SMALL OPS SECTION ================================================================= */
 
 #endif /* R1_PARAMS_SMALL_OPS_H */

@@ -124,7 +124,7 @@ kernel_table! {
         "mla_combine";
     }
     R1MoeRouterLogitsParams {
-        "moe_router_logits";
+        "moe_router_logits", smem: sys::R1_MOE_LOGITS_SMEM_BYTES;
     }
     R1MoeRouterParams {
         // n_group <= experts
@@ -158,6 +158,12 @@ kernel_table! {
     R1SmallRmsNormParams {
         "small_rms_norm";
     }
+    R1SmallNormQuantParams {
+        "small_rms_norm_quant";
+    }
+    R1SmallSiluQuantParams {
+        "small_silu_mul_quant";
+    }
     R1SmallEltwiseParams {
         "small_add";
         "small_silu_mul";
@@ -178,6 +184,9 @@ kernel_table! {
     R1SmallMlaAbsorbParams {
         "small_mla_absorb_q";
         "small_mla_absorb_o";
+    }
+    R1SmallMlaAbsorbQRopeParams {
+        "small_mla_absorb_q_rope";
     }
     R1SmallMoeAccumParams {
         "small_moe_accum";

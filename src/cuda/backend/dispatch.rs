@@ -1,39 +1,125 @@
 //! One graph op at a time: each [`Op`] as the kernels that compute it, reading and writing the
-//! step's slots.
+//! step's slots, or, where the step's [`FusionPlan`] says so, several ops as one fused kernel.
 
 use half::bf16;
 
+use super::fusion::{FusionPlan, Step};
 use super::pages::mla_workspace;
 use super::weights::GpuWeight;
 use super::{ensure, missing, Core, Slot, State, StepData};
 use crate::cuda::heuristics::{act_quant_kernel, ActQuantKernel};
 use crate::cuda::ops::{
     act_scale_m_pad, ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight,
-    GemmBf16Desc, GemmKernel, MlaAbsorbDesc, QuantizedActivations, Region, QUANT_BLOCK,
+    GemmBf16Desc, GemmKernel, MlaAbsorbDesc, MlaAbsorbQRopeDesc, NormQuantDesc, QuantOut,
+    QuantizedActivations, Region, SiluMulQuantDesc, QUANT_BLOCK,
 };
 use crate::cuda::{
-    mla_plan_parts, DeviceBuffer, MlaAttnArgs, MlaCacheWriteArgs, MlaKernel, MlaQRopeArgs,
+    mla_plan_parts, Device, DeviceBuffer, MlaAttnArgs, MlaCacheWriteArgs, MlaKernel, MlaQRopeArgs,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
+
+/// The step's quantized activations for FP8 Linears, one per plan slot (a buffer's slot is
+/// live as long as its act_quant is needed), and which buffer each holds this step.
+#[derive(Default)]
+pub(super) struct QuantStore {
+    acts: Vec<Option<QuantizedActivations>>,
+    holds: Vec<Option<Buf>>,
+}
+
+impl QuantStore {
+    /// Forgets what the slots held: a new step writes every buffer anew.
+    pub(super) fn begin_step(&mut self) {
+        self.holds.iter_mut().for_each(|h| *h = None);
+    }
+
+    fn holds(&self, slot: usize) -> Option<Buf> {
+        self.holds.get(slot).copied().flatten()
+    }
+
+    fn get(&self, slot: usize) -> Result<&QuantizedActivations> {
+        self.acts
+            .get(slot)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| missing("quantized activations"))
+    }
+}
+
+/// The act_quant buffers of plan slot `slot` for `m` rows of `k` channels, about to be
+/// rewritten. The one place dispatch allocates quantized activations: grown when a step needs
+/// more, kept across steps; scales zeroed when allocated (the GEMMs read the SA layout's
+/// padding rows, never into a stored row).
+fn quant_buffers<'s>(
+    dev: &Device,
+    store: &'s mut QuantStore,
+    slot: usize,
+    m: usize,
+    k: usize,
+) -> Result<&'s mut QuantizedActivations> {
+    if store.acts.len() <= slot {
+        store.acts.resize_with(slot + 1, || None);
+        store.holds.resize(slot + 1, None);
+    }
+    store.holds[slot] = None;
+    let m_pad = act_scale_m_pad(m);
+    let (q_len, s_len) = (m * k, k.div_ceil(QUANT_BLOCK) * m_pad);
+    let entry = &mut store.acts[slot];
+    if entry
+        .as_ref()
+        .is_none_or(|a| a.q.len() < q_len || a.scales.len() < s_len)
+    {
+        *entry = None; // free before allocating the larger one
+        *entry = Some(QuantizedActivations {
+            q: dev.alloc(q_len.max(1))?,
+            scales: dev.alloc_zeros(s_len.max(1))?,
+            m,
+            k,
+            m_pad,
+        });
+    }
+    let a = entry
+        .as_mut()
+        .ok_or_else(|| missing("quantized activations"))?;
+    (a.m, a.k, a.m_pad) = (m, k, m_pad);
+    Ok(a)
+}
+
+fn rows_of(graph: &Graph, step: &StepData, b: Buf) -> usize {
+    match graph.desc(b).rows {
+        Rows::Tokens => step.tokens,
+        Rows::Selected => step.selected,
+    }
+}
 
 impl Core {
     /// x (bf16 `[m][k]`, contiguous) quantized per token per 128 channels.
     fn quantize(&self, x: &DeviceBuffer<bf16>, m: usize, k: usize) -> Result<QuantizedActivations> {
         let m_pad = act_scale_m_pad(m);
-        let mut q = self.dev.alloc::<u8>(m * k)?;
         // Zeroed: the SA layout's padding rows are read (never stored) by the GEMMs.
-        let mut scales = self
-            .dev
-            .alloc_zeros::<f32>(k.div_ceil(QUANT_BLOCK) * m_pad)?;
+        let mut a = QuantizedActivations {
+            q: self.dev.alloc::<u8>(m * k)?,
+            scales: self
+                .dev
+                .alloc_zeros::<f32>(k.div_ceil(QUANT_BLOCK) * m_pad)?,
+            m,
+            k,
+            m_pad,
+        };
+        self.quantize_into(x, &mut a)?;
+        Ok(a)
+    }
+
+    /// x (bf16 `[a.m][a.k]`, contiguous) quantized into `a`'s buffers.
+    fn quantize_into(&self, x: &DeviceBuffer<bf16>, a: &mut QuantizedActivations) -> Result<()> {
+        let (m, k, m_pad) = (a.m, a.k, a.m_pad);
         if act_quant_kernel(m, k) == ActQuantKernel::Vectorized {
             self.dev
                 .prepare_act_quant(ActQuantArgs {
                     x,
                     ldx: k,
-                    q: &mut q,
+                    q: &mut a.q,
                     ldq: k,
-                    scales: &mut scales,
+                    scales: &mut a.scales,
                     m_pad,
                     m,
                     k,
@@ -46,20 +132,181 @@ impl Core {
                     k,
                     x: x.into(),
                     ldx: k,
-                    q: Region::from(&q),
+                    q: Region::from(&a.q),
                     ldq: k,
-                    scales: Region::from(&scales),
+                    scales: Region::from(&a.scales),
                     m_pad,
                 })?
                 .launch()?;
         }
-        Ok(QuantizedActivations {
-            q,
-            scales,
-            m,
-            k,
-            m_pad,
-        })
+        Ok(())
+    }
+
+    /// d (bf16 `[m][w.n]`) = x · W^T in w8a8 for a graph Linear reading buffer `x`: its
+    /// act_quant is the step's shared one when the plan shares it and a fused producer (or an
+    /// earlier Linear) made it, else it is made here (and kept for the next reader when shared).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fp8(
+        &self,
+        x: Buf,
+        m: usize,
+        w: &Fp8Weight,
+        graph: &Graph,
+        plan: &Plan,
+        fusion: &FusionPlan,
+        state: &mut State,
+        d: &mut DeviceBuffer<bf16>,
+    ) -> Result<()> {
+        let slot = plan.slot(x);
+        let shared = fusion.shares_quant(x);
+        if !shared || state.quant.holds(slot) != Some(x) {
+            let xb = state.slots[slot]
+                .bf
+                .as_ref()
+                .ok_or_else(|| missing(&graph.desc(x).name))?;
+            let a = quant_buffers(&self.dev, &mut state.quant, slot, m, w.k)?;
+            self.quantize_into(xb, a)?;
+            if shared {
+                state.quant.holds[slot] = Some(x);
+            }
+        }
+        let a = state.quant.get(slot)?;
+        if a.m != m || a.k != w.k {
+            return Err(missing("the Linear's quantized input"));
+        }
+        self.dev
+            .prepare_fp8_gemm(Fp8GemmArgs::new(a, w, d), GemmKernel::Auto)?
+            .launch()?;
+        Ok(())
+    }
+
+    /// The fused RmsNorm at node `norm` (and, with `add`, the Add at `node` before it): one
+    /// small_rms_norm_quant writing the sum, the normed row and/or its act_quant as the plan
+    /// says.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_fused(
+        &self,
+        node: usize,
+        norm: usize,
+        add: bool,
+        write_normed: bool,
+        quantize: bool,
+        graph: &Graph,
+        plan: &Plan,
+        step: &StepData,
+        state: &mut State,
+    ) -> Result<()> {
+        let Op::RmsNorm { x, weight, out } = graph.nodes[norm] else {
+            return Err(missing("the fused RmsNorm"));
+        };
+        let rows = rows_of(graph, step, out);
+        if rows == 0 {
+            return Ok(());
+        }
+        let width = graph.desc(out).width;
+        let n = rows * width;
+        let dev = &self.dev;
+        // Outputs first (growing a slot replaces its buffer); an output that shares an input's
+        // slot never grows, the input already holding as many rows.
+        let add_io = match (add, &graph.nodes[node]) {
+            (false, _) => None,
+            (true, &Op::Add { a, b, out: s }) => {
+                ensure(dev, &mut state.slots[plan.slot(s)].bf, n)?;
+                Some((a, b, s))
+            }
+            (true, _) => return Err(missing("the fused Add")),
+        };
+        if write_normed {
+            ensure(dev, &mut state.slots[plan.slot(out)].bf, n)?;
+        }
+        let quant = if quantize {
+            let a = quant_buffers(dev, &mut state.quant, plan.slot(out), rows, width)?;
+            Some(QuantOut::of(a))
+        } else {
+            None
+        };
+        let region = |b: Buf| -> Result<Region> {
+            state.slots[plan.slot(b)]
+                .bf
+                .as_ref()
+                .map(Region::from)
+                .ok_or_else(|| missing(&graph.desc(b).name))
+        };
+        let (xr, residual) = match add_io {
+            Some((a, b, s)) => (region(a)?, Some((region(b)?, region(s)?))),
+            None => (region(x)?, None),
+        };
+        let (w, _, _) = self.dense(weight)?;
+        self.small
+            .prepare_rms_norm_quant(NormQuantDesc {
+                rows,
+                width,
+                eps: self.cfg.rms_norm_eps,
+                x: xr,
+                residual,
+                w: w.into(),
+                out: if write_normed {
+                    Some(region(out)?)
+                } else {
+                    None
+                },
+                quant,
+            })?
+            .launch()?;
+        if quantize {
+            state.quant.holds[plan.slot(out)] = Some(out);
+        }
+        Ok(())
+    }
+
+    /// SiluMul and the act_quant of its output in one small_silu_mul_quant.
+    fn silu_quant(
+        &self,
+        op: &Op,
+        write_out: bool,
+        graph: &Graph,
+        plan: &Plan,
+        step: &StepData,
+        state: &mut State,
+    ) -> Result<()> {
+        let &Op::SiluMul { gate, up, out } = op else {
+            return Err(missing("the fused SiluMul"));
+        };
+        let rows = rows_of(graph, step, out);
+        if rows == 0 {
+            return Ok(());
+        }
+        let width = graph.desc(out).width;
+        let dev = &self.dev;
+        if write_out {
+            ensure(dev, &mut state.slots[plan.slot(out)].bf, rows * width)?;
+        }
+        let quant = QuantOut::of(quant_buffers(
+            dev,
+            &mut state.quant,
+            plan.slot(out),
+            rows,
+            width,
+        )?);
+        let region = |b: Buf| -> Result<Region> {
+            state.slots[plan.slot(b)]
+                .bf
+                .as_ref()
+                .map(Region::from)
+                .ok_or_else(|| missing(&graph.desc(b).name))
+        };
+        self.small
+            .prepare_silu_mul_quant(SiluMulQuantDesc {
+                rows,
+                width,
+                gate: region(gate)?,
+                up: region(up)?,
+                out: if write_out { Some(region(out)?) } else { None },
+                quant,
+            })?
+            .launch()?;
+        state.quant.holds[plan.slot(out)] = Some(out);
+        Ok(())
     }
 
     /// d (bf16 `[m][w.n]`) = x · W^T in w8a8.
@@ -77,18 +324,45 @@ impl Core {
         Ok(())
     }
 
+    /// Node `node` (`op`) as the step's fusion plan says: its own kernels, a fused kernel
+    /// covering it (and the next node), or nothing when an earlier fused kernel covered it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn execute(
         &self,
+        node: usize,
         op: &Op,
         graph: &Graph,
         plan: &Plan,
+        fusion: &FusionPlan,
         step: &StepData,
         state: &mut State,
     ) -> Result<()> {
-        let rows_of = |b: Buf| match graph.desc(b).rows {
-            Rows::Tokens => step.tokens,
-            Rows::Selected => step.selected,
-        };
+        match fusion.steps[node] {
+            Step::Plain => {}
+            Step::Skip => return Ok(()),
+            Step::Norm {
+                norm,
+                add,
+                write_normed,
+                quantize,
+            } => {
+                return self.norm_fused(
+                    node,
+                    norm,
+                    add,
+                    write_normed,
+                    quantize,
+                    graph,
+                    plan,
+                    step,
+                    state,
+                )
+            }
+            Step::SiluQuant { write_out } => {
+                return self.silu_quant(op, write_out, graph, plan, step, state)
+            }
+        }
+        let rows_of = |b: Buf| rows_of(graph, step, b);
         let width = |b: Buf| graph.desc(b).width;
         let dev = &self.dev;
         let eps = self.cfg.rms_norm_eps;
@@ -142,7 +416,7 @@ impl Core {
         } else {
             ensure(dev, &mut slot.bf, n_out)?;
         }
-        let result = self.execute_into(op, graph, plan, step, state, &mut slot, out_rows);
+        let result = self.execute_into(op, graph, plan, fusion, step, state, &mut slot, out_rows);
         state.slots[plan.slot(out)] = slot;
         result
     }
@@ -153,6 +427,7 @@ impl Core {
         op: &Op,
         graph: &Graph,
         plan: &Plan,
+        fusion: &FusionPlan,
         step: &StepData,
         state: &mut State,
         out: &mut Slot,
@@ -191,7 +466,6 @@ impl Core {
             }
             Op::Linear { x, weight, out: o } => {
                 let (k, n) = (width(*x), width(*o));
-                let xb = input(*x)?;
                 match self.weight(*weight)? {
                     GpuWeight::Fp8(w) => {
                         if w.k != k || w.n != n {
@@ -206,7 +480,7 @@ impl Core {
                         let ob = out.bf.as_mut().ok_or_else(|| {
                             Error::Unsupported("an FP8 Linear with an f32 output".into())
                         })?;
-                        self.fp8_linear(xb, out_rows, w, ob)?;
+                        self.linear_fp8(*x, out_rows, w, graph, plan, fusion, state, ob)?;
                     }
                     GpuWeight::Dense { data, rows, cols } => {
                         if *cols != k || *rows != n {
@@ -229,7 +503,7 @@ impl Core {
                                 m: out_rows,
                                 n,
                                 k,
-                                x: xb.into(),
+                                x: input(*x)?.into(),
                                 ldx: k,
                                 w: data.into(),
                                 ldw: k,
@@ -336,16 +610,27 @@ impl Core {
                     kv_b: kvb.into(),
                     dst: Region::from(&*q_attn),
                 };
-                self.small.prepare_mla_absorb(shape, true)?.launch()?;
-                let qk = nope + rope;
-                self.mla.q_rope(MlaQRopeArgs {
-                    src: Some((qb, nope, heads * qk, qk)),
-                    q: q_attn,
-                    heads,
-                    kv_lora,
-                    rope: &self.rope,
-                    batch: &step.mla,
-                })?;
+                if fusion.absorb_rope {
+                    self.small
+                        .prepare_mla_absorb_q_rope(MlaAbsorbQRopeDesc {
+                            absorb: shape,
+                            positions: Region::from(&step.mla.positions),
+                            inv_freq: Region::from(&self.rope.inv_freq),
+                            attention_factor: self.rope.attention_factor,
+                        })?
+                        .launch()?;
+                } else {
+                    self.small.prepare_mla_absorb(shape, true)?.launch()?;
+                    let qk = nope + rope;
+                    self.mla.q_rope(MlaQRopeArgs {
+                        src: Some((qb, nope, heads * qk, qk)),
+                        q: q_attn,
+                        heads,
+                        kv_lora,
+                        rope: &self.rope,
+                        batch: &step.mla,
+                    })?;
+                }
                 let cache = state
                     .cache
                     .get(*layer)

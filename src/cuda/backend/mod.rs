@@ -27,6 +27,7 @@
 
 mod adapters;
 mod dispatch;
+mod fusion;
 mod moe;
 mod pages;
 mod weights;
@@ -110,6 +111,8 @@ struct State {
     /// step shares the batch layout, so the first attention schedules for all).
     mla_scheduled: bool,
     moe_ws: Option<MoeWorkspace>,
+    /// Quantized activations of the FP8 Linears' inputs, per slot.
+    quant: dispatch::QuantStore,
 }
 
 /// Per-run device data of the step.
@@ -124,6 +127,8 @@ struct StepData {
 pub struct CudaBackend {
     core: Core,
     state: State,
+    /// Run the decode path's fused kernels (fusion.rs); off with `R1_NO_FUSION=1`.
+    fusion: bool,
     /// Keeps the host weights alive for the backend's lifetime (the graphs name them).
     _host: Arc<ModelWeights>,
 }
@@ -233,6 +238,7 @@ impl CudaBackend {
                 cache_layers: blocks.len(),
             },
             state: State::default(),
+            fusion: !super::env_switch("R1_NO_FUSION"),
             _host: weights,
         })
     }
@@ -240,6 +246,12 @@ impl CudaBackend {
     /// The device this backend runs on.
     pub fn device(&self) -> &Device {
         &self.core.dev
+    }
+
+    /// Runs the fused kernels (the default) or every graph node as its own kernels (what
+    /// `R1_NO_FUSION=1` selects at construction); both give the same bits.
+    pub fn set_fusion(&mut self, on: bool) {
+        self.fusion = on;
     }
 }
 
@@ -317,8 +329,16 @@ impl Backend for CudaBackend {
                 }
             }
         }
-        for op in &graph.nodes {
-            core.execute(op, graph, plan, &step, state)?;
+        let fusion = if self.fusion {
+            fusion::FusionPlan::new(graph, |w| {
+                matches!(core.weights.get(&w), Some(weights::GpuWeight::Fp8(_)))
+            })
+        } else {
+            fusion::FusionPlan::unfused(graph)
+        };
+        state.quant.begin_step();
+        for (i, op) in graph.nodes.iter().enumerate() {
+            core.execute(i, op, graph, plan, &fusion, &step, state)?;
         }
         if let Some(ws) = state.moe_ws.as_mut() {
             ws.take_errors(&core.moe)?;

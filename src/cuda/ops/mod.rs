@@ -42,13 +42,13 @@ pub use moe_permute::{
     UnpermuteArgs, UnpermuteDesc,
 };
 pub use moe_route::{
-    route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
-    RouterLogitsDesc,
+    logits_staging, route_host, router_logits_host, LogitsStaging, RoutedHost, RouterArgs,
+    RouterDesc, RouterLogitsArgs, RouterLogitsDesc,
 };
 pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
 pub use small_ops::{
-    CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc, RmsNormDesc,
-    SmallOps,
+    CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MlaAbsorbQRopeDesc,
+    MoeAccumDesc, NormQuantDesc, QuantOut, RmsNormDesc, SiluMulQuantDesc, SmallOps,
 };
 
 use super::error::{CudaError, Result};

@@ -64,6 +64,64 @@ impl RouterLogitsDesc {
             format!("tokens = {t} exceed the grid's y limit")
         })
     }
+
+    /// How the CTA stages its rows (cuda/params/moe.h): the whole hidden width at once when
+    /// two stages of it fit (every decode step of R1: one chunk, all loads in flight at
+    /// once), else the widest chunk that does.
+    pub fn staging(&self) -> LogitsStaging {
+        logits_staging(self.tokens, self.hidden)
+    }
+}
+
+/// The shared-memory staging of one moe_router_logits launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogitsStaging {
+    /// Channels staged per step (a multiple of 8).
+    pub chunk: usize,
+    /// Staged row stride in elements (a multiple of 8, >= the chunk).
+    pub ld_smem: usize,
+    /// Dynamic shared memory of the launch.
+    pub smem_bytes: usize,
+}
+
+/// The staged row stride for a chunk: 16 bytes of padding, 32 when that would put the rows a
+/// multiple of 128 bytes apart (the two expert rows, and neighbouring token rows, that a warp
+/// reads at once would then share banks).
+fn staged_ld(chunk: usize) -> usize {
+    let ld = chunk + 8;
+    if (ld / 8) % 8 == 0 {
+        ld + 8
+    } else {
+        ld
+    }
+}
+
+/// [`LogitsStaging`] for `tokens` x `hidden` (hidden a multiple of 8, >= 8).
+pub fn logits_staging(tokens: usize, hidden: usize) -> LogitsStaging {
+    let experts = sys::R1_MOE_LOGITS_EXPERTS as usize;
+    let rows = experts + tokens.clamp(1, sys::R1_MOE_LOGITS_TOKENS as usize);
+    let budget = sys::R1_MOE_LOGITS_SMEM_BYTES as usize;
+    let ld = staged_ld;
+    let fits = |chunk: usize, stages: usize| stages * rows * ld(chunk) * 2 <= budget;
+    let whole = hidden.max(8);
+    let chunk = if fits(whole, 1) {
+        whole
+    } else {
+        // The largest multiple of 8 with two stages in the budget (66 rows of 8 channels and
+        // 32 bytes of padding always fit: chunk >= 8).
+        let mut chunk = (budget / (2 * rows * 2)).saturating_sub(8) / 8 * 8;
+        while chunk > 8 && !fits(chunk, 2) {
+            chunk -= 8;
+        }
+        chunk.max(8)
+    };
+    let stages = hidden.div_ceil(chunk).min(2);
+    let ld_smem = ld(chunk);
+    LogitsStaging {
+        chunk,
+        ld_smem,
+        smem_bytes: stages * rows * ld_smem * 2,
+    }
 }
 
 impl KernelLaunch for RouterLogitsDesc {
@@ -74,6 +132,7 @@ impl KernelLaunch for RouterLogitsDesc {
     }
 
     fn params(&self) -> Result<R1MoeRouterLogitsParams> {
+        let st = self.staging();
         Ok(R1MoeRouterLogitsParams {
             x: self.x.addr,
             w: self.w.addr,
@@ -82,18 +141,20 @@ impl KernelLaunch for RouterLogitsDesc {
             experts: self.experts as i32,
             hidden: self.hidden as i32,
             ldx: self.ldx as i32,
+            chunk: st.chunk as i32,
+            ld_smem: st.ld_smem as i32,
         })
     }
 
     fn launch_config(&self) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (
-                self.experts.div_ceil(sys::R1_MOE_LOGITS_THREADS as usize) as u32,
+                self.experts.div_ceil(sys::R1_MOE_LOGITS_EXPERTS as usize) as u32,
                 self.tokens.div_ceil(sys::R1_MOE_LOGITS_TOKENS as usize) as u32,
                 1,
             ),
             block_dim: (sys::R1_MOE_LOGITS_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.staging().smem_bytes as u32,
         }
     }
 }
@@ -424,7 +485,41 @@ mod tests {
             ..ok
         })
         .contains("16-byte aligned"));
-        assert_eq!(ok.launch_config().grid_dim, (2, 2, 1));
+        assert_eq!(ok.launch_config().grid_dim, (128, 1, 1));
+        let many = RouterLogitsDesc { tokens: 65, ..ok };
+        assert_eq!(many.launch_config().grid_dim, (128, 2, 1));
+    }
+
+    /// R1's decode steps stage the whole hidden width in one chunk; larger token tiles chunk
+    /// it; every layout keeps its rows 16-byte aligned, off the 128-byte bank period, and
+    /// within the kernel-table row's shared memory.
+    #[test]
+    fn logits_staging_fits_and_aligns() {
+        let budget = sys::R1_MOE_LOGITS_SMEM_BYTES as usize;
+        let one = logits_staging(1, 7168);
+        assert_eq!(one.chunk, 7168);
+        assert_eq!(one.smem_bytes, 3 * one.ld_smem * 2);
+        for tokens in [1, 2, 7, 8, 16, 33, 64, 65, 512] {
+            for hidden in [8, 16, 120, 512, 1536, 2048, 7168, 16384] {
+                let s = logits_staging(tokens, hidden);
+                let rows = 2 + tokens.min(64);
+                assert!(s.chunk >= 8 && s.chunk % 8 == 0, "{s:?}");
+                assert!(
+                    s.ld_smem >= s.chunk.min(hidden) && s.ld_smem % 8 == 0,
+                    "{s:?}"
+                );
+                assert_ne!((s.ld_smem / 8) % 8, 0, "{s:?}: rows 128 bytes apart");
+                let stages = hidden.div_ceil(s.chunk).min(2);
+                assert_eq!(s.smem_bytes, stages * rows * s.ld_smem * 2);
+                assert!(s.smem_bytes <= budget, "{tokens} x {hidden}: {s:?}");
+                if hidden.div_ceil(s.chunk) > 1 {
+                    // Nothing wider would have fit.
+                    let wider = s.chunk + 8;
+                    assert!(2 * rows * staged_ld(wider) * 2 > budget, "{s:?}");
+                }
+            }
+        }
+        assert_eq!(logits_staging(64, 7168).chunk, 752);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! silu * up, row copies (concat, select rows, cache growth), zeroing position-0 rows, a bf16
 //! GEMM for dense weights (lm_head, eh_proj), act_quant for any K, the MLA absorption GEMMs
 //! and the MoE fallback's weighted accumulation. Simple, obviously-correct CUDA-core kernels.
+//! Beside them, the decode path's fusions, each bit-identical to the unfused kernels in
+//! sequence: [`NormQuantDesc`] (residual add + RMSNorm + act_quant), [`SiluMulQuantDesc`]
+//! (silu * up + act_quant) and [`MlaAbsorbQRopeDesc`] (q absorption + q RoPE).
 //!
 //! Each launch has a `*Desc` (plain numbers; `check` names the rule of cuda/launch_params.h's
 //! SMALL OPS section that fails) built by a method of [`SmallOps`], which checks it and
@@ -10,17 +13,20 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::{ActQuantDesc, Checker, Region, QUANT_BLOCK};
+use super::{ActQuantDesc, Checker, QuantizedActivations, Region, QUANT_BLOCK};
 use crate::cuda::error::Result;
 use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{
     self, R1SmallActQuantParams, R1SmallCopyRowsParams, R1SmallEltwiseParams, R1SmallEmbedParams,
-    R1SmallGemmBf16Params, R1SmallMlaAbsorbParams, R1SmallMoeAccumParams, R1SmallRmsNormParams,
+    R1SmallGemmBf16Params, R1SmallMlaAbsorbParams, R1SmallMlaAbsorbQRopeParams,
+    R1SmallMoeAccumParams, R1SmallNormQuantParams, R1SmallRmsNormParams, R1SmallSiluQuantParams,
     R1SmallZeroPos0Params,
 };
 use crate::cuda::{Device, DeviceBuffer};
 
 const THREADS: u32 = sys::R1_SMALL_THREADS;
+/// The fused quantizing kernels run a warp per 128-channel group.
+const WARPS_PER_BLOCK: usize = THREADS as usize / 32;
 const TILE: u32 = sys::R1_SMALL_GEMM_TILE;
 
 /// Launches cuda/small_ops.cu's kernels on one [`Device`].
@@ -289,13 +295,19 @@ pub struct MlaAbsorbDesc {
 impl MlaAbsorbDesc {
     /// `q`: true for small_mla_absorb_q, false for small_mla_absorb_o.
     pub fn check(&self, q: bool) -> Result<()> {
-        let c = Checker {
-            kernel: if q {
-                "small_mla_absorb_q"
-            } else {
-                "small_mla_absorb_o"
+        self.check_as(
+            &Checker {
+                kernel: if q {
+                    "small_mla_absorb_q"
+                } else {
+                    "small_mla_absorb_o"
+                },
             },
-        };
+            q,
+        )
+    }
+
+    fn check_as(&self, c: &Checker, q: bool) -> Result<()> {
         let (t, h) = (self.tokens, self.heads);
         c.req(
             t >= 1 && h >= 1 && self.nope >= 1 && self.v >= 1 && self.kv_lora >= 1,
@@ -337,6 +349,265 @@ impl MlaAbsorbDesc {
             )?;
             c.holds("out", self.dst, t * h * self.v, "[tokens][heads * v]")
         }
+    }
+}
+
+/// Where a fused kernel puts its act_quant output: fp8 codes `[rows][ldq]` and f32 scales in
+/// the SA layout `[ceil(width/128)][m_pad]` (what [`QuantizedActivations`] holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantOut {
+    pub q: Region,
+    pub ldq: usize,
+    pub scales: Region,
+    pub m_pad: usize,
+}
+
+impl QuantOut {
+    /// The codes and scales of `a` (rows of `a.k` bytes).
+    pub fn of(a: &QuantizedActivations) -> Self {
+        QuantOut {
+            q: Region::from(&a.q),
+            ldq: a.k,
+            scales: Region::from(&a.scales),
+            m_pad: a.m_pad,
+        }
+    }
+
+    fn check(&self, c: &Checker, rows: usize, width: usize) -> Result<()> {
+        c.fits_i32(&[("ldq", self.ldq), ("m_pad", self.m_pad)])?;
+        c.req(self.ldq >= width, || {
+            format!("ldq ({}) must be >= width ({width})", self.ldq)
+        })?;
+        c.sa_pad("m_pad", self.m_pad, rows, "rows")?;
+        c.holds_matrix("q", self.q, rows, width, self.ldq)?;
+        c.aligned("scales", self.scales, 4)?;
+        c.holds(
+            "scales",
+            self.scales,
+            width.div_ceil(QUANT_BLOCK) * self.m_pad,
+            "[ceil(width/128)][m_pad]",
+        )
+    }
+}
+
+/// small_rms_norm_quant: RMSNorm of `x` (or of bf16(x + residual), stored to `sum`) into
+/// `out` and/or act_quant codes and scales, bit for bit what small_add, small_rms_norm and
+/// act_quant give in sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormQuantDesc {
+    pub rows: usize,
+    pub width: usize,
+    pub eps: f32,
+    /// bf16 `[rows][width]`.
+    pub x: Region,
+    /// `(residual, sum)`: normalize bf16(x + residual) and store it to `sum` (which may be
+    /// `x` or `residual`).
+    pub residual: Option<(Region, Region)>,
+    /// bf16 `[width]`.
+    pub w: Region,
+    /// bf16 `[rows][width]` normed rows (may alias x or residual when there is a residual).
+    pub out: Option<Region>,
+    pub quant: Option<QuantOut>,
+}
+
+impl NormQuantDesc {
+    pub fn check(&self) -> Result<()> {
+        let c = Checker {
+            kernel: "small_rms_norm_quant",
+        };
+        let (rows, width) = (self.rows, self.width);
+        c.req(rows >= 1 && width >= 1, || {
+            format!("rows ({rows}) and width ({width}) must be >= 1")
+        })?;
+        c.req(rows <= GRID_X, || {
+            format!("rows = {rows} exceed the grid limit")
+        })?;
+        c.req(self.eps.is_finite() && self.eps >= 0.0, || {
+            format!("eps ({}) must be finite and >= 0", self.eps)
+        })?;
+        c.req(self.out.is_some() || self.quant.is_some(), || {
+            "needs a normed output, a quantized one, or both".into()
+        })?;
+        c.fits_i32(&[("rows", rows), ("width", width)])?;
+        let n = rows * width;
+        c.holds("x", self.x, n, "[rows][width]")?;
+        if let Some((residual, sum)) = self.residual {
+            c.holds("residual", residual, n, "[rows][width]")?;
+            c.holds("sum", sum, n, "[rows][width]")?;
+        }
+        c.holds("w", self.w, width, "[width]")?;
+        if let Some(out) = self.out {
+            c.holds("out", out, n, "[rows][width]")?;
+        }
+        if let Some(q) = &self.quant {
+            q.check(&c, rows, width)?;
+        }
+        Ok(())
+    }
+}
+
+impl KernelLaunch for NormQuantDesc {
+    type Params = R1SmallNormQuantParams;
+
+    fn kernel(&self) -> &'static str {
+        "small_rms_norm_quant"
+    }
+
+    fn params(&self) -> Result<R1SmallNormQuantParams> {
+        let q = self.quant;
+        Ok(R1SmallNormQuantParams {
+            x: self.x.addr,
+            residual: super::opt_addr(self.residual.map(|(r, _)| r)),
+            sum: super::opt_addr(self.residual.map(|(_, s)| s)),
+            w: self.w.addr,
+            out: super::opt_addr(self.out),
+            q: super::opt_addr(q.map(|q| q.q)),
+            scales: super::opt_addr(q.map(|q| q.scales)),
+            rows: self.rows as i32,
+            width: self.width as i32,
+            ldq: q.map_or(0, |q| q.ldq as i32),
+            m_pad: q.map_or(0, |q| q.m_pad as i32),
+            eps: self.eps,
+            reserved: 0,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        per_row(self.rows)
+    }
+}
+
+/// small_silu_mul_quant: a = bf16(silu(gate) * up) (stored to `out` when given) quantized into
+/// `quant`, bit for bit what small_silu_mul and act_quant give in sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiluMulQuantDesc {
+    pub rows: usize,
+    pub width: usize,
+    /// bf16 `[rows][width]` each.
+    pub gate: Region,
+    pub up: Region,
+    pub out: Option<Region>,
+    pub quant: QuantOut,
+}
+
+impl SiluMulQuantDesc {
+    fn groups(&self) -> usize {
+        self.rows * self.width.div_ceil(QUANT_BLOCK)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let c = Checker {
+            kernel: "small_silu_mul_quant",
+        };
+        let (rows, width) = (self.rows, self.width);
+        c.req(rows >= 1 && width >= 1, || {
+            format!("rows ({rows}) and width ({width}) must be >= 1")
+        })?;
+        c.fits_i32(&[("rows", rows), ("width", width)])?;
+        c.req(self.groups().div_ceil(WARPS_PER_BLOCK) <= GRID_X, || {
+            format!(
+                "rows * ceil(width/128) = {} exceed the grid limit",
+                self.groups()
+            )
+        })?;
+        let n = rows * width;
+        c.holds("gate", self.gate, n, "[rows][width]")?;
+        c.holds("up", self.up, n, "[rows][width]")?;
+        if let Some(out) = self.out {
+            c.holds("out", out, n, "[rows][width]")?;
+        }
+        self.quant.check(&c, rows, width)
+    }
+}
+
+impl KernelLaunch for SiluMulQuantDesc {
+    type Params = R1SmallSiluQuantParams;
+
+    fn kernel(&self) -> &'static str {
+        "small_silu_mul_quant"
+    }
+
+    fn params(&self) -> Result<R1SmallSiluQuantParams> {
+        Ok(R1SmallSiluQuantParams {
+            gate: self.gate.addr,
+            up: self.up.addr,
+            out: super::opt_addr(self.out),
+            q: self.quant.q.addr,
+            scales: self.quant.scales.addr,
+            rows: self.rows as i32,
+            width: self.width as i32,
+            ldq: self.quant.ldq as i32,
+            m_pad: self.quant.m_pad as i32,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.groups().div_ceil(WARPS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// small_mla_absorb_q_rope: small_mla_absorb_q and mla_q_rope in one launch (the latent query
+/// and the roped q_pe of each (token, head) written by one CTA).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaAbsorbQRopeDesc {
+    pub absorb: MlaAbsorbDesc,
+    /// i32 `[tokens]`: each token's position.
+    pub positions: Region,
+    /// f32 `[rope / 2]`: YaRN-corrected inverse frequencies.
+    pub inv_freq: Region,
+    pub attention_factor: f32,
+}
+
+impl MlaAbsorbQRopeDesc {
+    pub fn check(&self) -> Result<()> {
+        let c = Checker {
+            kernel: "small_mla_absorb_q_rope",
+        };
+        let a = &self.absorb;
+        a.check_as(&c, true)?;
+        c.req(a.rope >= 2 && a.rope % 2 == 0, || {
+            format!("rope ({}) must be even and >= 2", a.rope)
+        })?;
+        c.req(self.attention_factor.is_finite(), || {
+            format!(
+                "attention_factor ({}) must be finite",
+                self.attention_factor
+            )
+        })?;
+        c.aligned("positions", self.positions, 4)?;
+        c.aligned("inv_freq", self.inv_freq, 4)?;
+        c.holds("positions", self.positions, a.tokens, "[tokens]")?;
+        c.holds("inv_freq", self.inv_freq, a.rope / 2, "[rope / 2]")
+    }
+}
+
+impl KernelLaunch for MlaAbsorbQRopeDesc {
+    type Params = R1SmallMlaAbsorbQRopeParams;
+
+    fn kernel(&self) -> &'static str {
+        "small_mla_absorb_q_rope"
+    }
+
+    fn params(&self) -> Result<R1SmallMlaAbsorbQRopeParams> {
+        Ok(R1SmallMlaAbsorbQRopeParams {
+            absorb: Absorb {
+                desc: self.absorb,
+                q: true,
+            }
+            .params()?,
+            positions: self.positions.addr,
+            inv_freq: self.inv_freq.addr,
+            attention_factor: self.attention_factor,
+            reserved: 0,
+        })
+    }
+
+    fn launch_config(&self) -> LaunchConfig {
+        per_row(self.absorb.tokens * self.absorb.heads)
     }
 }
 
@@ -828,6 +1099,24 @@ impl SmallOps {
         Prepared::single(&self.dev, &Absorb { desc: d, q })
     }
 
+    /// [residual add +] RMSNorm [+ act_quant] in one launch.
+    pub fn prepare_rms_norm_quant(&self, d: NormQuantDesc) -> Result<Prepared<'_>> {
+        d.check()?;
+        Prepared::single(&self.dev, &d)
+    }
+
+    /// silu(gate) * up quantized (and stored, with `out`) in one launch.
+    pub fn prepare_silu_mul_quant(&self, d: SiluMulQuantDesc) -> Result<Prepared<'_>> {
+        d.check()?;
+        Prepared::single(&self.dev, &d)
+    }
+
+    /// q_lat = q_nope · W_UK and the roped q_pe into the attention query buffer, one launch.
+    pub fn prepare_mla_absorb_q_rope(&self, d: MlaAbsorbQRopeDesc) -> Result<Prepared<'_>> {
+        d.check()?;
+        Prepared::single(&self.dev, &d)
+    }
+
     /// acc += w * y for the tokens that chose `expert`.
     pub fn prepare_moe_accum(&self, d: MoeAccumDesc) -> Result<Prepared<'_>> {
         d.check()?;
@@ -936,6 +1225,92 @@ mod tests {
             }),
             "small_moe_accum"
         );
+    }
+
+    #[test]
+    fn fused_launches_pair_with_their_rows_and_check() {
+        let quant = QuantOut {
+            q: r(3 * 200),
+            ldq: 200,
+            scales: r(2 * 4),
+            m_pad: 4,
+        };
+        let norm = NormQuantDesc {
+            rows: 3,
+            width: 200,
+            eps: 1e-6,
+            x: r(600),
+            residual: Some((r(600), r(600))),
+            w: r(200),
+            out: None,
+            quant: Some(quant),
+        };
+        norm.check().unwrap();
+        assert_eq!(row_symbol(&norm), "small_rms_norm_quant");
+        let p = norm.params().unwrap();
+        assert_eq!((p.out, p.ldq, p.m_pad), (0, 200, 4));
+        let e = NormQuantDesc {
+            quant: None,
+            ..norm
+        }
+        .check()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("small_rms_norm_quant") && e.contains("needs a normed output"),
+            "{e}"
+        );
+        let e = NormQuantDesc {
+            quant: Some(QuantOut {
+                scales: r(7),
+                ..quant
+            }),
+            ..norm
+        }
+        .check()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("scales holds 7"), "{e}");
+        let silu = SiluMulQuantDesc {
+            rows: 3,
+            width: 200,
+            gate: r(600),
+            up: r(600),
+            out: Some(r(600)),
+            quant,
+        };
+        silu.check().unwrap();
+        assert_eq!(row_symbol(&silu), "small_silu_mul_quant");
+        // 3 rows x 2 groups, a warp per group: one block.
+        assert_eq!(silu.launch_config().grid_dim, (1, 1, 1));
+        let e = SiluMulQuantDesc { up: r(599), ..silu }
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("up holds 599"), "{e}");
+        let rope = MlaAbsorbQRopeDesc {
+            absorb: MlaAbsorbDesc {
+                tokens: 2,
+                heads: 2,
+                nope: 4,
+                rope: 2,
+                v: 4,
+                kv_lora: 8,
+                src: r(2 * 2 * 6),
+                kv_b: r(2 * 8 * 8),
+                dst: r(2 * 2 * 10),
+            },
+            positions: r(2),
+            inv_freq: r(1),
+            attention_factor: 1.0,
+        };
+        rope.check().unwrap();
+        assert_eq!(row_symbol(&rope), "small_mla_absorb_q_rope");
+        assert_eq!(rope.launch_config().grid_dim, (4, 1, 1));
+        let mut odd = rope;
+        odd.absorb.rope = 3;
+        let e = odd.check().unwrap_err().to_string();
+        assert!(e.contains("small_mla_absorb_q_rope"), "{e}");
     }
 
     #[test]
