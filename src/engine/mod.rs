@@ -192,6 +192,7 @@ impl Engine {
                 &cfg,
                 Arc::clone(&weights),
                 options.precision,
+                &crate::cuda::CudaOptions::default(),
             )?),
         };
         Ok(Self::with_backend(

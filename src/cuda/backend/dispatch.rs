@@ -3,13 +3,13 @@
 
 use half::bf16;
 
-use super::pages::mla_workspace;
 use super::weights::GpuWeight;
+use super::workspace::QuantSpace;
 use super::{ensure, missing, Core, Slot, State, StepData};
 use crate::cuda::heuristics::{act_quant_kernel, ActQuantKernel};
 use crate::cuda::ops::{
-    act_scale_m_pad, ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight,
-    GemmBf16Desc, GemmKernel, MlaAbsorbDesc, QuantizedActivations, Region, QUANT_BLOCK,
+    ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight, GemmBf16Desc, GemmKernel,
+    MlaAbsorbDesc, QuantizedActivations, Region,
 };
 use crate::cuda::{
     mla_plan_parts, DeviceBuffer, MlaAttnArgs, MlaCacheWriteArgs, MlaKernel, MlaQRopeArgs,
@@ -18,14 +18,21 @@ use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
 
 impl Core {
-    /// x (bf16 `[m][k]`, contiguous) quantized per token per 128 channels.
-    fn quantize(&self, x: &DeviceBuffer<bf16>, m: usize, k: usize) -> Result<QuantizedActivations> {
-        let m_pad = act_scale_m_pad(m);
-        let mut q = self.dev.alloc::<u8>(m * k)?;
-        // Zeroed: the SA layout's padding rows are read (never stored) by the GEMMs.
-        let mut scales = self
-            .dev
-            .alloc_zeros::<f32>(k.div_ceil(QUANT_BLOCK) * m_pad)?;
+    /// x (bf16 `[m][k]`, contiguous) quantized per token per 128 channels into the
+    /// workspace's quantized-activation buffers.
+    fn quantize(
+        &self,
+        quant: &QuantSpace,
+        x: &DeviceBuffer<bf16>,
+        m: usize,
+        k: usize,
+    ) -> Result<QuantizedActivations> {
+        let QuantizedActivations {
+            mut q,
+            mut scales,
+            m_pad,
+            ..
+        } = quant.view(m, k)?;
         if act_quant_kernel(m, k) == ActQuantKernel::Vectorized {
             self.dev
                 .prepare_act_quant(ActQuantArgs {
@@ -65,12 +72,13 @@ impl Core {
     /// d (bf16 `[m][w.n]`) = x · W^T in w8a8.
     pub(super) fn fp8_linear(
         &self,
+        quant: &QuantSpace,
         x: &DeviceBuffer<bf16>,
         m: usize,
         w: &Fp8Weight,
         d: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        let a = self.quantize(x, m, w.k)?;
+        let a = self.quantize(quant, x, m, w.k)?;
         self.dev
             .prepare_fp8_gemm(Fp8GemmArgs::new(&a, w, d), GemmKernel::Auto)?
             .launch()?;
@@ -206,7 +214,7 @@ impl Core {
                         let ob = out.bf.as_mut().ok_or_else(|| {
                             Error::Unsupported("an FP8 Linear with an f32 output".into())
                         })?;
-                        self.fp8_linear(xb, out_rows, w, ob)?;
+                        self.fp8_linear(&state.quant, xb, out_rows, w, ob)?;
                     }
                     GpuWeight::Dense { data, rows, cols } => {
                         if *cols != k || *rows != n {
@@ -351,9 +359,8 @@ impl Core {
                     .get(*layer)
                     .ok_or_else(|| missing("the layer's latent cache"))?;
                 let parts = mla_plan_parts(dev.info().sm_count, heads, step.mla.max_q_len);
-                let workspace = mla_workspace(
+                let mut workspace = state.mla_space.workspace(
                     dev,
-                    &mut state.mla_ws,
                     parts,
                     (step.mla.batch, heads, step.mla.max_q_len),
                 )?;
@@ -368,7 +375,7 @@ impl Core {
                         batch: &step.mla,
                         out: o_lat,
                         lse,
-                        workspace: Some(workspace),
+                        workspace: Some(&mut workspace),
                         schedule: !state.mla_scheduled,
                     },
                     MlaKernel::Auto,
@@ -399,7 +406,7 @@ impl Core {
                     .as_ref()
                     .ok_or_else(|| missing("MoeRouted input"))?;
                 let ob = out.bf.as_mut().ok_or_else(|| missing("MoeRouted output"))?;
-                self.moe_routed(layer, &mut state.moe_ws, xb, t, ob)?;
+                self.moe_routed(layer, &mut state.moe, &state.quant, xb, t, ob)?;
             }
             Op::ZeroPositionZero { .. } | Op::MlaCacheWrite { .. } => {
                 unreachable!("handled by execute")
