@@ -85,9 +85,9 @@ impl Device {
             active: true,
         };
         record()?;
-        let graph = guard.end()?.ok_or_else(|| {
-            CudaError::Capture(format!("capturing {label} recorded no graph"))
-        })?;
+        let graph = guard
+            .end()?
+            .ok_or_else(|| CudaError::Capture(format!("capturing {label} recorded no graph")))?;
         Ok(CapturedGraph {
             graph,
             dev: self.clone(),

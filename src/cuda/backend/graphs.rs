@@ -151,8 +151,12 @@ pub(super) fn fingerprint(graph: &Graph) -> u64 {
             Op::Add { .. } => (5, 0),
             Op::Concat { .. } => (6, 0),
             Op::SiluMul { .. } => (7, 0),
-            Op::MlaCacheWrite { layer, norm, .. } => (8, ((*layer as u64) << 32) | u64::from(norm.0)),
-            Op::MlaAttention { layer, kv_b, .. } => (9, ((*layer as u64) << 32) | u64::from(kv_b.0)),
+            Op::MlaCacheWrite { layer, norm, .. } => {
+                (8, ((*layer as u64) << 32) | u64::from(norm.0))
+            }
+            Op::MlaAttention { layer, kv_b, .. } => {
+                (9, ((*layer as u64) << 32) | u64::from(kv_b.0))
+            }
             Op::MoeRouted { router, .. } => (10, u64::from(router.0)),
             Op::SelectRows { .. } => (11, 0),
         };
@@ -203,9 +207,13 @@ impl GraphKey {
     }
 }
 
-/// A bucket's graph, or why it could not be captured (then the bucket runs eagerly, padded).
+/// A bucket's graph, or a bucket whose capture failed (it then runs eagerly, padded).
 pub(super) enum GraphEntry {
-    Captured(CapturedGraph),
+    Captured {
+        graph: CapturedGraph,
+        /// The MoE workspaces the step uses (whose error flags a replay must read).
+        moe_used: [bool; 2],
+    },
     Failed,
 }
 
@@ -307,7 +315,10 @@ mod tests {
         for n in 1..=48 {
             let b = bucket_for(n, 48).unwrap();
             assert!(buckets(48).contains(&b) && b >= n, "{n} -> {b}");
-            assert!(b == 1 || b / 2 < n || b == 48, "{n} -> {b} is not the smallest");
+            assert!(
+                b == 1 || b / 2 < n || b == 48,
+                "{n} -> {b} is not the smallest"
+            );
         }
         assert_eq!(bucket_for(33, 48), Some(48));
         assert_eq!(bucket_for(49, 48), None);

@@ -47,8 +47,8 @@ use std::sync::{Arc, OnceLock};
 use half::bf16;
 
 pub use adapters::{mla_layout, moe_block_config, router_config, upload_moe_block, upload_rope};
-pub use graphs::{GraphCounters, GraphStats};
 use graphs::{fingerprint, graph_step, Counted, GraphEntry, GraphKey, GraphLimits, Graphs};
+pub use graphs::{GraphCounters, GraphStats};
 use moe::{GpuMoe, MoeSpace};
 use weights::{dense_f32, upload_absorbed, upload_dense, upload_fp8, GpuWeight};
 use workspace::{
@@ -353,9 +353,7 @@ impl CudaBackend {
             moe_layers,
             cache_layers: blocks.len(),
             limits,
-            graphs_on: options.cuda_graphs
-                && capturable
-                && !super::env_switch("R1_NO_CUDA_GRAPHS"),
+            graphs_on: options.cuda_graphs && capturable && !super::env_switch("R1_NO_CUDA_GRAPHS"),
         };
         let mut state = State {
             graphs: Graphs::default(),
@@ -419,9 +417,9 @@ impl CudaBackend {
     /// hidden state, ...), with the rows that step produced: what a caller reads or samples
     /// from on the device instead of [`Backend::run`]'s host copy.
     pub fn output_buffer(&self, graph: &Graph, plan: &Plan, name: &str) -> Result<OutputSlot<'_>> {
-        let b = graph.output(name).ok_or_else(|| {
-            Error::Input(format!("the graph has no output named `{name}`"))
-        })?;
+        let b = graph
+            .output(name)
+            .ok_or_else(|| Error::Input(format!("the graph has no output named `{name}`")))?;
         let desc = graph.desc(b);
         let slot = self
             .state
@@ -453,7 +451,10 @@ impl Core {
         let l = self.limits;
         let (t, seqs) = (l.max_step_tokens, l.max_seqs.min(l.max_step_tokens));
         for rows in [LogitRows::All, LogitRows::Last] {
-            let graphs = [Some(main_graph(&self.cfg, weights, rows)), mtp_graph(&self.cfg, weights, rows)];
+            let graphs = [
+                Some(main_graph(&self.cfg, weights, rows)),
+                mtp_graph(&self.cfg, weights, rows),
+            ];
             for g in graphs.iter().flatten() {
                 self.reserve_slots(state, g, &Plan::new(g), t, t)?;
             }
@@ -564,7 +565,10 @@ impl Backend for CudaBackend {
         }
 
         // The step's one metadata upload.
-        let block = state.meta.as_mut().ok_or_else(|| missing("the metadata block"))?;
+        let block = state
+            .meta
+            .as_mut()
+            .ok_or_else(|| missing("the metadata block"))?;
         core.dev.copy_to_device(&staging, block)?;
         state.staging = staging;
         let views = MetaViews::new(block, &meta)?;
@@ -644,7 +648,13 @@ impl Backend for CudaBackend {
 
 impl Core {
     /// Every op of `graph`, queued in order.
-    fn execute_all(&self, graph: &Graph, plan: &Plan, step: &StepData, state: &mut State) -> Result<()> {
+    fn execute_all(
+        &self,
+        graph: &Graph,
+        plan: &Plan,
+        step: &StepData,
+        state: &mut State,
+    ) -> Result<()> {
         for op in &graph.nodes {
             self.execute(op, graph, plan, step, state)?;
         }
@@ -664,8 +674,9 @@ impl Core {
     ) -> Result<()> {
         let counters = Arc::clone(&state.graphs.counters);
         match state.graphs.entries.get(&key) {
-            Some(GraphEntry::Captured(g)) => {
-                g.launch()?;
+            Some(GraphEntry::Captured { graph, moe_used }) => {
+                graph.launch()?;
+                state.moe.used = *moe_used;
                 counters.count(Counted::Replayed);
                 return Ok(());
             }
@@ -682,7 +693,11 @@ impl Core {
         match captured {
             Ok(g) => {
                 g.launch()?;
-                state.graphs.entries.insert(key, GraphEntry::Captured(g));
+                let entry = GraphEntry::Captured {
+                    graph: g,
+                    moe_used: state.moe.used,
+                };
+                state.graphs.entries.insert(key, entry);
                 counters.count(Counted::Captured);
             }
             Err(e) => {

@@ -49,8 +49,8 @@ pub(super) struct MoeSpace {
     contiguous: Option<MoeWorkspace>,
     fallback: Option<FallbackSpace>,
     /// Whether the masked / contiguous workspace ran in this step (their error flags are read
-    /// after it).
-    used: [bool; 2],
+    /// after it); a graph replay sets what its capture used.
+    pub used: [bool; 2],
 }
 
 impl MoeSpace {
@@ -58,7 +58,10 @@ impl MoeSpace {
     /// (synchronizes; after the step).
     pub fn take_errors(&mut self, core: &Core) -> Result<()> {
         let used = std::mem::take(&mut self.used);
-        for (ws, used) in [&mut self.masked, &mut self.contiguous].into_iter().zip(used) {
+        for (ws, used) in [&mut self.masked, &mut self.contiguous]
+            .into_iter()
+            .zip(used)
+        {
             if let (Some(ws), true) = (ws, used) {
                 ws.take_errors(&core.moe)?;
             }
@@ -80,7 +83,10 @@ impl Core {
     /// Makes the workspaces the model's MoE layers need hold a step of `t` tokens.
     pub(super) fn reserve_moe(&self, space: &mut MoeSpace, t: usize) -> Result<()> {
         let (fast, fallback) = self.moe_layers.values().fold((false, false), |(f, s), l| {
-            (f || matches!(l, GpuMoe::Fast(_)), s || matches!(l, GpuMoe::Fallback { .. }))
+            (
+                f || matches!(l, GpuMoe::Fast(_)),
+                s || matches!(l, GpuMoe::Fallback { .. }),
+            )
         });
         if fast {
             let masked_cap = self.limits.max_step_tokens.min(MOE_MASKED_MAX_TOKENS);
@@ -91,7 +97,10 @@ impl Core {
             if !fits_masked && space.contiguous.as_ref().is_none_or(|w| w.capacity < t) {
                 if let Some(w) = &space.contiguous {
                     debug_log(|| {
-                        format!("growing the MoE workspace from {} to {t} tokens", w.capacity)
+                        format!(
+                            "growing the MoE workspace from {} to {t} tokens",
+                            w.capacity
+                        )
                     });
                 }
                 space.contiguous = None;
@@ -101,7 +110,10 @@ impl Core {
         if fallback && space.fallback.as_ref().is_none_or(|f| f.capacity < t) {
             if let Some(f) = &space.fallback {
                 debug_log(|| {
-                    format!("growing the MoE fallback's buffers from {} to {t} tokens", f.capacity)
+                    format!(
+                        "growing the MoE fallback's buffers from {} to {t} tokens",
+                        f.capacity
+                    )
                 });
             }
             space.fallback = None;

@@ -356,7 +356,12 @@ impl MlaSpace {
 /// The largest split-KV workspace any step within the limits needs: per query length q up
 /// to `tokens`, at most `min(seqs, tokens - q + 1)` sequences (each brings a token, one
 /// brings q) with the plan [`mla_plan_parts`] makes for q.
-pub(super) fn mla_lens_bound(sm_count: usize, heads: usize, tokens: usize, seqs: usize) -> [usize; 4] {
+pub(super) fn mla_lens_bound(
+    sm_count: usize,
+    heads: usize,
+    tokens: usize,
+    seqs: usize,
+) -> [usize; 4] {
     let mut most = [0usize; 4];
     for q in 1..=tokens.max(1) {
         let batch = seqs.min(tokens + 1 - q).max(1);
@@ -384,7 +389,13 @@ pub(super) struct StepSizes {
 }
 
 /// Grows `slot` to hold `len` elements of `storage`.
-fn reserve_slot(dev: &Device, slot: &mut Slot, storage: Storage, len: usize, name: &str) -> Result<()> {
+fn reserve_slot(
+    dev: &Device,
+    slot: &mut Slot,
+    storage: Storage,
+    len: usize,
+    name: &str,
+) -> Result<()> {
     match storage {
         Storage::Activation => grow(dev, &mut slot.bf, len, name),
         Storage::F32 => grow(dev, &mut slot.f, len, name),
@@ -421,8 +432,18 @@ impl Core {
         let c = &self.cfg;
         let (heads, width) = (c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim);
         let t = sizes.tokens;
-        grow(dev, &mut state.q_attn, t * heads * width, "the latent queries")?;
-        grow(dev, &mut state.o_lat, t * heads * c.kv_lora_rank, "the latent outputs")?;
+        grow(
+            dev,
+            &mut state.q_attn,
+            t * heads * width,
+            "the latent queries",
+        )?;
+        grow(
+            dev,
+            &mut state.o_lat,
+            t * heads * c.kv_lora_rank,
+            "the latent outputs",
+        )?;
         grow(dev, &mut state.lse, t * heads, "the attention lse")?;
         state.quant.reserve(dev, t)?;
         let parts = mla_plan_parts(dev.info().sm_count, heads, sizes.max_q_len);
@@ -431,7 +452,12 @@ impl Core {
             MlaWorkspace::lens(sizes.seqs, heads, sizes.max_q_len, parts),
         )?;
         self.reserve_moe(&mut state.moe, t)?;
-        grow(dev, &mut state.meta, sizes.meta_len, "the step metadata block")
+        grow(
+            dev,
+            &mut state.meta,
+            sizes.meta_len,
+            "the step metadata block",
+        )
     }
 
     /// Grows the slots `graph` uses to hold `tokens` (or `rows` selected) rows.
@@ -486,7 +512,14 @@ mod tests {
     fn layout_packs_aligned_parts_in_fill_order() {
         let l = MetaLayout::new(5, 2, 2, 3);
         assert_eq!(
-            (l.ids, l.positions, l.token_seq, l.select, l.q_starts, l.seqlens),
+            (
+                l.ids,
+                l.positions,
+                l.token_seq,
+                l.select,
+                l.q_starts,
+                l.seqlens
+            ),
             (0, 16, 32, 48, 64, 80)
         );
         assert_eq!((l.block_table, l.len), (96, 96 + 6));
