@@ -429,6 +429,16 @@ fn cuda_graph_replay_equals_eager() {
     assert!(graphs, "r1-heads runs with CUDA graphs");
     let (mut off, _, off_counters, _) = cuda_engine("r1-heads", &opts(false));
     let vocab = on.config().vocab_size;
+    // Grow the caches to the pages four sequences take first: a cache that grows drops the
+    // captured graphs, which would make the capture counts below depend on when it grew.
+    for e in [&mut on, &mut off] {
+        let mut warm: Vec<Sequence> = (0..4).map(|_| Sequence::default()).collect();
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| stream(i, 20, vocab)).collect();
+        step(e, &mut warm, &prompts, LogitRows::Last);
+        for s in &mut warm {
+            e.release(s);
+        }
+    }
     for n in [1usize, 2, 3, 4] {
         let mut s_on: Vec<Sequence> = (0..n).map(|_| Sequence::default()).collect();
         let mut s_off: Vec<Sequence> = (0..n).map(|_| Sequence::default()).collect();

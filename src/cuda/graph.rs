@@ -76,8 +76,10 @@ impl Device {
     ) -> Result<CapturedGraph, E> {
         let label = label.into();
         self.bind()?;
+        // Relaxed: host-only driver calls a step makes while it records (tensor-map encoding,
+        // context binding) stay legal; what would break the capture is refused above it.
         self.stream()
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| CudaError::driver("cuStreamBeginCapture", e))?;
         self.set_capturing(true);
         let mut guard = CaptureGuard {
