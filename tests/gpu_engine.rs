@@ -539,3 +539,70 @@ fn cuda_steps_beyond_the_limits_grow_once() {
     println!("40 tokens through 16-token workspaces: max|d| {err:.3e} of max|ref| {mag:.3}");
     assert!(err <= 1e-2 * mag, "max|d| {err} > 1e-2 * {mag}");
 }
+
+/// `CudaBackend::output_buffer` names the device buffers a step's outputs were read from: the
+/// logits (f32) and final hidden states (bf16) of a two-sequence step, downloaded from there,
+/// equal `Backend::run`'s outputs bit for bit.
+#[test]
+fn cuda_output_buffers_hold_the_step_outputs() {
+    use r1_runtime::checkpoint::Checkpoint;
+    use r1_runtime::config::ModelConfig;
+    use r1_runtime::cuda::backend::DeviceOutput;
+    use r1_runtime::cuda::{CudaBackend, CudaOptions};
+    use r1_runtime::graph::Plan;
+    use r1_runtime::kv_cache::{Batch, Segment};
+    use r1_runtime::model::weights::ModelWeights;
+    use r1_runtime::model::{main_graph, LogitRows, HIDDEN_OUT, LOGITS};
+    use r1_runtime::Backend;
+    use std::sync::Arc;
+    const TEST: &str = "gpu_engine::cuda_output_buffers_hold_the_step_outputs";
+    if gpu_support::or_skip(gpu_support::device(), TEST).is_none() {
+        return;
+    }
+    let dir = fixture("r1-heads");
+    let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
+    let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
+    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
+    let mut backend = CudaBackend::new(
+        &cfg,
+        weights.clone(),
+        Precision::W8a8,
+        &CudaOptions::default(),
+    )
+    .expect("backend");
+    let graph = main_graph(&cfg, &weights, LogitRows::Last);
+    let plan = Plan::new(&graph);
+    let vocab = cfg.vocab_size;
+    let segment = |block, len| Segment {
+        blocks: vec![block],
+        start_pos: 0,
+        len,
+        logit_rows: 1,
+    };
+    let batch = Batch {
+        tokens: [stream(1, 5, vocab), stream(2, 3, vocab)].concat(),
+        segments: vec![segment(0, 5), segment(1, 3)],
+        page_copies: Vec::new(),
+    };
+    let out = backend.run(&graph, &plan, &batch, &[]).expect("cuda step");
+    let dev = backend.device().clone();
+    for name in [LOGITS, HIDDEN_OUT] {
+        let slot = backend
+            .output_buffer(&graph, &plan, name)
+            .expect("named output");
+        let n = slot.rows * slot.width;
+        let got: Vec<f32> = match slot.data {
+            DeviceOutput::F32(b) => dev.download_prefix(b, n).expect("download"),
+            DeviceOutput::Bf16(b) => dev
+                .download_prefix(b, n)
+                .expect("download")
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        };
+        let want = &out[name];
+        println!("{name}: {} rows of {}", slot.rows, slot.width);
+        assert_bits_equal(name, &got, want);
+    }
+    assert!(backend.output_buffer(&graph, &plan, "nope").is_err());
+}

@@ -712,3 +712,24 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_options_are_the_documented_ones() {
+        let o = CudaOptions::default();
+        assert!(o.cuda_graphs);
+        assert_eq!(
+            (o.max_step_tokens, o.max_seqs, o.max_seq_len),
+            (512, 64, 16384)
+        );
+        o.check().unwrap();
+        let e = CudaOptions { max_seqs: 0, ..o }
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_seqs must be at least 1"), "{e}");
+    }
+}
