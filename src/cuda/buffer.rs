@@ -85,11 +85,6 @@ impl<T> DeviceBuffer<T> {
             _elem: PhantomData,
         })
     }
-
-    /// Whether `other` is a view of the same allocation (or the same buffer).
-    pub fn shares_allocation_with<U>(&self, other: &DeviceBuffer<U>) -> bool {
-        Arc::ptr_eq(&self.mem, &other.mem)
-    }
 }
 
 impl Device {

@@ -732,4 +732,28 @@ mod tests {
             .to_string();
         assert!(e.contains("max_seqs must be at least 1"), "{e}");
     }
+
+    /// The fixtures the GPU tests run: r1-heads takes the fused MoE block (its steps are
+    /// captured), small-odd the fallback (which synchronizes, so it runs without graphs).
+    #[test]
+    fn fixture_moe_paths_decide_graph_capture() {
+        use crate::cuda::heuristics::{moe_routed_path, MoeRoutedPath};
+        for (json, path) in [
+            (
+                include_str!("../../../tests/fixtures/r1-heads/config.json"),
+                MoeRoutedPath::Fused,
+            ),
+            (
+                include_str!("../../../tests/fixtures/small-odd/config.json"),
+                MoeRoutedPath::PerExpert,
+            ),
+        ] {
+            let cfg = ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap();
+            let block = MoeBlockConfig {
+                shared_inter: 0,
+                ..moe_block_config(&cfg)
+            };
+            assert_eq!(moe_routed_path(&block), path);
+        }
+    }
 }
