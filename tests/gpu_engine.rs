@@ -280,11 +280,12 @@ fn cuda_forked_sequences_continue_independently() {
     assert_eq!(e.cache_pages_in_use(), 0);
 }
 
-/// A fixture's config and weights (main model only) and a CUDA engine over them built with
-/// `options`, with the backend's step counters.
+/// A fixture's config and weights (the MTP layer too when `with_mtp`) and a CUDA engine over
+/// them built with `options`, with the backend's step counters.
 fn cuda_engine(
     name: &str,
     options: &r1_runtime::cuda::CudaOptions,
+    with_mtp: bool,
 ) -> (
     Engine,
     r1_runtime::cuda::Device,
@@ -299,7 +300,7 @@ fn cuda_engine(
     let dir = fixture(name);
     let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
     let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
-    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
+    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, with_mtp).expect("fixture weights"));
     let backend = CudaBackend::new(&cfg, weights.clone(), Precision::W8a8, options)
         .unwrap_or_else(|e| panic!("{name}: the CUDA backend does not load: {e}"));
     let (dev, counters, graphs) = (
@@ -334,6 +335,32 @@ fn step(
     e.forward_batch(&mut steps, rows).expect("cuda step")
 }
 
+/// One batched MTP forward: sequence i continues its MTP positions at `from[i]` with
+/// `next[i]` and the hidden states `hidden[i]`.
+fn mtp_step(
+    e: &mut Engine,
+    seqs: &mut [r1_runtime::engine::Sequence],
+    from: &[usize],
+    next: &[Vec<u32>],
+    hidden: &[Vec<f32>],
+) -> Vec<r1_runtime::engine::Forward> {
+    use r1_runtime::engine::MtpStep;
+    let mut steps: Vec<MtpStep> = seqs
+        .iter_mut()
+        .zip(from)
+        .zip(next)
+        .zip(hidden)
+        .map(|(((seq, &from), next_tokens), hidden)| MtpStep {
+            seq,
+            from,
+            next_tokens,
+            hidden,
+        })
+        .collect();
+    e.mtp_forward_batch(&mut steps, r1_runtime::model::LogitRows::Last)
+        .expect("cuda MTP step")
+}
+
 /// Bit-for-bit equality of two f32 vectors, naming the first difference.
 fn assert_bits_equal(what: &str, a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
@@ -363,7 +390,7 @@ fn cuda_decode_steps_allocate_nothing() {
                 cuda_graphs,
                 ..CudaOptions::default()
             };
-            let (mut e, dev, counters, graphs) = cuda_engine(name, &options);
+            let (mut e, dev, counters, graphs) = cuda_engine(name, &options, false);
             let vocab = e.config().vocab_size;
             let mut seqs: Vec<Sequence> = (0..3).map(|_| Sequence::default()).collect();
             let mut next: Vec<Vec<u32>> = Vec::new();
@@ -405,9 +432,10 @@ fn cuda_decode_steps_allocate_nothing() {
 }
 
 /// A replayed graph computes exactly what the eager step computes: two r1-heads backends,
-/// graphs on and off, run the same prefills, three decode steps and one verification step
-/// (1 + 2 drafts, every row) over 1, 2, 3 and 4 sequences; every logit and hidden value of
-/// every step is bit-identical. Three sequences run in the bucket of 4 (one padding
+/// graphs on and off, run the same prefills, an MTP catch-up and one MTP decode step (the
+/// MTP graph, whose hidden-state input is uploaded into its slot before the replay), three
+/// decode steps and one verification step (1 + 2 drafts, every row) over 1, 2, 3 and 4
+/// sequences; every logit and hidden value of every step is bit-identical. Three sequences run in the bucket of 4 (one padding
 /// sequence in the scratch page), so the steps after it also show that padding leaves the
 /// real sequences' caches alone. (The sequences stay under 64 positions: one key block each,
 /// which the split-KV schedule never splits, so the padding sequence cannot move a split
@@ -425,9 +453,9 @@ fn cuda_graph_replay_equals_eager() {
         cuda_graphs,
         ..CudaOptions::default()
     };
-    let (mut on, _, counters, graphs) = cuda_engine("r1-heads", &opts(true));
+    let (mut on, _, counters, graphs) = cuda_engine("r1-heads", &opts(true), true);
     assert!(graphs, "r1-heads runs with CUDA graphs");
-    let (mut off, _, off_counters, _) = cuda_engine("r1-heads", &opts(false));
+    let (mut off, _, off_counters, _) = cuda_engine("r1-heads", &opts(false), true);
     let vocab = on.config().vocab_size;
     // Grow the caches to the pages four sequences take first: a cache that grows drops the
     // captured graphs, which would make the capture counts below depend on when it grew.
@@ -453,6 +481,32 @@ fn cuda_graph_replay_equals_eager() {
                 &a.logits,
                 &b.logits,
             );
+        }
+        // MTP: catch up positions 0..P-1 (eager: lengths differ or many tokens), then one
+        // position per sequence (a graph step).
+        let h = on.config().hidden_size;
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let next: Vec<Vec<u32>> = prompts.iter().map(|p| p[1..].to_vec()).collect();
+        let hidden: Vec<Vec<f32>> = a
+            .iter()
+            .zip(&lens)
+            .map(|(f, &p)| f.hidden[..(p - 1) * h].to_vec())
+            .collect();
+        let zeros = vec![0; n];
+        mtp_step(&mut on, &mut s_on, &zeros, &next, &hidden);
+        mtp_step(&mut off, &mut s_off, &zeros, &next, &hidden);
+        let from: Vec<usize> = lens.iter().map(|p| p - 1).collect();
+        let next: Vec<Vec<u32>> = (0..n as u32).map(|i| stream(i + 60, 1, vocab)).collect();
+        let hidden: Vec<Vec<f32>> = a
+            .iter()
+            .zip(&lens)
+            .map(|(f, &p)| f.hidden[(p - 1) * h..p * h].to_vec())
+            .collect();
+        let ma = mtp_step(&mut on, &mut s_on, &from, &next, &hidden);
+        let mb = mtp_step(&mut off, &mut s_off, &from, &next, &hidden);
+        for (i, (a, b)) in ma.iter().zip(&mb).enumerate() {
+            assert_bits_equal(&format!("n {n} mtp seq {i} logits"), &a.logits, &b.logits);
+            assert_bits_equal(&format!("n {n} mtp seq {i} hidden"), &a.hidden, &b.hidden);
         }
         let mut check = |what: &str, tokens: Vec<Vec<u32>>, rows| {
             let a = step(&mut on, &mut s_on, &tokens, rows);
@@ -485,11 +539,12 @@ fn cuda_graph_replay_equals_eager() {
         }
         println!("n {n}: graph steps {:?}", counters.stats());
     }
-    // Captures: decode and verify in buckets 1, 2 and 4; the rest replays.
+    // Captures: MTP decode, decode and verify in buckets 1, 2 and 4; the rest replays (the
+    // last MTP step and verify once, decode twice per n after its capture, three times at 4).
     let stats = counters.stats();
     assert_eq!(stats.failed, 0, "{stats:?}");
-    assert_eq!(stats.captured, 6, "{stats:?}");
-    assert_eq!(stats.replayed, 2 + 2 + 2 + 3 + 1, "{stats:?}");
+    assert_eq!(stats.captured, 9, "{stats:?}");
+    assert_eq!(stats.replayed, 2 + 2 + 2 + (3 + 1 + 1), "{stats:?}");
     let eager = off_counters.stats();
     assert_eq!((eager.captured, eager.replayed), (0, 0), "{eager:?}");
 }
@@ -513,8 +568,8 @@ fn cuda_steps_beyond_the_limits_grow_once() {
         max_seqs: 2,
         max_seq_len: 128,
     };
-    let (mut e, dev, _, _) = cuda_engine("r1-heads", &small);
-    let (mut big, _, _, _) = cuda_engine("r1-heads", &CudaOptions::default());
+    let (mut e, dev, _, _) = cuda_engine("r1-heads", &small, false);
+    let (mut big, _, _, _) = cuda_engine("r1-heads", &CudaOptions::default(), false);
     let vocab = e.config().vocab_size;
     let prompt = stream(3, 40, vocab);
     let run = |e: &mut Engine| {
