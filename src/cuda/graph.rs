@@ -6,9 +6,10 @@
 //! What a captured closure may do: queue kernels ([`super::Prepared::launch`]), device-to-device
 //! copies and memsets on this device's stream. While the capture runs, [`Device::alloc`], host
 //! copies and synchronizations are refused with [`CudaError::Capture`] rather than breaking the
-//! capture, so a step that is not capturable fails cleanly and can run without a graph. Every
-//! buffer a graph names must outlive it: the owner drops its graphs before freeing or moving
-//! (growing) any of them.
+//! capture, so a step that is not capturable fails cleanly and can run without a graph. A graph
+//! replays the addresses it was captured with: its owner must not launch it once any buffer
+//! it names was freed or moved (grown); the CUDA backend drops its graphs when the device's
+//! allocation count changes.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
