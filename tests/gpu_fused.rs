@@ -514,7 +514,7 @@ fn router_logits_r1_shape_bit_exact() {
 fn backend_fusion_is_bit_identical() {
     use r1_runtime::checkpoint::Checkpoint;
     use r1_runtime::config::ModelConfig;
-    use r1_runtime::cuda::CudaBackend;
+    use r1_runtime::cuda::{CudaBackend, CudaOptions};
     use r1_runtime::engine::sampling::SamplingParams;
     use r1_runtime::engine::Engine;
     use r1_runtime::model::weights::ModelWeights;
@@ -530,8 +530,14 @@ fn backend_fusion_is_bit_identical() {
         let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
         let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, true).expect("fixture weights"));
         let engine = |fused: bool| {
-            let mut b = CudaBackend::new(&cfg, weights.clone(), Precision::W8a8).expect("backend");
-            b.set_fusion(fused);
+            let mut b = CudaBackend::new(
+                &cfg,
+                weights.clone(),
+                Precision::W8a8,
+                &CudaOptions::default(),
+            )
+            .expect("backend");
+            b.set_fusion(fused).expect("fusion switch");
             Engine::with_backend(cfg.clone(), weights.clone(), Box::new(b), 1 << 14)
         };
         let (mut fused, mut plain) = (engine(true), engine(false));

@@ -1,18 +1,41 @@
 //! Device memory: [`DeviceBuffer<T>`], a typed array in device memory allocated on a
 //! [`Device`]'s stream, for any plain-old-data `T` (`u8` for FP8 codes, `half::bf16`, `f32`).
+//!
+//! A buffer is either a whole allocation or a view of part of one ([`DeviceBuffer::view`]):
+//! views share their allocation (kept alive while any view exists), so a persistent workspace
+//! can be carved into per-step pieces without touching the allocator. Every allocation goes
+//! through [`Device::alloc`], which counts it (and its free) for [`Device::allocations`].
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use bytemuck::Pod;
 use cudarc::driver::{result, CudaSlice, DevicePtr};
 
-use super::device::Device;
+use super::device::{AllocCounters, Device};
 use super::error::{alloc_error, CudaError, Result};
 
-/// `len` elements of `T` in device memory. The allocation is at least 256-byte aligned (the
-/// driver's guarantee), so every buffer satisfies the kernels' 16-byte alignment rules.
+/// One device allocation; its drop frees it (ordered on the stream) and counts the free.
+struct Allocation {
+    /// Owns the memory (freed when dropped).
+    _slice: CudaSlice<u8>,
+    addr: u64,
+    counters: Arc<AllocCounters>,
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.counters.count_free();
+    }
+}
+
+/// `len` elements of `T` in device memory. A whole allocation is at least 256-byte aligned
+/// (the driver's guarantee), so every such buffer satisfies the kernels' 16-byte alignment
+/// rules; a view is aligned as its offset makes it.
 pub struct DeviceBuffer<T> {
-    raw: CudaSlice<u8>,
+    mem: Arc<Allocation>,
+    /// Byte offset of element 0 in the allocation.
+    offset: usize,
     len: usize,
     _elem: PhantomData<T>,
 }
@@ -42,23 +65,60 @@ impl<T> DeviceBuffer<T> {
 
     /// The device address (what the launch-parameter structs carry).
     pub fn addr(&self) -> u64 {
-        // Event tracking is off on a Device's context, so the returned guard does nothing.
-        let (ptr, _guard) = self.raw.device_ptr(self.raw.stream());
-        ptr
+        self.mem.addr + self.offset as u64
+    }
+
+    /// Elements `start..start + len` of this buffer as a buffer of their own, sharing the
+    /// allocation (no device call; the allocation lives while any view of it does). Writes
+    /// through a view are writes to this buffer.
+    pub fn view(&self, start: usize, len: usize) -> Result<DeviceBuffer<T>> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(CudaError::OutOfBounds(format!(
+                "view of elements {start}..{start}+{len} of a buffer of {}",
+                self.len
+            )));
+        }
+        Ok(DeviceBuffer {
+            mem: Arc::clone(&self.mem),
+            offset: self.offset + start * std::mem::size_of::<T>(),
+            len,
+            _elem: PhantomData,
+        })
     }
 }
 
 impl Device {
-    /// Allocates `len` elements with unspecified contents (whatever the memory held).
+    /// Allocates `len` elements with unspecified contents (whatever the memory held). Counted
+    /// by [`Device::allocations`]; refused while the stream is being captured into a CUDA
+    /// graph (a captured step must only use memory that outlives the graph).
     pub fn alloc<T: Pod>(&self, len: usize) -> Result<DeviceBuffer<T>> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or(CudaError::OutOfMemory { bytes: usize::MAX })?;
+        if self.is_capturing() {
+            return Err(CudaError::Capture(format!(
+                "an allocation of {bytes} bytes was asked for while a CUDA graph was being \
+                 captured (every buffer of a captured step must exist before the capture)"
+            )));
+        }
         // cuMemAlloc rejects 0 bytes; a tiny allocation keeps `addr()` valid and aligned.
-        let raw = unsafe { self.stream().alloc::<u8>(bytes.max(16)) }
+        // SAFETY: the memory is uninitialized; `T: Pod` makes any contents a valid `T`.
+        let slice = unsafe { self.stream().alloc::<u8>(bytes.max(16)) }
             .map_err(|e| alloc_error(bytes, e))?;
+        // Event tracking is off on a Device's context, so the returned guard does nothing.
+        let addr = {
+            let (ptr, _guard) = slice.device_ptr(slice.stream());
+            ptr
+        };
+        let counters = self.alloc_counters();
+        counters.count_alloc();
         Ok(DeviceBuffer {
-            raw,
+            mem: Arc::new(Allocation {
+                _slice: slice,
+                addr,
+                counters,
+            }),
+            offset: 0,
             len,
             _elem: PhantomData,
         })
@@ -90,10 +150,13 @@ impl Device {
         if data.is_empty() {
             return Ok(());
         }
+        self.not_capturing("a host-to-device copy")?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let mut view = dst.raw.slice_mut(..bytes.len());
-        self.stream()
-            .memcpy_htod(bytes, &mut view)
+        self.bind()?;
+        // SAFETY: `dst` holds at least `bytes.len()` bytes (checked above) of a live
+        // allocation of this context; from pageable memory the call returns once `data` has
+        // been staged, so it may be dropped or rewritten right after.
+        unsafe { result::memcpy_htod_async(dst.addr(), bytes, self.stream().cu_stream()) }
             .map_err(|e| CudaError::driver("cuMemcpyHtoDAsync", e))
     }
 
@@ -111,12 +174,15 @@ impl Device {
                 src.len
             )));
         }
+        self.not_capturing("a device-to-host copy")?;
         let mut out = vec![T::zeroed(); len];
         if !out.is_empty() {
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
             let n = bytes.len();
-            self.stream()
-                .memcpy_dtoh(&src.raw.slice(..n), bytes)
+            self.bind()?;
+            // SAFETY: `src` holds at least `n` bytes (checked above) of a live allocation of
+            // this context; the stream is synchronized below before `out` is read.
+            unsafe { result::memcpy_dtoh_async(bytes, src.addr(), self.stream().cu_stream()) }
                 .map_err(|e| CudaError::driver("cuMemcpyDtoHAsync", e))?;
             self.count_downloaded(n);
         }

@@ -7,7 +7,7 @@
 //! register budgets), and creates the one stream all work of this [`Device`] runs on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self as cu, CUdevice_attribute as Attr, CUresult};
@@ -54,6 +54,44 @@ struct Inner {
     kernels: KernelTable,
     /// Bytes copied device -> host so far ([`Device::bytes_downloaded`]).
     downloaded: AtomicU64,
+    /// Allocations and frees so far ([`Device::allocations`]); buffers hold a clone so their
+    /// drop can count the free.
+    counters: Arc<AllocCounters>,
+    /// The stream is being captured into a CUDA graph (src/cuda/graph.rs): allocations are
+    /// refused.
+    capturing: AtomicBool,
+}
+
+/// Device allocations made and freed through [`Device::alloc`] (views count as neither).
+#[derive(Debug, Default)]
+pub(crate) struct AllocCounters {
+    allocs: AtomicU64,
+    frees: AtomicU64,
+}
+
+impl AllocCounters {
+    pub(crate) fn count_alloc(&self) {
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_free(&self) {
+        self.frees.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many device allocations a [`Device`] has made and freed so far: a serving loop's
+/// steady state should move neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AllocationCount {
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+impl AllocationCount {
+    /// Allocations alive now.
+    pub fn live(&self) -> u64 {
+        self.allocs.saturating_sub(self.frees)
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -200,6 +238,8 @@ impl Device {
                 stream,
                 kernels,
                 downloaded: AtomicU64::new(0),
+                counters: Arc::default(),
+                capturing: AtomicBool::new(false),
             }),
         })
     }
@@ -234,6 +274,41 @@ impl Device {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Device allocations made and freed through this device so far (every
+    /// [`Device::alloc`], whichever clone made it).
+    pub fn allocations(&self) -> AllocationCount {
+        let c = &self.inner.counters;
+        AllocationCount {
+            allocs: c.allocs.load(Ordering::Relaxed),
+            frees: c.frees.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn alloc_counters(&self) -> Arc<AllocCounters> {
+        Arc::clone(&self.inner.counters)
+    }
+
+    /// Whether the stream is being captured into a CUDA graph.
+    pub fn is_capturing(&self) -> bool {
+        self.inner.capturing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_capturing(&self, on: bool) {
+        self.inner.capturing.store(on, Ordering::Relaxed);
+    }
+
+    /// Refuses `what` (a host copy or synchronization, which a capture cannot record) while
+    /// the stream is being captured.
+    pub(crate) fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.is_capturing() {
+            return Err(CudaError::Capture(format!(
+                "{what} was asked for while a CUDA graph was being captured (a captured step \
+                 may only queue kernels and device-to-device work)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Makes this device's context current on the calling thread (before raw driver calls).
     pub(crate) fn bind(&self) -> Result<()> {
         self.inner
@@ -244,6 +319,7 @@ impl Device {
 
     /// Waits for all work queued on the stream; asynchronous kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
+        self.not_capturing("a stream synchronization")?;
         self.inner
             .stream
             .synchronize()

@@ -56,6 +56,11 @@ pub enum CudaError {
     #[error("out of bounds: {0}")]
     OutOfBounds(String),
 
+    /// A CUDA-graph capture could not record the step (something in it is not capturable,
+    /// e.g. an allocation or a host synchronization); the step runs without a graph.
+    #[error("CUDA graph capture: {0}")]
+    Capture(String),
+
     /// A kernel (or its cuda/ source) the build did not embed.
     #[error("{what} is not among the embedded kernels (rebuild the crate)")]
     NotEmbedded { what: String },

@@ -514,7 +514,7 @@ impl<'a, K> Prepared<'a, K> {
 fn queue(stream: &Arc<CudaStream>, step: &Step<'_>) -> Result<()> {
     let name = step.kernel.spec.symbol;
     if trace_enabled() {
-        let _ = writeln!(std::io::stderr().lock(), "{}", trace_line(name, &step.cfg));
+        trace(&trace_line(name, &step.cfg));
     }
     let mut args = stream.launch_builder(&step.kernel.func);
     step.params.push(&mut args);
@@ -556,6 +556,13 @@ pub struct KernelAttributes {
 fn trace_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| super::env_switch("R1_CUDA_TRACE"))
+}
+
+/// Writes `line` to stderr (unbuffered) when `R1_CUDA_TRACE` is on.
+pub(crate) fn trace(line: &str) {
+    if trace_enabled() {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
 }
 
 /// The trace line of one launch (the GPU suite's runner reads the last one before a hang).

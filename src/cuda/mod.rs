@@ -12,6 +12,9 @@
 //! - [`ops`]: host-checked launch wrappers: [`Device::act_quant`], [`Device::fp8_gemm`] (wgmma
 //!   for large M, the BLOCK_M 64 variant for small M, the reference kernel explicitly and as
 //!   the fallback), each also as `prepare_*` + launch for benches and graph capture.
+//! - `graph`: CUDA-graph capture and replay over the device's stream ([`Device::capture`],
+//!   [`CapturedGraph`]); allocations, host copies and synchronizations are refused while a
+//!   capture runs.
 //! - [`heuristics`]: every choice made from shapes and device info (kernel, persistent CTAs,
 //!   MLA split, MoE layout and path) as pure functions; `R1_PRINT_CHOICES=1` prints each once.
 //! - [`timing`]: CUDA-event timing with an L2 flush between calls (benches).
@@ -25,6 +28,7 @@ pub mod backend;
 mod buffer;
 mod device;
 pub mod error;
+mod graph;
 pub mod heuristics;
 mod launch;
 pub mod ops;
@@ -32,10 +36,11 @@ mod sys;
 pub mod timing;
 mod tma;
 
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, CudaOptions};
 pub use buffer::DeviceBuffer;
-pub use device::{kernels_built, Device, DeviceInfo};
+pub use device::{kernels_built, AllocationCount, Device, DeviceInfo};
 pub use error::{CudaError, Result};
+pub use graph::CapturedGraph;
 pub use heuristics::{
     mla_plan_parts, mla_schedule_host, prefill_form_by_cost, MlaSchedule, PrefillForm,
 };

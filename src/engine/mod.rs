@@ -236,6 +236,13 @@ impl Engine {
                 &cfg,
                 Arc::clone(&weights),
                 options.precision,
+                &crate::cuda::CudaOptions {
+                    cuda_graphs: options.cuda_graphs,
+                    max_step_tokens: options.max_step_tokens,
+                    max_seqs: options.max_seqs,
+                    // A graph step's block tables hold the longest sequence the cache can.
+                    max_seq_len: cfg.max_position_embeddings.min(options.cache_tokens),
+                },
             )?),
         };
         Ok(Self::with_backend(

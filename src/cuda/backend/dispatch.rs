@@ -4,14 +4,14 @@
 use half::bf16;
 
 use super::fusion::{FusionPlan, Step};
-use super::pages::mla_workspace;
 use super::weights::GpuWeight;
+use super::workspace::QuantSpace;
 use super::{ensure, missing, Core, Slot, State, StepData};
 use crate::cuda::heuristics::{act_quant_kernel, ActQuantKernel};
 use crate::cuda::ops::{
-    act_scale_m_pad, ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight,
-    GemmBf16Desc, GemmKernel, MlaAbsorbDesc, MlaAbsorbQRopeDesc, NormQuantDesc, QuantOut,
-    QuantizedActivations, Region, SiluMulQuantDesc, QUANT_BLOCK,
+    ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight, GemmBf16Desc, GemmKernel,
+    MlaAbsorbDesc, MlaAbsorbQRopeDesc, NormQuantDesc, QuantOut, QuantizedActivations, Region,
+    SiluMulQuantDesc,
 };
 use crate::cuda::{
     mla_plan_parts, Device, DeviceBuffer, MlaAttnArgs, MlaCacheWriteArgs, MlaKernel, MlaQRopeArgs,
@@ -19,10 +19,12 @@ use crate::cuda::{
 use crate::error::{Error, Result};
 use crate::graph::{Buf, Graph, Op, Plan, Rows, Storage};
 
-/// The step's quantized activations for FP8 Linears, one per plan slot (a buffer's slot is
-/// live as long as its act_quant is needed), and which buffer each holds this step.
+/// The step's quantized activations for FP8 Linears: room per plan slot (a buffer's slot is
+/// live as long as its act_quant is needed, and [`Core::reserve`] sizes it for the largest
+/// step), the act_quant each slot holds now, and which buffer that is.
 #[derive(Default)]
 pub(super) struct QuantStore {
+    spaces: Vec<QuantSpace>,
     acts: Vec<Option<QuantizedActivations>>,
     holds: Vec<Option<Buf>>,
 }
@@ -31,6 +33,16 @@ impl QuantStore {
     /// Forgets what the slots held: a new step writes every buffer anew.
     pub(super) fn begin_step(&mut self) {
         self.holds.iter_mut().for_each(|h| *h = None);
+    }
+
+    /// Room in slot `slot` for `m` rows of `k` channels (grown, never shrunk).
+    pub(super) fn reserve(&mut self, dev: &Device, slot: usize, m: usize, k: usize) -> Result<()> {
+        if self.spaces.len() <= slot {
+            self.spaces.resize_with(slot + 1, QuantSpace::default);
+            self.acts.resize_with(slot + 1, || None);
+            self.holds.resize(slot + 1, None);
+        }
+        self.spaces[slot].reserve_for(dev, m, k)
     }
 
     fn holds(&self, slot: usize) -> Option<Buf> {
@@ -46,9 +58,8 @@ impl QuantStore {
 }
 
 /// The act_quant buffers of plan slot `slot` for `m` rows of `k` channels, about to be
-/// rewritten. The one place dispatch allocates quantized activations: grown when a step needs
-/// more, kept across steps; scales zeroed when allocated (the GEMMs read the SA layout's
-/// padding rows, never into a stored row).
+/// rewritten: views of the slot's room (grown first only for a step beyond the limits the
+/// workspaces were made for).
 fn quant_buffers<'s>(
     dev: &Device,
     store: &'s mut QuantStore,
@@ -56,32 +67,10 @@ fn quant_buffers<'s>(
     m: usize,
     k: usize,
 ) -> Result<&'s mut QuantizedActivations> {
-    if store.acts.len() <= slot {
-        store.acts.resize_with(slot + 1, || None);
-        store.holds.resize(slot + 1, None);
-    }
+    store.reserve(dev, slot, m, k)?;
     store.holds[slot] = None;
-    let m_pad = act_scale_m_pad(m);
-    let (q_len, s_len) = (m * k, k.div_ceil(QUANT_BLOCK) * m_pad);
-    let entry = &mut store.acts[slot];
-    if entry
-        .as_ref()
-        .is_none_or(|a| a.q.len() < q_len || a.scales.len() < s_len)
-    {
-        *entry = None; // free before allocating the larger one
-        *entry = Some(QuantizedActivations {
-            q: dev.alloc(q_len.max(1))?,
-            scales: dev.alloc_zeros(s_len.max(1))?,
-            m,
-            k,
-            m_pad,
-        });
-    }
-    let a = entry
-        .as_mut()
-        .ok_or_else(|| missing("quantized activations"))?;
-    (a.m, a.k, a.m_pad) = (m, k, m_pad);
-    Ok(a)
+    let a = store.spaces[slot].view(m, k)?;
+    Ok(store.acts[slot].insert(a))
 }
 
 fn rows_of(graph: &Graph, step: &StepData, b: Buf) -> usize {
@@ -92,19 +81,17 @@ fn rows_of(graph: &Graph, step: &StepData, b: Buf) -> usize {
 }
 
 impl Core {
-    /// x (bf16 `[m][k]`, contiguous) quantized per token per 128 channels.
-    fn quantize(&self, x: &DeviceBuffer<bf16>, m: usize, k: usize) -> Result<QuantizedActivations> {
-        let m_pad = act_scale_m_pad(m);
-        // Zeroed: the SA layout's padding rows are read (never stored) by the GEMMs.
-        let mut a = QuantizedActivations {
-            q: self.dev.alloc::<u8>(m * k)?,
-            scales: self
-                .dev
-                .alloc_zeros::<f32>(k.div_ceil(QUANT_BLOCK) * m_pad)?,
-            m,
-            k,
-            m_pad,
-        };
+    /// x (bf16 `[m][k]`, contiguous) quantized per token per 128 channels into the scratch
+    /// quantized-activation buffers (a Linear whose input is not a graph buffer: the MoE
+    /// fallback's experts).
+    fn quantize(
+        &self,
+        quant: &QuantSpace,
+        x: &DeviceBuffer<bf16>,
+        m: usize,
+        k: usize,
+    ) -> Result<QuantizedActivations> {
+        let mut a = quant.view(m, k)?;
         self.quantize_into(x, &mut a)?;
         Ok(a)
     }
@@ -312,12 +299,13 @@ impl Core {
     /// d (bf16 `[m][w.n]`) = x · W^T in w8a8.
     pub(super) fn fp8_linear(
         &self,
+        quant: &QuantSpace,
         x: &DeviceBuffer<bf16>,
         m: usize,
         w: &Fp8Weight,
         d: &mut DeviceBuffer<bf16>,
     ) -> Result<()> {
-        let a = self.quantize(x, m, w.k)?;
+        let a = self.quantize(quant, x, m, w.k)?;
         self.dev
             .prepare_fp8_gemm(Fp8GemmArgs::new(&a, w, d), GemmKernel::Auto)?
             .launch()?;
@@ -636,9 +624,8 @@ impl Core {
                     .get(*layer)
                     .ok_or_else(|| missing("the layer's latent cache"))?;
                 let parts = mla_plan_parts(dev.info().sm_count, heads, step.mla.max_q_len);
-                let workspace = mla_workspace(
+                let mut workspace = state.mla_space.workspace(
                     dev,
-                    &mut state.mla_ws,
                     parts,
                     (step.mla.batch, heads, step.mla.max_q_len),
                 )?;
@@ -653,7 +640,7 @@ impl Core {
                         batch: &step.mla,
                         out: o_lat,
                         lse,
-                        workspace: Some(workspace),
+                        workspace: Some(&mut workspace),
                         schedule: !state.mla_scheduled,
                     },
                     MlaKernel::Auto,
@@ -684,7 +671,7 @@ impl Core {
                     .as_ref()
                     .ok_or_else(|| missing("MoeRouted input"))?;
                 let ob = out.bf.as_mut().ok_or_else(|| missing("MoeRouted output"))?;
-                self.moe_routed(layer, &mut state.moe_ws, xb, t, ob)?;
+                self.moe_routed(layer, &mut state.moe, &state.scratch_quant, xb, t, ob)?;
             }
             Op::ZeroPositionZero { .. } | Op::MlaCacheWrite { .. } => {
                 unreachable!("handled by execute")

@@ -1,40 +1,18 @@
-//! The paged latent caches (one per cache layer, grown as block ids appear, pages copied for
-//! forked sequences) and the MLA fast path's per-split workspaces.
+//! The paged latent caches: one per cache layer, grown as block ids appear, pages copied for
+//! forked sequences. The last page of every cache is the scratch page, which no sequence owns:
+//! the padding sequences of a graph step write and read only it.
 
-use std::collections::HashMap;
-
-use super::{missing, Core, State};
+use super::{debug_log, missing, Core, State};
 use crate::cuda::ops::{CopyRowsDesc, Region};
-use crate::cuda::{Device, MlaCache, MlaWorkspace};
+use crate::cuda::MlaCache;
 use crate::error::Result;
 use crate::kv_cache::{Batch, PAGE_TOKENS};
 
-/// The workspace for `parts` splits, grown to hold a step of `batch` sequences with up to
-/// `max_q_len` queries of `heads` heads.
-pub(super) fn mla_workspace<'s>(
-    dev: &Device,
-    spaces: &'s mut HashMap<usize, MlaWorkspace>,
-    parts: usize,
-    (batch, heads, max_q_len): (usize, usize, usize),
-) -> Result<&'s mut MlaWorkspace> {
-    let have = spaces.get(&parts).filter(|w| w.heads == heads);
-    if !have.is_some_and(|w| w.batch >= batch && w.max_q_len >= max_q_len) {
-        let (b, q) = have.map_or((batch, max_q_len), |w| {
-            (w.batch.max(batch), w.max_q_len.max(max_q_len))
-        });
-        let ws = MlaWorkspace::with_parts(dev, b, heads, q, parts)?;
-        spaces.insert(parts, ws);
-    }
-    spaces
-        .get_mut(&parts)
-        .ok_or_else(|| missing("the MLA workspace"))
-}
-
 impl Core {
-    /// Grows every layer's cache to hold the batch's block ids (contents kept), then queues
-    /// the batch's page copies.
+    /// Grows every layer's cache to hold the batch's block ids and the scratch page after them
+    /// (contents kept), then queues the batch's page copies.
     pub(super) fn prepare_pages(&self, state: &mut State, batch: &Batch) -> Result<()> {
-        self.ensure_pages(state, batch.pages_needed().max(1))?;
+        self.ensure_pages(state, batch.pages_needed() + 1)?;
         for cache in &mut state.cache {
             let page = PAGE_TOKENS * cache.width();
             for c in &batch.page_copies {
@@ -49,6 +27,18 @@ impl Core {
         Ok(())
     }
 
+    /// The scratch page: the caches' last, above every block id a step has named (the caches
+    /// always hold one page more than the ids need).
+    pub(super) fn scratch_page(&self, state: &State) -> Result<u32> {
+        let pages = state
+            .cache
+            .first()
+            .map(|c| c.num_pages)
+            .filter(|&n| n >= 2)
+            .ok_or_else(|| missing("the latent caches"))?;
+        Ok((pages - 1) as u32)
+    }
+
     /// Grows every layer's cache to at least `needed` pages (contents kept).
     fn ensure_pages(&self, state: &mut State, needed: usize) -> Result<()> {
         let cfg = &self.cfg;
@@ -60,6 +50,9 @@ impl Core {
             return Ok(());
         }
         let pages = needed.max(2 * have);
+        if have > 0 {
+            debug_log(|| format!("growing the latent caches from {have} to {pages} pages"));
+        }
         let old = std::mem::take(&mut state.cache);
         for layer in 0..layers {
             let fresh = MlaCache::new(&self.dev, pages, kv_lora, rope)?;
