@@ -4,10 +4,11 @@
 //! Without a usable device every GPU test prints `skipped: no CUDA device (<reason>) [<test>]`
 //! and returns (`R1_REQUIRE_GPU=1` makes that a failure); the harness is tests/gpu_support.
 //!
-//! Rows: DeepSeek's vocabulary (129,280) and small ones (1, 7, 1003), normal logits at three
+//! Rows: DeepSeek's vocabulary (129,280) and small ones (1, 7, 1003, 4096), normal logits at three
 //! scales, rows rounded to a coarse grid (many ties, also at the top-k and top-p boundaries),
 //! rows with NaN and -inf, rows with +inf and all -inf; draws at temperature 0 / 0.6 / 1.5,
 //! top_k 0 / 1 / 50, top_p 1 / 0.95 / 0.5, many seeds and counters, 64 or more rows a launch.
+//! `sanitizer_smoke` is the small launch the suite runs under memcheck.
 
 mod gpu_support;
 
@@ -195,4 +196,13 @@ fn out_of_range_rows_draw_minus_one() {
         })
         .unwrap();
     assert!(prepared.kernels().is_empty());
+}
+
+/// The suite's memcheck run (tools/gpu-runner): one small launch through every pass.
+#[test]
+fn sanitizer_smoke() {
+    let Some(dev) = gpu("sanitizer_smoke") else {
+        return;
+    };
+    check(dev, 7, 4, 1003, 1, 8);
 }
