@@ -12,6 +12,7 @@
  *   params/mla.h         the MLA kernels (cuda/mla/)
  *   params/moe.h         the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu)
  *   params/small_ops.h   the small graph ops
+ *   params/sampling.h    token sampling
  *   params/probe.h       the layout probes
  */
 #ifndef R1_LAUNCH_PARAMS_H
@@ -23,6 +24,7 @@
 #include "params/mla.h"
 #include "params/moe.h"
 #include "params/small_ops.h"
+#include "params/sampling.h"
 #include "params/probe.h"
 
 #endif /* R1_LAUNCH_PARAMS_H */

@@ -676,3 +676,95 @@ fn cuda_output_buffers_hold_the_step_outputs() {
     }
     assert!(backend.output_buffer(&graph, &plan, "nope").is_err());
 }
+
+/// Draws run on the device: they equal the shared rule applied on the host to the same step's
+/// logits (greedy and sampled rows, one step over two sequences), and a decode step that asks
+/// only for its token downloads no logits.
+#[test]
+fn cuda_draws_are_the_rule_on_the_step_logits_and_only_tokens_come_back() {
+    use r1_runtime::checkpoint::Checkpoint;
+    use r1_runtime::config::ModelConfig;
+    use r1_runtime::cuda::{CudaBackend, CudaOptions};
+    use r1_runtime::engine::{Readback, Sequence, Step};
+    use r1_runtime::model::weights::ModelWeights;
+    use r1_runtime::numerics::sampling::draw;
+    use std::sync::Arc;
+    const TEST: &str =
+        "gpu_engine::cuda_draws_are_the_rule_on_the_step_logits_and_only_tokens_come_back";
+    if gpu_support::or_skip(gpu_support::device(), TEST).is_none() {
+        return;
+    }
+    let dir = fixture("r1-heads");
+    let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
+    let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
+    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
+    let backend = CudaBackend::new(
+        &cfg,
+        weights.clone(),
+        Precision::W8a8,
+        &CudaOptions::default(),
+    )
+    .expect("backend");
+    let dev = backend.device().clone();
+    let vocab = cfg.vocab_size;
+    let mut e = Engine::with_backend(cfg, weights, Box::new(backend), 1 << 14);
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 50,
+        top_p: 0.9,
+        seed: 5,
+        ignore_eos: true,
+    };
+    let greedy = SamplingParams::default();
+    let prompts = [stream(3, 9, vocab), stream(4, 4, vocab)];
+    let mut seqs = [Sequence::default(), Sequence::default()];
+    let mut steps: Vec<Step> = seqs
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(seq, tokens)| Step { seq, tokens })
+        .collect();
+    let reads = [
+        Readback {
+            rows: 3,
+            sample: Some(&sampled),
+            logits: true,
+        },
+        Readback {
+            rows: 1,
+            sample: Some(&greedy),
+            logits: true,
+        },
+    ];
+    let out = e
+        .forward_batch_with(&mut steps, &reads, false)
+        .expect("cuda step");
+    drop(steps);
+    for (j, row) in out[0].logits.chunks(vocab).enumerate() {
+        let position = prompts[0].len() - 3 + j + 1;
+        assert_eq!(
+            out[0].tokens[j],
+            draw(row, &sampled.draw(position as u64)),
+            "sampled row {j}"
+        );
+    }
+    let position = prompts[1].len() as u64;
+    assert_eq!(
+        out[1].tokens[0],
+        draw(&out[1].logits, &greedy.draw(position))
+    );
+    assert_eq!(out[1].tokens[0] as usize, argmax(&out[1].logits));
+    // A decode step that asks for its token alone.
+    let next = out[0].tokens[2];
+    let before = dev.bytes_downloaded();
+    let t = e
+        .sample_next(&mut seqs[0], &[next], &sampled)
+        .expect("cuda decode");
+    let bytes = dev.bytes_downloaded() - before;
+    println!("a decode step that draws its token downloads {bytes} bytes (vocab {vocab})");
+    // Its token (4 bytes) and the MoE blocks' error words; never a logits row.
+    assert!(bytes >= 4 && bytes < 4 * vocab as u64, "{bytes} bytes");
+    assert!((t as usize) < vocab);
+    for seq in &mut seqs {
+        e.release(seq);
+    }
+}

@@ -33,10 +33,11 @@ use r1_runtime::cuda::ops::{
 use r1_runtime::cuda::{
     mla_schedule_host, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
     GemmKernel, Mla, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel, MlaLayout, MlaQRopeArgs,
-    MlaWorkspace, Prepared, QuantizedActivations, Region, MLA_FAST_KV_LORA, MLA_FAST_ROPE,
-    MLA_SCHED_FIXED_OVERHEAD,
+    MlaWorkspace, Prepared, QuantizedActivations, Region, SampleArgs, SampleRow, MLA_FAST_KV_LORA,
+    MLA_FAST_ROPE, MLA_SCHED_FIXED_OVERHEAD,
 };
 use r1_runtime::numerics;
+use r1_runtime::numerics::sampling::Draw;
 
 use gpu_support::{deepseek_r1_config, deepseek_router, fp8_weights, gpu, to_bf16, Rng};
 
@@ -183,6 +184,7 @@ fn first_light() {
     light_mla(&mut fl, &mut rng);
     light_moe(&mut fl, &mut rng);
     light_small_ops(&mut fl, &mut rng);
+    light_sampling(&mut fl, &mut rng);
 
     let inventory: BTreeSet<&'static str> = dev
         .kernel_attributes()
@@ -579,4 +581,34 @@ fn light_small_ops(fl: &mut FirstLight<'_>, rng: &mut Rng) {
         topk_weights: Region::from(&topk_weights),
     }));
     fl.assert_finite("small_moe_accum", &acc);
+}
+
+/// sample_tokens: two rows of 1000 logits, drawn with top-k and top-p (every pass runs).
+fn light_sampling(fl: &mut FirstLight<'_>, rng: &mut Rng) {
+    let dev = fl.dev;
+    let vocab = 1000;
+    let logits = dev.upload(&rng.uniform(2 * vocab, -4.0, 4.0)).unwrap();
+    let d = Draw {
+        temperature: 0.8,
+        top_k: 50,
+        top_p: 0.9,
+        seed: 1,
+        counter: 2,
+    };
+    let rows = dev
+        .upload(&[SampleRow::new(0, &d), SampleRow::new(1, &d)])
+        .unwrap();
+    let mut tokens = dev.alloc_zeros::<i32>(2).unwrap();
+    fl.light(dev.prepare_sample(SampleArgs {
+        logits: &logits,
+        vocab,
+        rows: &rows,
+        n_rows: 2,
+        tokens: &mut tokens,
+    }));
+    let got = dev.download(&tokens).unwrap();
+    assert!(
+        got.iter().all(|&t| (0..vocab as i32).contains(&t)),
+        "first-light: sample_tokens drew {got:?}"
+    );
 }

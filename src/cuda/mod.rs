@@ -55,6 +55,7 @@ pub use ops::{
     MLA_BLOCK_M, MLA_FAST_KV_LORA, MLA_FAST_ROPE, MLA_PAGE_TOKENS, MLA_SCHED_FIXED_OVERHEAD,
     MLA_SCHED_MAX_BATCH,
 };
+pub use ops::{SampleArgs, SampleDesc, SampleRow};
 pub use tma::{TensorMap2d, TmaElem};
 
 /// The diagnostics switches (`R1_CUDA_TRACE`, `R1_PRINT_CHOICES`) are on for any value but

@@ -16,15 +16,16 @@
 //!
 //! **Masses.** w_i = floor(exp(z_i - m) · 2^32) as an integer (u64), with exp the portable
 //! [`exp_portable`] on d = z_i - m (one f32 subtraction), and w_i = 0 when d < -23 (exp(-23)·2^32
-//! < 1 anyway) or z_i is NaN. The largest token has w = 2^32 exactly, a row's total is below
-//! 2^49, and every sum below is an integer sum, so no summation order matters.
+//! < 1 anyway) or z_i is NaN. The largest token has w = 2^32 exactly, a row's total is at most
+//! vocab · 2^32 (below 2^49 for DeepSeek's 129,280), and every sum below is an integer sum, so
+//! no summation order matters.
 //!
 //! **Top-k.** K = top_k; t_k = the K-th largest key counted with multiplicity, or 1 when top_k is
 //! 0 or no K-th non-NaN key exists. The top-k set is every token with key >= t_k: ties at the
 //! boundary are all kept (the set may exceed K), and NaN (key 0) is never kept.
 //!
 //! **Top-p.** When top_p < 1 (NaN counts as 1): W = the mass of the top-k set, the target
-//! T = max(1, ceil(top_p · W)) with the product and ceil in f64 (W < 2^53 is exact; the product is
+//! T = max(1, ceil(top_p · W)) with W converted to f64 and the product and ceil in f64 (each
 //! correctly rounded on both sides; a negative product counts as 0), and t_p = the largest key t
 //! such that the mass of the tokens with key >= t (within the top-k set) reaches T. The kept set
 //! is every token with key >= t_p (ties at the boundary kept). Otherwise the kept set is the

@@ -58,7 +58,9 @@ use workspace::{
 };
 
 use super::ops::{MoeBlockConfig, MoeOps, RouterConfig, SmallOps};
-use super::{AllocationCount, Device, DeviceBuffer, Mla, MlaBatch, MlaCache, MlaRope};
+use super::{
+    AllocationCount, Device, DeviceBuffer, Mla, MlaBatch, MlaCache, MlaRope, SampleArgs, SampleRow,
+};
 use crate::backend::{Backend, Precision, Readout, StepOutput};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -195,6 +197,10 @@ struct State {
     seen_allocs: AllocationCount,
     /// Real tokens and selected rows of the last step (what its outputs hold).
     last_rows: (usize, usize),
+    /// The draws a step asks for (host staging and device copy) and the tokens drawn.
+    sample_staging: Vec<SampleRow>,
+    sample_rows: Option<DeviceBuffer<SampleRow>>,
+    sampled: Option<DeviceBuffer<i32>>,
 }
 
 /// Per-run device data of the step: views of the metadata block.
@@ -383,6 +389,9 @@ impl CudaBackend {
             input_staging: Vec::new(),
             seen_allocs: AllocationCount::default(),
             last_rows: (0, 0),
+            sample_staging: Vec::new(),
+            sample_rows: None,
+            sampled: None,
         };
         core.make_workspaces(&mut state, &weights)?;
         Ok(CudaBackend {
@@ -649,7 +658,8 @@ impl Backend for CudaBackend {
 
 impl Core {
     /// What `readout` asks of the step just run, for its `tokens` real tokens and `rows` real
-    /// selected rows (padding sequences come after them).
+    /// selected rows (padding sequences come after them): draws run on the device and only
+    /// their token ids come back; logits rows and hidden states are downloaded when asked.
     fn read_out(
         &self,
         state: &mut State,
@@ -659,35 +669,82 @@ impl Core {
         tokens: usize,
         rows: usize,
     ) -> Result<StepOutput> {
-        let download = |name: &str, rows: usize| -> Result<Vec<f32>> {
+        let vocab = self.cfg.vocab_size;
+        if readout.rows.len() != rows {
+            return Err(missing("a readout row for every selected row"));
+        }
+        let output = |name: &str| -> Result<(&Slot, Storage, usize)> {
             let b = graph.output(name).ok_or_else(|| missing(name))?;
             let desc = graph.desc(b);
-            let n = rows * desc.width;
-            let slot = &state.slots[plan.slot(b)];
-            if n == 0 {
-                return Ok(Vec::new());
+            Ok((&state.slots[plan.slot(b)], desc.storage, desc.width))
+        };
+        let mut out = StepOutput {
+            tokens: vec![None; rows],
+            ..StepOutput::default()
+        };
+        let mut staging = std::mem::take(&mut state.sample_staging);
+        staging.clear();
+        staging.extend(
+            readout
+                .rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.draw.map(|d| SampleRow::new(i, &d))),
+        );
+        if !staging.is_empty() {
+            let n = staging.len();
+            let (slot, _, _) = output(LOGITS)?;
+            let logits = slot.f.as_ref().ok_or_else(|| missing(LOGITS))?;
+            let (Some(sample_rows), Some(sampled)) =
+                (state.sample_rows.as_mut(), state.sampled.as_mut())
+            else {
+                return Err(missing("the sampling buffers"));
+            };
+            self.dev.copy_to_device(&staging, sample_rows)?;
+            self.dev.sample_into(SampleArgs {
+                logits,
+                vocab,
+                rows: sample_rows,
+                n_rows: n,
+                tokens: sampled,
+            })?;
+            let drawn = self.dev.download_prefix(sampled, n)?;
+            for (row, &t) in staging.iter().zip(&drawn) {
+                let token = u32::try_from(t).ok().filter(|&t| (t as usize) < vocab);
+                out.tokens[row.row as usize] = Some(token.ok_or_else(|| Error::Backend {
+                    backend: "cuda".into(),
+                    message: format!("the device drew token {t} for row {}", row.row),
+                })?);
             }
-            // Only the rows this step produced for its real sequences: the slot is sized for
-            // the largest step, and padding sequences come last.
-            Ok(match desc.storage {
+        }
+        state.sample_staging = staging;
+        // Logits rows: the rows up to the last one asked come back in one copy.
+        if let Some(last) = readout.rows.iter().rposition(|r| r.logits) {
+            let (slot, _, _) = output(LOGITS)?;
+            let logits = slot.f.as_ref().ok_or_else(|| missing(LOGITS))?;
+            let all = self.dev.download_prefix(logits, (last + 1) * vocab)?;
+            for (i, row) in all.chunks(vocab).enumerate() {
+                if readout.rows[i].logits {
+                    out.logits.extend_from_slice(row);
+                }
+            }
+        }
+        if readout.hidden && tokens > 0 {
+            let (slot, storage, width) = output(HIDDEN_OUT)?;
+            let n = tokens * width;
+            out.hidden = match storage {
                 Storage::F32 => {
-                    let buf = slot.f.as_ref().ok_or_else(|| missing(&desc.name))?;
+                    let buf = slot.f.as_ref().ok_or_else(|| missing(HIDDEN_OUT))?;
                     self.dev.download_prefix(buf, n)?
                 }
                 Storage::Activation => {
-                    let buf = slot.bf.as_ref().ok_or_else(|| missing(&desc.name))?;
+                    let buf = slot.bf.as_ref().ok_or_else(|| missing(HIDDEN_OUT))?;
                     let v = self.dev.download_prefix(buf, n)?;
                     v.iter().map(|x| x.to_f32()).collect()
                 }
-            })
-        };
-        let hidden = if readout.hidden {
-            download(HIDDEN_OUT, tokens)?
-        } else {
-            Vec::new()
-        };
-        let logits = download(LOGITS, rows)?;
-        Ok(readout.from_host(&logits, self.cfg.vocab_size, hidden))
+            };
+        }
+        Ok(out)
     }
 
     /// Every op of `graph`, queued in order.

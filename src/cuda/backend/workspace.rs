@@ -460,6 +460,8 @@ impl Core {
             MlaWorkspace::lens(sizes.seqs, heads, sizes.max_q_len, parts),
         )?;
         self.reserve_moe(&mut state.moe, t)?;
+        grow(dev, &mut state.sample_rows, sizes.rows, "the draws")?;
+        grow(dev, &mut state.sampled, sizes.rows, "the drawn tokens")?;
         grow(
             dev,
             &mut state.meta,
