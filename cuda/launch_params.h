@@ -13,6 +13,7 @@
  *   params/moe.h         the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu)
  *   params/small_ops.h   the small graph ops
  *   params/probe.h       the layout probes
+ *   params/random_fill.h random_fill (synthetic weights)
  */
 #ifndef R1_LAUNCH_PARAMS_H
 #define R1_LAUNCH_PARAMS_H
@@ -24,5 +25,6 @@
 #include "params/moe.h"
 #include "params/small_ops.h"
 #include "params/probe.h"
+#include "params/random_fill.h"
 
 #endif /* R1_LAUNCH_PARAMS_H */

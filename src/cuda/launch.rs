@@ -182,6 +182,9 @@ kernel_table! {
     R1SmallMoeAccumParams {
         "small_moe_accum";
     }
+    R1RandomFillParams {
+        "random_fill";
+    }
     R1ProbeWgmmaParams {
         "probe_wgmma_m64n128k32", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;
         "probe_wgmma_m64n128k32x4", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;

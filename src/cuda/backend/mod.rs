@@ -38,7 +38,7 @@ use half::bf16;
 
 pub use adapters::{mla_layout, moe_block_config, router_config, upload_moe_block, upload_rope};
 use moe::GpuMoe;
-use weights::{dense_f32, upload_absorbed, upload_dense, upload_fp8, GpuWeight};
+use weights::{upload, upload_absorbed, upload_dense, upload_f32, upload_fp8, GpuWeight};
 
 use super::ops::{MoeBlockConfig, MoeOps, MoeWorkspace, RouterConfig, SmallOps};
 use super::{Device, DeviceBuffer, Mla, MlaBatch, MlaCache, MlaRope, MlaWorkspace};
@@ -47,7 +47,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan, Rows, Storage};
 use crate::kv_cache::Batch;
-use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, Weight, WeightId};
+use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, WeightId};
 
 /// What never changes after construction.
 struct Core {
@@ -185,7 +185,7 @@ impl CudaBackend {
                     router.check("moe_router")?;
                     GpuMoe::Fallback {
                         router: upload_dense(dev, weights.get(m.router))?.0,
-                        bias: dev.upload(dense_f32(&weights, m.bias)?)?,
+                        bias: upload_f32(dev, weights.get(m.bias))?,
                         experts: m
                             .experts
                             .iter()
@@ -208,14 +208,7 @@ impl CudaBackend {
             if special.contains(&id) {
                 continue;
             }
-            let w = match weights.get(id) {
-                Weight::Fp8(_) => GpuWeight::Fp8(upload_fp8(dev, weights.get(id))?),
-                w @ Weight::Dense { .. } => {
-                    let (data, rows, cols) = upload_dense(dev, w)?;
-                    GpuWeight::Dense { data, rows, cols }
-                }
-            };
-            gpu.insert(id, w);
+            gpu.insert(id, upload(dev, weights.get(id))?);
         }
         Ok(CudaBackend {
             core: Core {

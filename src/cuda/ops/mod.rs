@@ -15,6 +15,7 @@ mod moe_gemm;
 mod moe_permute;
 mod moe_route;
 mod probe;
+mod random_fill;
 mod small_ops;
 
 pub use super::launch::Prepared;
@@ -44,6 +45,9 @@ pub use moe_permute::{
 pub use moe_route::{
     route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
     RouterLogitsDesc,
+};
+pub use random_fill::{
+    random_fill_host, FillElement, RandomFill, RandomFillArgs, RandomFillDesc,
 };
 pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
 pub use small_ops::{
