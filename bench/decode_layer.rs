@@ -77,9 +77,9 @@
 //! there too (the GPU suite's bench.jsonl). Sizes that do not fit the free device memory are
 //! skipped with the reason. Without a GPU: `skipped: no CUDA device (<reason>)`, exit 0.
 
-mod common;
 #[path = "decode_layer/bytes.rs"]
 mod bytes;
+mod common;
 #[path = "decode_layer/probe.rs"]
 mod probe;
 
@@ -338,7 +338,10 @@ impl ProbeEngine {
     fn build(name: &'static str, cfg: ModelConfig, cache_tokens: usize) -> Result<Self> {
         let weights = Arc::new(ModelWeights::synthetic(&cfg, cfg.has_mtp(), SEED));
         let control = Arc::new(Control::default());
-        let backend = Probe::new(cuda_backend(&cfg, Arc::clone(&weights))?, Arc::clone(&control))?;
+        let backend = Probe::new(
+            cuda_backend(&cfg, Arc::clone(&weights))?,
+            Arc::clone(&control),
+        )?;
         let engine = Engine::with_backend(
             cfg.clone(),
             Arc::clone(&weights),
@@ -450,7 +453,13 @@ impl ProbeEngine {
 
     /// One step of `shape` over `seqs` (main model, or the MTP layer); returns the engine
     /// call's wall time in microseconds.
-    fn step(&mut self, seqs: &mut [Sequence], shape: &Shape, mtp: bool, salt: usize) -> Result<f64> {
+    fn step(
+        &mut self,
+        seqs: &mut [Sequence],
+        shape: &Shape,
+        mtp: bool,
+        salt: usize,
+    ) -> Result<f64> {
         let tokens = self.tokens(shape.q, salt);
         let h = self.cfg.hidden_size;
         let t0 = Instant::now();
@@ -475,7 +484,14 @@ impl ProbeEngine {
                 })
                 .collect();
             // Decode and verify steps want logits for every new token, a prefill its last.
-            let rows = vec![if shape.kind == Kind::Prefill { 1 } else { shape.q }; steps.len()];
+            let rows = vec![
+                if shape.kind == Kind::Prefill {
+                    1
+                } else {
+                    shape.q
+                };
+                steps.len()
+            ];
             self.engine.forward_batch_rows(&mut steps, &rows)?;
         }
         Ok(t0.elapsed().as_secs_f64() * 1e6)
@@ -813,9 +829,24 @@ impl Bench {
             .filter(|s| s.kind == Kind::Decode)
             .copied()
             .collect();
-        self.probe("head", probe_config(&r1, 0, 0, false, r1.vocab_size), &decode, false);
-        self.probe("moe", probe_config(&r1, 1, 0, true, PROBE_VOCAB), &shapes, true);
-        self.probe("dense", probe_config(&r1, 1, 1, true, PROBE_VOCAB), &shapes, false);
+        self.probe(
+            "head",
+            probe_config(&r1, 0, 0, false, r1.vocab_size),
+            &decode,
+            false,
+        );
+        self.probe(
+            "moe",
+            probe_config(&r1, 1, 0, true, PROBE_VOCAB),
+            &shapes,
+            true,
+        );
+        self.probe(
+            "dense",
+            probe_config(&r1, 1, 1, true, PROBE_VOCAB),
+            &shapes,
+            false,
+        );
     }
 
     /// The whole-model projection from the layer figures (see the module docs).
@@ -847,7 +878,17 @@ impl Bench {
         );
         println!(
             "  {:>5} {:>6} | {:>9} {:>6} | {:>9} {:>6} | {:>8} | {:>9} {:>9} {:>10} | {:>9}",
-            "batch", "kv", "L_dense", "s", "L_moe", "s", "H", "T ms", "tok/s/seq", "tok/s grp", "+MTP ms"
+            "batch",
+            "kv",
+            "L_dense",
+            "s",
+            "L_moe",
+            "s",
+            "H",
+            "T ms",
+            "tok/s/seq",
+            "tok/s grp",
+            "+MTP ms"
         );
         let share = |l: &LayerBytes, extra: f64, b: usize, kv: f64| {
             (l.read_per_rank(b) + extra + kv) / (l.read(b) + extra + kv)
@@ -870,7 +911,10 @@ impl Bench {
                 .copied()
                 .unwrap_or(0.0);
             let kv = kv_read(&self.r1, s.batch, s.kv + 1);
-            let (sd, sm) = (share(&dense, 0.0, s.batch, kv), share(&moe, 0.0, s.batch, kv));
+            let (sd, sm) = (
+                share(&dense, 0.0, s.batch, kv),
+                share(&moe, 0.0, s.batch, kv),
+            );
             let t_us = n_dense as f64 * sd * ld + n_moe as f64 * sm * lm + head / TP;
             let mtp_us = match (mtp, self.layer_us.get(&("mtp", s))) {
                 (Some((l, extra)), Some(&lt)) => Some(share(&l, extra, s.batch, kv) * lt),
@@ -929,7 +973,11 @@ impl Bench {
         for &(requests, drafts) in runs {
             let what = format!("engine_r{requests}_d{drafts}");
             if self.out_of_time() {
-                self.skip("engine", &what, "the time budget (--budget-s) ran out".into());
+                self.skip(
+                    "engine",
+                    &what,
+                    "the time budget (--budget-s) ran out".into(),
+                );
                 continue;
             }
             if !self.fits("engine", &what, need) {
@@ -947,7 +995,8 @@ impl Bench {
                 }
             };
             let cache_tokens = requests * (input_len + output_len + 64) + 65536;
-            let engine = Engine::with_backend(cfg.clone(), weights, Box::new(backend), cache_tokens);
+            let engine =
+                Engine::with_backend(cfg.clone(), weights, Box::new(backend), cache_tokens);
             let opts = BenchOptions {
                 requests,
                 input_len,

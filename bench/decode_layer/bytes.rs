@@ -50,7 +50,10 @@ impl LayerBytes {
         // The GPU keeps kv_b_proj only as bf16 for absorption.
         let (kv_b_n, kv_b_k) = w.get(a.kv_b).shape();
         let mut l = LayerBytes {
-            replicated: bytes(b.attn_norm) + bytes(b.ffn_norm) + q_a + bytes(a.kv_a)
+            replicated: bytes(b.attn_norm)
+                + bytes(b.ffn_norm)
+                + q_a
+                + bytes(a.kv_a)
                 + bytes(a.kv_a_norm),
             tp_split: q_b + (kv_b_n * kv_b_k * 2) as f64 + bytes(a.o),
             ..LayerBytes::default()
@@ -137,9 +140,7 @@ pub fn block_flops(cfg: &ModelConfig, l: &LayerBytes, tokens: usize, kv_avg: f64
     let ffn = if l.experts == 0 {
         3.0 * h * cfg.intermediate_size as f64
     } else {
-        3.0 * h
-            * cfg.moe_intermediate_size as f64
-            * (l.top_k + cfg.n_shared_experts) as f64
+        3.0 * h * cfg.moe_intermediate_size as f64 * (l.top_k + cfg.n_shared_experts) as f64
             + h * l.experts as f64
     };
     let attn = heads * kv_avg * (cfg.kv_cache_width() as f64 + kv_lora);

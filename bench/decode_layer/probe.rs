@@ -139,13 +139,19 @@ impl Backend for Probe {
         let out = self.inner.run(graph, plan, batch, inputs)?;
         let run_us = t0.elapsed().as_secs_f64() * 1e6;
         self.end.record(stream).map_err(driver("cuEventRecord"))?;
-        self.end.synchronize().map_err(driver("cuEventSynchronize"))?;
+        self.end
+            .synchronize()
+            .map_err(driver("cuEventSynchronize"))?;
         let gpu_us = f64::from(
             self.start
                 .elapsed_ms(&self.end)
                 .map_err(driver("cuEventElapsedTime"))?,
         ) * 1e3;
-        let mut t = self.control.timing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self
+            .control
+            .timing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         t.runs += 1;
         t.gpu_us += gpu_us;
         t.run_us += run_us;

@@ -600,7 +600,10 @@ mod tests {
             panic!("layer 3 is MoE")
         };
         let down = m.experts[255].down;
-        assert_eq!(w.name(down), "model.layers.3.mlp.experts.255.down_proj.weight");
+        assert_eq!(
+            w.name(down),
+            "model.layers.3.mlp.experts.255.down_proj.weight"
+        );
         assert_eq!(w.get(down).shape(), (7168, 2048));
         let mtp_w = w.mtp.as_ref().unwrap();
         assert_eq!(w.name(mtp_w.eh_proj), "model.layers.61.eh_proj.weight");
@@ -642,10 +645,7 @@ mod tests {
             .collect();
         assert_eq!(seeds.len(), w.len());
         let other = ModelWeights::synthetic(&cfg, true, 8);
-        assert_ne!(
-            synthetic(other.get(down)).seed,
-            synthetic(w.get(down)).seed
-        );
+        assert_ne!(synthetic(other.get(down)).seed, synthetic(w.get(down)).seed);
         assert_eq!(
             ModelWeights::synthetic(&cfg, false, 7).len(),
             main,
@@ -670,7 +670,10 @@ mod tests {
         cfg.num_hidden_layers = 0;
         let w = ModelWeights::synthetic(&cfg, true, 3);
         assert!(w.blocks.is_empty());
-        assert_eq!(w.name(w.mtp.as_ref().unwrap().eh_proj), "model.layers.0.eh_proj.weight");
+        assert_eq!(
+            w.name(w.mtp.as_ref().unwrap().eh_proj),
+            "model.layers.0.eh_proj.weight"
+        );
         assert!(mtp_graph(&cfg, &w, LogitRows::Last).is_some());
     }
 }

@@ -46,10 +46,8 @@ pub use moe_route::{
     route_host, router_logits_host, RoutedHost, RouterArgs, RouterDesc, RouterLogitsArgs,
     RouterLogitsDesc,
 };
-pub use random_fill::{
-    random_fill_host, FillElement, RandomFill, RandomFillArgs, RandomFillDesc,
-};
 pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
+pub use random_fill::{random_fill_host, FillElement, RandomFill, RandomFillArgs, RandomFillDesc};
 pub use small_ops::{
     CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MoeAccumDesc, RmsNormDesc,
     SmallOps,

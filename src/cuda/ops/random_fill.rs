@@ -230,7 +230,10 @@ mod tests {
     fn the_desc_checks_its_operands() {
         let desc = RandomFillDesc {
             kind: sys::R1_FILL_BF16 as i32,
-            out: Region { addr: 256, len: 100 },
+            out: Region {
+                addr: 256,
+                len: 100,
+            },
             n: 100,
             fill: RandomFill {
                 seed: 0,
