@@ -10,12 +10,15 @@
 //! **Layer mode** (default). Small models built around one layer each, run by
 //! `Engine::with_backend` + `forward_batch` (or `mtp_forward_batch`) on the CUDA backend:
 //! - `dense`: one dense decoder layer (as R1's first 3); `moe`: one MoE layer (~11.5 GB);
-//!   `mtp`: the MTP layer (embedding, norms, eh_proj, a MoE block), which is the `moe` model's
-//!   own MTP layer. Their vocabulary is cut to 1024 (the embedding and head are not layers);
+//!   `mtp`: the MTP layer (embedding, norms, eh_proj, a MoE block) of the `moe` model, timed
+//!   through `mtp_forward_batch` on an engine of its own. Their vocabulary is cut to 1024 (the
+//!   embedding and head are not layers);
 //! - `baseline`: no layer at all (embedding, final norm, the 1024-row head, the step's
 //!   uploads and downloads), measured at every step shape and subtracted from the probes:
 //!   a layer's time is its probe's minus the baseline's;
-//! - `head`: no layer, the real vocabulary (129,280): the LM head at every batch.
+//! - `head`: no layer, the real vocabulary (129,280): the LM head at every batch (its time
+//!   includes the step's f32 logits download, batch x 129,280 x 4 bytes, as the engine runs
+//!   today).
 //!
 //! Shapes: decode at batch 1, 8, 32, 128 over KV lengths 1K, 8K, 32K; verify steps (1 + d
 //! tokens per sequence, d = 1..3 drafts) at batch 1..128 over 8K; a 4096-token prefill. For
@@ -584,7 +587,7 @@ impl Bench {
 
     /// Times `shape` on a probe (layer gpu = probe - baseline, unless this is the baseline).
     fn point(&mut self, pe: &mut ProbeEngine, shape: Shape, mtp: bool) -> Result<()> {
-        let probe = if mtp { "mtp" } else { pe.name };
+        let probe = pe.name;
         let what = shape.id();
         if self.out_of_time() {
             self.skip(probe, &what, "the time budget (--budget-s) ran out".into());
@@ -760,8 +763,9 @@ impl Bench {
         self.rows.push(obj);
     }
 
-    /// Measures every shape of the grid on one probe model (built here, dropped after).
-    fn probe(&mut self, name: &'static str, cfg: ModelConfig, shapes: &[Shape], mtp_too: bool) {
+    /// Measures every shape of the grid on one probe model (built here, dropped after): its
+    /// main model, or its MTP layer (`mtp`).
+    fn probe(&mut self, name: &'static str, cfg: ModelConfig, shapes: &[Shape], mtp: bool) {
         if self.out_of_time() {
             self.skip(name, "all", "the time budget (--budget-s) ran out".into());
             return;
@@ -792,15 +796,8 @@ impl Bench {
             t0.elapsed().as_secs_f64()
         );
         for &shape in shapes {
-            if self.point(&mut pe, shape, false).is_err() {
+            if self.point(&mut pe, shape, mtp).is_err() {
                 break;
-            }
-        }
-        if mtp_too {
-            for &shape in shapes {
-                if self.point(&mut pe, shape, true).is_err() {
-                    break;
-                }
             }
         }
         let mut sources: Vec<Sequence> = pe.sources.drain().map(|(_, s)| s).collect();
@@ -835,18 +832,17 @@ impl Bench {
             &decode,
             false,
         );
-        self.probe(
-            "moe",
-            probe_config(&r1, 1, 0, true, PROBE_VOCAB),
-            &shapes,
-            true,
-        );
+        // In the order the projection needs them; the MTP layer (the MoE model's own, on a
+        // fresh engine so its points also start from a workspace of their own size) last.
+        let moe = probe_config(&r1, 1, 0, true, PROBE_VOCAB);
+        self.probe("moe", moe.clone(), &shapes, false);
         self.probe(
             "dense",
             probe_config(&r1, 1, 1, true, PROBE_VOCAB),
             &shapes,
             false,
         );
+        self.probe("mtp", moe, &shapes, true);
     }
 
     /// The whole-model projection from the layer figures (see the module docs).
