@@ -117,7 +117,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Tokens per bookkeeping-only fill call (bounds the zero outputs it allocates).
 const FILL_CHUNK: usize = 4096;
 
-/// The one place the bench builds the CUDA backend.
+/// The one place the bench builds the CUDA backend. The grid needs one that holds 128
+/// sequences of up to 32K + 64 positions and steps of up to 4096 tokens (the prefill; verify
+/// steps reach 512), and the engine mode 32 sequences of 352 positions.
 fn cuda_backend(cfg: &ModelConfig, weights: Arc<ModelWeights>) -> Result<CudaBackend> {
     CudaBackend::new(cfg, weights, Precision::W8a8)
 }
