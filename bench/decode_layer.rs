@@ -119,7 +119,7 @@ const FILL_CHUNK: usize = 4096;
 
 /// The one place the bench builds the CUDA backend. The grid needs one that holds 128
 /// sequences of up to 32K + 64 positions and steps of up to 4096 tokens (the prefill; verify
-/// steps reach 512), and the engine mode 32 sequences of 352 positions.
+/// steps reach 512), and the engine mode 32 sequences of about 300 positions.
 fn cuda_backend(cfg: &ModelConfig, weights: Arc<ModelWeights>) -> Result<CudaBackend> {
     CudaBackend::new(cfg, weights, Precision::W8a8)
 }
