@@ -14,6 +14,7 @@
  *   params/small_ops.h   the small graph ops
  *   params/sampling.h    token sampling
  *   params/probe.h       the layout probes
+ *   params/random_fill.h random_fill (synthetic weights)
  */
 #ifndef R1_LAUNCH_PARAMS_H
 #define R1_LAUNCH_PARAMS_H
@@ -26,5 +27,6 @@
 #include "params/small_ops.h"
 #include "params/sampling.h"
 #include "params/probe.h"
+#include "params/random_fill.h"
 
 #endif /* R1_LAUNCH_PARAMS_H */

@@ -27,8 +27,8 @@ use r1_runtime::cuda::backend::upload_rope;
 use r1_runtime::cuda::ops::{
     CopyRowsDesc, GatherArgs, GemmBf16Desc, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel,
     MlaAbsorbDesc, MlaAbsorbQRopeDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps,
-    MoePlanBuffers, NormQuantDesc, PermutedRows, PlanArgs, QuantOut, RouterArgs, RouterLogitsArgs,
-    SiluMulQuantDesc, SiluQuantArgs, SmallOps, UnpermuteArgs,
+    MoePlanBuffers, NormQuantDesc, PermutedRows, PlanArgs, QuantOut, RandomFill, RandomFillArgs,
+    RouterArgs, RouterLogitsArgs, SiluMulQuantDesc, SiluQuantArgs, SmallOps, UnpermuteArgs,
 };
 use r1_runtime::cuda::{
     mla_schedule_host, ActQuantDesc, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
@@ -185,6 +185,7 @@ fn first_light() {
     light_moe(&mut fl, &mut rng);
     light_small_ops(&mut fl, &mut rng);
     light_sampling(&mut fl, &mut rng);
+    light_random_fill(&mut fl);
 
     let inventory: BTreeSet<&'static str> = dev
         .kernel_attributes()
@@ -611,4 +612,21 @@ fn light_sampling(fl: &mut FirstLight<'_>, rng: &mut Rng) {
         got.iter().all(|&t| (0..vocab as i32).contains(&t)),
         "first-light: sample_tokens drew {got:?}"
     );
+}
+
+/// The synthetic-weight fill (tests/gpu_synthetic.rs checks its stream bit for bit).
+fn light_random_fill(fl: &mut FirstLight<'_>) {
+    let dev = fl.dev;
+    let mut out = dev.alloc::<bf16>(1000).unwrap();
+    let fill = RandomFill {
+        seed: 1,
+        center: 0.0,
+        spread: 1.0,
+    };
+    fl.light(dev.prepare_random_fill(RandomFillArgs {
+        out: &mut out,
+        range: 0..1000,
+        fill,
+    }));
+    fl.assert_finite("random_fill out", &out);
 }

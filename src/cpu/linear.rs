@@ -32,6 +32,9 @@ pub fn linear(x: &[f32], w: &Weight, precision: Precision) -> Vec<f32> {
             Precision::Exact => fp8_exact(x, w, rows, &mut out_t),
             Precision::W8a8 => fp8_w8a8(&act_quant(x, k), w, &mut out_t),
         },
+        Weight::Synthetic(_) => {
+            unreachable!("synthetic weights have no host values (CpuBackend::run refuses them)")
+        }
     }
     transpose(&out_t, n, rows)
 }

@@ -209,7 +209,17 @@ fn dense(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {
             "`{}` is FP8 where a BF16/F32 tensor is expected",
             weights.name(id)
         ))),
+        Weight::Synthetic(_) => Err(synthetic_refused()),
     }
+}
+
+/// Synthetic weights have no host values to compute with.
+fn synthetic_refused() -> Error {
+    Error::Unsupported(
+        "the model's weights are synthetic (shapes only, generated on the device): the CPU \
+         backend computes from host values; run synthetic models on the CUDA backend"
+            .into(),
+    )
 }
 
 impl Backend for CpuBackend {
@@ -229,6 +239,9 @@ impl Backend for CpuBackend {
         inputs: &[(&str, &[f32])],
         readout: &Readout<'_>,
     ) -> Result<StepOutput> {
+        if self.weights.is_synthetic() {
+            return Err(synthetic_refused());
+        }
         let bound = graph.bind_inputs(batch, inputs)?;
         readout.check(batch)?;
         self.prepare_pages(batch);
@@ -273,6 +286,8 @@ fn dequantize(w: &Weight, precision: Precision) -> Absorbed {
     let kv_b = match w {
         Weight::Dense { data, .. } => data.clone(),
         Weight::Fp8(w) => w.dequantized(),
+        // Never read: `run` refuses synthetic weights.
+        Weight::Synthetic(_) => Vec::new(),
     };
     let kv_b = match precision {
         Precision::Exact => kv_b,

@@ -194,6 +194,9 @@ kernel_table! {
     R1SampleParams {
         "sample_tokens";
     }
+    R1RandomFillParams {
+        "random_fill";
+    }
     R1ProbeWgmmaParams {
         "probe_wgmma_m64n128k32", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;
         "probe_wgmma_m64n128k32x4", smem: sys::R1_PROBE_WGMMA_SMEM_BYTES;

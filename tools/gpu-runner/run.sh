@@ -7,13 +7,14 @@
 #                                  # first light, probes and every correctness test with
 #                                  # CUDA_LAUNCH_BLOCKING=1, memcheck on each sanitizer_smoke
 #   bash .gpu-stage/run.sh full    # ~570 s: info, the same tests with asynchronous launches,
-#                                  # the criterion benches and the PyTorch peers
+#                                  # the criterion benches, decode_layer (R1's real layers
+#                                  # through the engine, within its slice) and the PyTorch peers
 #
 # Each test binary runs one test at a time under watchdog.py: a test whose output stops for
 # R1_WATCHDOG_S seconds is HUNG (with the last kernel launched), a sticky CUDA error FAILS its
 # test, a crash is DIED; the binary then restarts for the tests it has not run yet.
 # Results in $OUT (default .gpu-stage/out): gpu-suite.json, summary.txt, info.log, tests.log,
-# sanitizer.log, bench.log, bench.jsonl, peer.jsonl. Exit status: 0 everything passed,
+# sanitizer.log, bench.log, bench.jsonl, peer.jsonl, decode_layer.json. Exit status: 0 everything passed,
 # 1 something did not, 2 bad usage or a stage that cannot be unpacked, 3 no CUDA device.
 #
 # Environment (optional): OUT; R1_SUITE_BUDGET_S (the whole run; quick 290, full 570);
@@ -41,7 +42,7 @@ tarfile.open(sys.argv[1]).extractall(sys.argv[2], **safe)' "$HERE/payload.tar.xz
 fi
 OUT="${OUT:-$HERE/out}"
 mkdir -p "$OUT"
-(cd "$OUT" && rm -f gpu-suite.json summary.txt info.log tests.log sanitizer.log bench.log bench.jsonl peer.jsonl)
+(cd "$OUT" && rm -f gpu-suite.json summary.txt info.log tests.log sanitizer.log bench.log bench.jsonl peer.jsonl decode_layer.json)
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 WATCHDOG_S="${R1_WATCHDOG_S:-60}"
@@ -153,8 +154,18 @@ if [ "$MODE" = full ]; then
   export R1_BENCH_JSON="$OUT/bench.jsonl"
   end=$(( $(date +%s) + $(share 2 3) ))
   for i in "${!BENCHES[@]}"; do
-    step "bench:${BENCHES[$i]}" "$(slice "$end" $(( ${#BENCHES[@]} - i )))" \
-      "$HERE/bin/${BENCHES[$i]}" --bench --noplot --warm-up-time 0.2 --measurement-time 1
+    name="${BENCHES[$i]}"
+    limit="$(slice "$end" $(( ${#BENCHES[@]} - i )))"
+    if [ "$name" = decode_layer ]; then
+      # Not criterion: it starts no new measurement past --budget-s (20 s before its limit,
+      # so its tables and decode_layer.json are always written), its rows also go to
+      # bench.jsonl (R1_BENCH_JSON), and it runs the whole-engine mode after the layers.
+      budget=$(( limit > 40 ? limit - 20 : limit / 2 ))
+      step "bench:$name" "$limit" "$HERE/bin/$name" --bench --mode all --budget-s "$budget" \
+        --json "$OUT/decode_layer.json"
+    else
+      step "bench:$name" "$limit" "$HERE/bin/$name" --bench --noplot --warm-up-time 0.2 --measurement-time 1
+    fi
   done
   phase "peers"
   end=$(( $(date +%s) + $(share 1 1) ))

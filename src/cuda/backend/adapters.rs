@@ -1,6 +1,6 @@
 //! The model's types as the kernels' plain numbers: the routing and MoE-block shapes from
-//! config.json, a MoE layer's weights from the loaded checkpoint, the RoPE table, and a step's
-//! MLA layout from the engine's batch.
+//! config.json, a MoE layer's weights from the loaded checkpoint, the RoPE table, a step's
+//! MLA layout from the engine's batch, and synthetic weights as device fills.
 
 use half::bf16;
 
@@ -8,17 +8,22 @@ use crate::config::ModelConfig;
 use crate::cuda::error::{CudaError, Result};
 use crate::cuda::ops::{
     Checker, ExpertWeight, Fp8Weight, GroupedFp8Weight, MlaLayout, MlaRope, MoeBlockConfig,
-    MoeBlockWeights, RouterConfig, MLA_PAGE_TOKENS,
+    MoeBlockWeights, RandomFill, RandomFillArgs, RouterConfig, MLA_PAGE_TOKENS, QUANT_BLOCK,
 };
-use crate::cuda::Device;
+use crate::cuda::{Device, DeviceBuffer};
 use crate::kv_cache::{Batch, PAGE_TOKENS};
-use crate::model::weights::{MlpWeights, ModelWeights, MoeWeights, Weight, WeightId};
+use crate::model::weights::{
+    MlpWeights, ModelWeights, MoeWeights, SyntheticValues, SyntheticWeight, Weight, WeightId,
+    SCALE_STREAM,
+};
 
 // The engine's block ids go to the MLA kernels as page ids: both must page by the same size.
 const _: () = assert!(MLA_PAGE_TOKENS == PAGE_TOKENS);
 
 /// Errors of the MoE weight upload name the block as the GPU MoE path.
 const BLOCK: &str = "moe_block";
+/// Errors of synthetic weights name them.
+const SYNTHETIC: &str = "synthetic weight";
 
 /// DeepSeek-V3 / R1 routing from a parsed config.json.
 pub fn router_config(cfg: &ModelConfig) -> RouterConfig {
@@ -54,7 +59,7 @@ pub fn mla_layout(batch: &Batch) -> MlaLayout {
 fn fp8_parts<'a>(weights: &'a ModelWeights, id: WeightId) -> Result<ExpertWeight<'a>> {
     match weights.get(id) {
         Weight::Fp8(w) => Ok((w.codes.as_slice(), &w.scales)),
-        Weight::Dense { .. } => Err(CudaError::requirement(
+        Weight::Dense { .. } | Weight::Synthetic(_) => Err(CudaError::requirement(
             BLOCK,
             format!(
                 "`{}` must be an FP8 weight for the GPU MoE path",
@@ -67,7 +72,7 @@ fn fp8_parts<'a>(weights: &'a ModelWeights, id: WeightId) -> Result<ExpertWeight
 fn dense(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {
     match weights.get(id) {
         Weight::Dense { data, .. } => Ok(data),
-        Weight::Fp8(_) => Err(CudaError::requirement(
+        Weight::Fp8(_) | Weight::Synthetic(_) => Err(CudaError::requirement(
             BLOCK,
             format!("`{}` must be a BF16/F32 tensor", weights.name(id)),
         )),
@@ -75,7 +80,7 @@ fn dense(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {
 }
 
 /// Uploads a layer's MoE weights from the loaded checkpoint (the router weight was bf16 on
-/// disk and is narrowed back exactly).
+/// disk and is narrowed back exactly), or fills them on the device for a synthetic model.
 pub fn upload_moe_block(
     dev: &Device,
     cfg: &MoeBlockConfig,
@@ -83,6 +88,9 @@ pub fn upload_moe_block(
     moe: &MoeWeights,
 ) -> Result<MoeBlockWeights> {
     cfg.check()?;
+    if weights.is_synthetic() {
+        return synthetic_moe_block(dev, cfg, weights, moe);
+    }
     let (e, h, i) = (cfg.router.experts, cfg.hidden, cfg.inter);
     let c = Checker { kernel: BLOCK };
     c.req(moe.experts.len() == e, || {
@@ -132,6 +140,204 @@ pub fn upload_moe_block(
         bias: Some(dev.upload(bias)?),
         gate_up: GroupedFp8Weight::upload(dev, &gu_codes, &gu_scales, e, 2 * i, h)?,
         down: GroupedFp8Weight::upload(dev, &d_codes, &d_scales, e, h, i)?,
+        shared,
+    })
+}
+
+/// The fills of a synthetic FP8 weight: its e4m3 codes and its block multipliers.
+fn fp8_fills(w: &SyntheticWeight) -> Result<(RandomFill, RandomFill)> {
+    match w.values {
+        SyntheticValues::Fp8 { code_max, scale } => Ok((
+            RandomFill {
+                seed: w.seed,
+                center: 0.0,
+                spread: code_max,
+            },
+            RandomFill {
+                seed: w.seed ^ SCALE_STREAM,
+                center: scale,
+                spread: 0.25 * scale,
+            },
+        )),
+        SyntheticValues::Dense { .. } => Err(CudaError::requirement(
+            SYNTHETIC,
+            format!(
+                "a dense [{}, {}] weight where an FP8 one is expected",
+                w.rows, w.cols
+            ),
+        )),
+    }
+}
+
+/// The fill of a synthetic dense tensor.
+fn dense_fill(w: &SyntheticWeight) -> Result<RandomFill> {
+    match w.values {
+        SyntheticValues::Dense { center, spread } => Ok(RandomFill {
+            seed: w.seed,
+            center,
+            spread,
+        }),
+        SyntheticValues::Fp8 { .. } => Err(CudaError::requirement(
+            SYNTHETIC,
+            format!(
+                "an FP8 [{}, {}] weight where a dense one is expected",
+                w.rows, w.cols
+            ),
+        )),
+    }
+}
+
+/// A synthetic FP8 Linear weight filled on the device.
+pub(super) fn synthetic_fp8(dev: &Device, w: &SyntheticWeight) -> Result<Fp8Weight> {
+    let (codes, scales) = fp8_fills(w)?;
+    let blocks = w.rows.div_ceil(QUANT_BLOCK) * w.cols.div_ceil(QUANT_BLOCK);
+    Ok(Fp8Weight {
+        codes: dev.random_buffer(w.rows * w.cols, codes)?,
+        scales: dev.random_buffer(blocks, scales)?,
+        n: w.rows,
+        k: w.cols,
+    })
+}
+
+/// A synthetic dense tensor filled on the device as bf16.
+pub(super) fn synthetic_dense(dev: &Device, w: &SyntheticWeight) -> Result<DeviceBuffer<bf16>> {
+    dev.random_buffer(w.rows * w.cols, dense_fill(w)?)
+}
+
+/// A synthetic dense tensor filled on the device as f32.
+pub(super) fn synthetic_f32(dev: &Device, w: &SyntheticWeight) -> Result<DeviceBuffer<f32>> {
+    dev.random_buffer(w.rows * w.cols, dense_fill(w)?)
+}
+
+/// A synthetic kv_b_proj in its absorbed bf16 form: values uniform in +-(code_max * scale),
+/// the magnitude of its FP8 form (the GPU never holds that form).
+pub(super) fn synthetic_absorbed(dev: &Device, w: &SyntheticWeight) -> Result<DeviceBuffer<bf16>> {
+    let fill = match w.values {
+        SyntheticValues::Fp8 { code_max, scale } => RandomFill {
+            seed: w.seed,
+            center: 0.0,
+            spread: code_max * scale,
+        },
+        SyntheticValues::Dense { .. } => dense_fill(w)?,
+    };
+    dev.random_buffer(w.rows * w.cols, fill)
+}
+
+/// Fills rows `row0 .. row0 + w.rows` of expert `expert` of a stacked weight (codes
+/// `[E][n][k]`, multipliers `[E][ceil(n/128)][ceil(k/128)]`) with the synthetic weight `w`,
+/// as [`GroupedFp8Weight::stack_gate_up`] places gate (row 0) and up (row `inter`).
+fn fill_stacked(
+    dev: &Device,
+    w: &SyntheticWeight,
+    into: &mut GroupedFp8Weight,
+    expert: usize,
+    row0: usize,
+) -> Result<()> {
+    let (n, k) = (into.n, into.k);
+    let c = Checker { kernel: SYNTHETIC };
+    c.req(
+        w.cols == k && row0 % QUANT_BLOCK == 0 && row0 + w.rows <= n && expert < into.experts,
+        || {
+            format!(
+                "[{}, {}] does not fit rows {row0}.. of expert {expert} of a [{}][{n}][{k}] stack",
+                w.rows, w.cols, into.experts
+            )
+        },
+    )?;
+    let (codes, scales) = fp8_fills(w)?;
+    let kb = k.div_ceil(QUANT_BLOCK);
+    let code0 = (expert * n + row0) * k;
+    let scale0 = (expert * n.div_ceil(QUANT_BLOCK) + row0 / QUANT_BLOCK) * kb;
+    dev.prepare_random_fill(RandomFillArgs {
+        out: &mut into.codes,
+        range: code0..code0 + w.rows * k,
+        fill: codes,
+    })?
+    .launch()?;
+    dev.prepare_random_fill(RandomFillArgs {
+        out: &mut into.scales,
+        range: scale0..scale0 + w.rows.div_ceil(QUANT_BLOCK) * kb,
+        fill: scales,
+    })?
+    .launch()
+}
+
+/// An unfilled stacked weight of `experts` experts `[n][k]`.
+fn stack_alloc(dev: &Device, experts: usize, n: usize, k: usize) -> Result<GroupedFp8Weight> {
+    let blocks = n.div_ceil(QUANT_BLOCK) * k.div_ceil(QUANT_BLOCK);
+    Ok(GroupedFp8Weight {
+        codes: dev.alloc(experts * n * k)?,
+        scales: dev.alloc(experts * blocks)?,
+        experts,
+        n,
+        k,
+    })
+}
+
+/// A synthetic MoE layer filled on the device in the layout [`upload_moe_block`] uploads:
+/// each expert's gate, up and down from its own weight's stream.
+fn synthetic_moe_block(
+    dev: &Device,
+    cfg: &MoeBlockConfig,
+    weights: &ModelWeights,
+    moe: &MoeWeights,
+) -> Result<MoeBlockWeights> {
+    let (e, h, i) = (cfg.router.experts, cfg.hidden, cfg.inter);
+    let c = Checker { kernel: BLOCK };
+    c.req(moe.experts.len() == e, || {
+        format!(
+            "the layer has {} experts; the config says {e}",
+            moe.experts.len()
+        )
+    })?;
+    let syn = |id: WeightId| match weights.get(id) {
+        Weight::Synthetic(w) => Ok(w),
+        Weight::Fp8(_) | Weight::Dense { .. } => Err(CudaError::requirement(
+            SYNTHETIC,
+            format!("`{}` has host data in a synthetic table", weights.name(id)),
+        )),
+    };
+    let router = syn(moe.router)?;
+    c.req((router.rows, router.cols) == (e, h), || {
+        format!(
+            "mlp.gate.weight is [{}, {}], not [{e}, {h}]",
+            router.rows, router.cols
+        )
+    })?;
+    let bias = syn(moe.bias)?;
+    c.req(bias.rows * bias.cols == e, || {
+        format!(
+            "e_score_correction_bias has {} values, not {e}",
+            bias.rows * bias.cols
+        )
+    })?;
+    let mut gate_up = stack_alloc(dev, e, 2 * i, h)?;
+    let mut down = stack_alloc(dev, e, h, i)?;
+    for (x, m) in moe.experts.iter().enumerate() {
+        fill_stacked(dev, syn(m.gate)?, &mut gate_up, x, 0)?;
+        fill_stacked(dev, syn(m.up)?, &mut gate_up, x, i)?;
+        fill_stacked(dev, syn(m.down)?, &mut down, x, 0)?;
+    }
+    let shared = match (&moe.shared, cfg.shared_inter) {
+        (Some(s), si) if si > 0 => {
+            let mut gu = stack_alloc(dev, 1, 2 * si, h)?;
+            fill_stacked(dev, syn(s.gate)?, &mut gu, 0, 0)?;
+            fill_stacked(dev, syn(s.up)?, &mut gu, 0, si)?;
+            let gu = Fp8Weight {
+                codes: gu.codes,
+                scales: gu.scales,
+                n: 2 * si,
+                k: h,
+            };
+            Some((gu, synthetic_fp8(dev, syn(s.down)?)?))
+        }
+        _ => None,
+    };
+    Ok(MoeBlockWeights {
+        router: synthetic_dense(dev, router)?,
+        bias: Some(synthetic_f32(dev, bias)?),
+        gate_up,
+        down,
         shared,
     })
 }

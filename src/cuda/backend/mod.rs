@@ -51,7 +51,7 @@ pub use adapters::{mla_layout, moe_block_config, router_config, upload_moe_block
 use graphs::{fingerprint, graph_step, Counted, GraphEntry, GraphKey, GraphLimits, Graphs};
 pub use graphs::{GraphCounters, GraphStats};
 use moe::{GpuMoe, MoeSpace};
-use weights::{dense_f32, upload_absorbed, upload_dense, upload_fp8, GpuWeight};
+use weights::{upload, upload_absorbed, upload_dense, upload_f32, upload_fp8, GpuWeight};
 use workspace::{
     fill_meta, mla_lens_bound, padded_bf16, MetaLayout, MetaViews, MlaSpace, Padding, QuantSpace,
     StepSizes,
@@ -66,7 +66,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Plan, Rows, Storage};
 use crate::kv_cache::Batch;
-use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, Weight, WeightId};
+use crate::model::weights::{FfnWeights, ModelWeights, MoeWeights, WeightId};
 use crate::model::{main_graph, mtp_graph, LogitRows, HIDDEN_OUT, LOGITS};
 
 /// How the CUDA backend sizes its workspaces and runs decode steps.
@@ -298,7 +298,7 @@ impl CudaBackend {
                     router.check("moe_router")?;
                     GpuMoe::Fallback {
                         router: upload_dense(dev, weights.get(m.router))?.0,
-                        bias: dev.upload(dense_f32(&weights, m.bias)?)?,
+                        bias: upload_f32(dev, weights.get(m.bias))?,
                         experts: m
                             .experts
                             .iter()
@@ -321,14 +321,7 @@ impl CudaBackend {
             if special.contains(&id) {
                 continue;
             }
-            let w = match weights.get(id) {
-                Weight::Fp8(_) => GpuWeight::Fp8(upload_fp8(dev, weights.get(id))?),
-                w @ Weight::Dense { .. } => {
-                    let (data, rows, cols) = upload_dense(dev, w)?;
-                    GpuWeight::Dense { data, rows, cols }
-                }
-            };
-            gpu.insert(id, w);
+            gpu.insert(id, upload(dev, weights.get(id))?);
         }
         // Largest K of any FP8 weight: the quantized activations hold it for a whole step.
         let max_k = gpu
@@ -350,8 +343,7 @@ impl CudaBackend {
             max_seqs: options.max_seqs,
             max_seq_len: options.max_seq_len,
         };
-        // A captured step may not synchronize: the MoE fallback reads its flags per layer.
-        let capturable = moe_layers.values().all(|l| matches!(l, GpuMoe::Fast(_)));
+        let capturable = capturable(&moe_layers);
         let core = Core {
             cfg: cfg.clone(),
             dev: device,
@@ -415,6 +407,19 @@ impl CudaBackend {
             self.core.dev.synchronize()?;
             self.state.graphs.entries.clear();
             self.core.fusion = on;
+        }
+        Ok(())
+    }
+
+    /// Replays decode and verification steps as CUDA graphs (when the model allows it), or
+    /// runs them eagerly (what `--no-cuda-graphs` selects at load). Graphs captured so far
+    /// are dropped.
+    pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        let on = on && capturable(&self.core.moe_layers);
+        if self.core.graphs_on != on {
+            self.core.dev.synchronize()?;
+            self.state.graphs.entries.clear();
+            self.core.graphs_on = on;
         }
         Ok(())
     }
@@ -503,6 +508,12 @@ impl Core {
             },
         )
     }
+}
+
+/// Whether a model's steps can be captured: a captured step may not synchronize, and the MoE
+/// fallback reads its flags per layer.
+fn capturable(moe_layers: &HashMap<WeightId, GpuMoe>) -> bool {
+    moe_layers.values().all(|l| matches!(l, GpuMoe::Fast(_)))
 }
 
 impl Drop for CudaBackend {

@@ -1,14 +1,16 @@
 //! Weights on the device: the checkpoint's tensors uploaded once (FP8 as codes + block
-//! scales, dense tensors narrowed back to bf16, kv_b_proj dequantized for absorption) and
-//! looked up by the graph's weight ids.
+//! scales, dense tensors narrowed back to bf16, kv_b_proj dequantized for absorption), or
+//! synthetic ones filled in place by the device (adapters.rs), and looked up by the graph's
+//! weight ids.
 
 use half::bf16;
 
+use super::adapters::{synthetic_absorbed, synthetic_dense, synthetic_f32, synthetic_fp8};
 use super::Core;
 use crate::cuda::ops::Fp8Weight;
 use crate::cuda::{Device, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::model::weights::{ModelWeights, Weight, WeightId};
+use crate::model::weights::{Weight, WeightId};
 use crate::numerics::round_bf16;
 
 /// A weight on the device as the graph's ops use it.
@@ -22,6 +24,22 @@ pub(super) enum GpuWeight {
     },
 }
 
+/// A weight as the graph's ops use it: FP8 Linear weights as codes + block multipliers, the
+/// rest as bf16.
+pub(super) fn upload(dev: &Device, w: &Weight) -> Result<GpuWeight> {
+    let fp8 = match w {
+        Weight::Fp8(_) => true,
+        Weight::Dense { .. } => false,
+        Weight::Synthetic(s) => s.is_fp8(),
+    };
+    if fp8 {
+        Ok(GpuWeight::Fp8(upload_fp8(dev, w)?))
+    } else {
+        let (data, rows, cols) = upload_dense(dev, w)?;
+        Ok(GpuWeight::Dense { data, rows, cols })
+    }
+}
+
 pub(super) fn upload_fp8(dev: &Device, w: &Weight) -> Result<Fp8Weight> {
     match w {
         Weight::Fp8(w) => Ok(Fp8Weight::upload(
@@ -31,37 +49,42 @@ pub(super) fn upload_fp8(dev: &Device, w: &Weight) -> Result<Fp8Weight> {
             w.n,
             w.k,
         )?),
-        Weight::Dense { .. } => Err(Error::Unsupported(
+        Weight::Synthetic(s) if s.is_fp8() => Ok(synthetic_fp8(dev, s)?),
+        Weight::Dense { .. } | Weight::Synthetic(_) => Err(Error::Unsupported(
             "a dense weight where the CUDA backend expects FP8".into(),
         )),
     }
 }
 
-/// A dense (bf16 on disk, f32 on the host) tensor narrowed back to bf16 exactly.
+/// A dense (bf16 on disk, f32 on the host) tensor narrowed back to bf16 exactly, or a
+/// synthetic one filled as bf16.
 pub(super) fn upload_dense(dev: &Device, w: &Weight) -> Result<(DeviceBuffer<bf16>, usize, usize)> {
     match w {
         Weight::Dense { rows, cols, data } => {
             let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
             Ok((dev.upload(&v)?, *rows, *cols))
         }
-        Weight::Fp8(_) => Err(Error::Unsupported(
+        Weight::Synthetic(s) if !s.is_fp8() => Ok((synthetic_dense(dev, s)?, s.rows, s.cols)),
+        Weight::Fp8(_) | Weight::Synthetic(_) => Err(Error::Unsupported(
             "an FP8 weight where the CUDA backend expects a dense tensor".into(),
         )),
     }
 }
 
-pub(super) fn dense_f32(weights: &ModelWeights, id: WeightId) -> Result<&[f32]> {
-    match weights.get(id) {
-        Weight::Dense { data, .. } => Ok(data),
-        Weight::Fp8(_) => Err(Error::Unsupported(format!(
-            "`{}` is FP8 where a BF16/F32 tensor is expected",
-            weights.name(id)
-        ))),
+/// A dense tensor as f32 on the device (the router's score-correction bias).
+pub(super) fn upload_f32(dev: &Device, w: &Weight) -> Result<DeviceBuffer<f32>> {
+    match w {
+        Weight::Dense { data, .. } => Ok(dev.upload(data)?),
+        Weight::Synthetic(s) if !s.is_fp8() => Ok(synthetic_f32(dev, s)?),
+        Weight::Fp8(_) | Weight::Synthetic(_) => Err(Error::Unsupported(
+            "an FP8 weight where the CUDA backend expects an f32 tensor".into(),
+        )),
     }
 }
 
 /// kv_b_proj dequantized (W = q * s per 128x128 block) and rounded to bf16, as the CPU's
-/// w8a8 absorption uses it.
+/// w8a8 absorption uses it. The GPU keeps kv_b_proj in this form only, so a synthetic one is
+/// filled as bf16 directly, with the spread its FP8 form would have.
 pub(super) fn upload_absorbed(dev: &Device, w: &Weight) -> Result<DeviceBuffer<bf16>> {
     let v: Vec<bf16> = match w {
         Weight::Dense { data, .. } => data.iter().map(|&x| bf16::from_f32(x)).collect(),
@@ -70,6 +93,7 @@ pub(super) fn upload_absorbed(dev: &Device, w: &Weight) -> Result<DeviceBuffer<b
             .into_iter()
             .map(|x| bf16::from_f32(round_bf16(x)))
             .collect(),
+        Weight::Synthetic(s) => return Ok(synthetic_absorbed(dev, s)?),
     };
     Ok(dev.upload(&v)?)
 }

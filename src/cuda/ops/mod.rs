@@ -15,6 +15,7 @@ mod moe_gemm;
 mod moe_permute;
 mod moe_route;
 mod probe;
+mod random_fill;
 mod sampling;
 mod small_ops;
 
@@ -47,6 +48,7 @@ pub use moe_route::{
     RouterDesc, RouterLogitsArgs, RouterLogitsDesc,
 };
 pub use probe::{WgmmaProbe, WGMMA_PROBE_M, WGMMA_PROBE_N, WGMMA_PROBE_REGS, WGMMA_PROBE_THREADS};
+pub use random_fill::{random_fill_host, FillElement, RandomFill, RandomFillArgs, RandomFillDesc};
 pub use sampling::{SampleArgs, SampleDesc, SampleRow};
 pub use small_ops::{
     CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MlaAbsorbQRopeDesc,
