@@ -63,6 +63,17 @@ static_assert(kWarps == 32, "block_max reads one warp value per lane");
 
 __device__ __forceinline__ float load(const float* x, int i) { return __ldg(x + i); }
 
+// Adds w to a 64-bit shared-memory bin with two native 32-bit atomics (a 64-bit shared
+// atomicAdd compiles to a compare-and-swap loop, which contended bins retry). Exact in any
+// order: each wrap of the low word is carried by the add that caused it.
+__device__ __forceinline__ void hist_add(unsigned long long* bin, unsigned long long w) {
+    unsigned* words = reinterpret_cast<unsigned*>(bin);  // little-endian: [0] low, [1] high
+    const unsigned lo = static_cast<unsigned>(w);
+    const unsigned old = atomicAdd(words, lo);
+    const unsigned hi = static_cast<unsigned>(w >> 32) + (old + lo < old ? 1u : 0u);
+    if (hi != 0) atomicAdd(words + 1, hi);
+}
+
 // The largest t >= floor such that the measure (count, or mass when by_mass) of the tokens
 // with key >= t and key >= floor reaches the target: K, or max(1, ceil(top_p * total)) with
 // total the measure of all tokens with key >= floor. `floor` when the total falls short.
@@ -85,13 +96,13 @@ __device__ uint32_t select_threshold(const float* x, int vocab, float temp, floa
             if (w == 0) continue;
             const int bin = static_cast<int>((key >> shift) & 0xFFu);
             if (bin != run_bin) {
-                if (run != 0) atomicAdd(&sh.hist[run_bin], run);
+                if (run != 0) hist_add(&sh.hist[run_bin], run);
                 run_bin = bin;
                 run = 0;
             }
             run += w;
         }
-        if (run != 0) atomicAdd(&sh.hist[run_bin], run);
+        if (run != 0) hist_add(&sh.hist[run_bin], run);
         __syncthreads();
         if (threadIdx.x < 32) {
             unsigned long long need = shift == 24 ? 0ull : sh.need;

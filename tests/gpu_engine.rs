@@ -682,32 +682,16 @@ fn cuda_output_buffers_hold_the_step_outputs() {
 /// only for its token downloads no logits.
 #[test]
 fn cuda_draws_are_the_rule_on_the_step_logits_and_only_tokens_come_back() {
-    use r1_runtime::checkpoint::Checkpoint;
-    use r1_runtime::config::ModelConfig;
-    use r1_runtime::cuda::{CudaBackend, CudaOptions};
+    use r1_runtime::cuda::CudaOptions;
     use r1_runtime::engine::{Readback, Sequence, Step};
-    use r1_runtime::model::weights::ModelWeights;
     use r1_runtime::numerics::sampling::draw;
-    use std::sync::Arc;
     const TEST: &str =
         "gpu_engine::cuda_draws_are_the_rule_on_the_step_logits_and_only_tokens_come_back";
     if gpu_support::or_skip(gpu_support::device(), TEST).is_none() {
         return;
     }
-    let dir = fixture("r1-heads");
-    let cfg = ModelConfig::from_dir(&dir).expect("fixture config");
-    let ckpt = Checkpoint::open(&dir).expect("fixture checkpoint");
-    let weights = Arc::new(ModelWeights::load(&ckpt, &cfg, false).expect("fixture weights"));
-    let backend = CudaBackend::new(
-        &cfg,
-        weights.clone(),
-        Precision::W8a8,
-        &CudaOptions::default(),
-    )
-    .expect("backend");
-    let dev = backend.device().clone();
-    let vocab = cfg.vocab_size;
-    let mut e = Engine::with_backend(cfg, weights, Box::new(backend), 1 << 14);
+    let (mut e, dev, _, _) = cuda_engine("r1-heads", &CudaOptions::default(), false);
+    let vocab = e.config().vocab_size;
     let sampled = SamplingParams {
         temperature: 0.8,
         top_k: 50,

@@ -131,3 +131,23 @@ fn sampled_speculation_is_token_identical_to_plain_sampling() {
         assert_eq!(e.cache_pages_in_use(), 0);
     }
 }
+
+/// A readback per sequence, or a clear error.
+#[test]
+fn a_step_needs_one_readback_per_sequence() {
+    let r = reference("r1-heads");
+    let mut e = engine("r1-heads");
+    let mut seq = Sequence::default();
+    let err = e
+        .forward_batch_with(
+            &mut [Step {
+                seq: &mut seq,
+                tokens: &r.tokens[..4],
+            }],
+            &[],
+            false,
+        )
+        .expect_err("no readback");
+    assert!(err.to_string().contains("one per sequence"), "{err}");
+    assert!(seq.is_empty());
+}

@@ -352,6 +352,7 @@ impl Engine {
         reads: &[Readback<'_>],
         hidden: bool,
     ) -> Result<Vec<Forward>> {
+        check_reads(steps.len(), reads)?;
         if steps.is_empty() {
             return Ok(Vec::new());
         }
@@ -518,6 +519,7 @@ impl Engine {
         reads: &[Readback<'_>],
         hidden: bool,
     ) -> Result<Vec<Forward>> {
+        check_reads(steps.len(), reads)?;
         if steps.is_empty() {
             return Ok(Vec::new());
         }
@@ -713,6 +715,17 @@ impl Engine {
             decode_steps,
         })
     }
+}
+
+/// One readback per step.
+fn check_reads(steps: usize, reads: &[Readback<'_>]) -> Result<()> {
+    if reads.len() != steps {
+        return Err(Error::Input(format!(
+            "{} readbacks for a step of {steps} sequences: one per sequence",
+            reads.len()
+        )));
+    }
+    Ok(())
 }
 
 /// What the rows of a graph predict: the main model the next position, the MTP layer the one

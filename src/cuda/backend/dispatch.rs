@@ -42,7 +42,20 @@ impl QuantStore {
             self.acts.resize_with(slot + 1, || None);
             self.holds.resize(slot + 1, None);
         }
-        self.spaces[slot].reserve_for(dev, m, k)
+        let room = |s: &QuantSpace| {
+            (
+                s.q.as_ref().map(|b| b.addr()),
+                s.scales.as_ref().map(|b| b.addr()),
+            )
+        };
+        let before = room(&self.spaces[slot]);
+        self.spaces[slot].reserve_for(dev, m, k)?;
+        if room(&self.spaces[slot]) != before {
+            // Views of the old room would keep it alive until the slot's next rewrite.
+            self.acts[slot] = None;
+            self.holds[slot] = None;
+        }
+        Ok(())
     }
 
     fn holds(&self, slot: usize) -> Option<Buf> {
@@ -71,6 +84,15 @@ fn quant_buffers<'s>(
     store.holds[slot] = None;
     let a = store.spaces[slot].view(m, k)?;
     Ok(store.acts[slot].insert(a))
+}
+
+/// Buffer `b`'s bf16 slot as a kernel region.
+fn bf16_region(state: &State, graph: &Graph, plan: &Plan, b: Buf) -> Result<Region> {
+    state.slots[plan.slot(b)]
+        .bf
+        .as_ref()
+        .map(Region::from)
+        .ok_or_else(|| missing(&graph.desc(b).name))
 }
 
 fn rows_of(graph: &Graph, step: &StepData, b: Buf) -> usize {
@@ -212,13 +234,7 @@ impl Core {
         } else {
             None
         };
-        let region = |b: Buf| -> Result<Region> {
-            state.slots[plan.slot(b)]
-                .bf
-                .as_ref()
-                .map(Region::from)
-                .ok_or_else(|| missing(&graph.desc(b).name))
-        };
+        let region = |b: Buf| bf16_region(state, graph, plan, b);
         let (xr, residual) = match add_io {
             Some((a, b, s)) => (region(a)?, Some((region(b)?, region(s)?))),
             None => (region(x)?, None),
@@ -275,13 +291,7 @@ impl Core {
             rows,
             width,
         )?);
-        let region = |b: Buf| -> Result<Region> {
-            state.slots[plan.slot(b)]
-                .bf
-                .as_ref()
-                .map(Region::from)
-                .ok_or_else(|| missing(&graph.desc(b).name))
-        };
+        let region = |b: Buf| bf16_region(state, graph, plan, b);
         self.small
             .prepare_silu_mul_quant(SiluMulQuantDesc {
                 rows,

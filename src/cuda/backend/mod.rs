@@ -520,6 +520,8 @@ impl Drop for CudaBackend {
     /// Waits for the work queued on the stream before the buffers it uses are freed.
     fn drop(&mut self) {
         let _ = self.core.dev.synchronize();
+        // The graphs go before the weights and buffers they name (`core` drops first).
+        self.state.graphs.entries.clear();
     }
 }
 
@@ -740,9 +742,13 @@ impl Core {
                 }
             }
         }
-        if readout.hidden && tokens > 0 {
+        if readout.hidden {
             let (slot, storage, width) = output(HIDDEN_OUT)?;
-            let n = tokens * width;
+            let n = width
+                * match graph.output(HIDDEN_OUT).map(|b| graph.desc(b).rows) {
+                    Some(Rows::Selected) => rows,
+                    _ => tokens,
+                };
             out.hidden = match storage {
                 Storage::F32 => {
                     let buf = slot.f.as_ref().ok_or_else(|| missing(HIDDEN_OUT))?;

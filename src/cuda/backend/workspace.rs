@@ -20,7 +20,7 @@ use super::weights::GpuWeight;
 use super::{debug_log, Core, Slot, State};
 use crate::cuda::heuristics::mla_plan_parts;
 use crate::cuda::ops::{act_scale_m_pad, QuantizedActivations, QUANT_BLOCK};
-use crate::cuda::{Device, DeviceBuffer, MlaBatch, MlaWorkspace};
+use crate::cuda::{CudaError, Device, DeviceBuffer, MlaBatch, MlaWorkspace};
 use crate::error::Result;
 use crate::graph::{Graph, Op, Plan, Rows, Storage};
 use crate::kv_cache::Batch;
@@ -36,6 +36,13 @@ pub(super) fn grow<T: bytemuck::Pod>(
     let have = buf.as_ref().map_or(0, DeviceBuffer::len);
     if buf.is_some() && have >= len {
         return Ok(());
+    }
+    if dev.is_capturing() {
+        // Refused before the old buffer goes: its free would be recorded into the capture.
+        return Err(CudaError::Capture(format!(
+            "{what} would grow from {have} to {len} elements inside a captured step"
+        ))
+        .into());
     }
     if buf.is_some() {
         debug_log(|| format!("growing {what} from {have} to {len} elements"));
@@ -253,7 +260,8 @@ impl MetaViews {
 // ------------------------------------------------------------------------------------------
 
 /// Quantized activations for FP8 Linears: codes `[m][k]` and SA scales `[k / 128][m_pad]`,
-/// zeroed once (the SA layout's padding rows are read, never stored).
+/// zeroed when allocated. The SA layout's padding rows (m..m_pad) may then hold finite scales
+/// of an earlier act_quant: the GEMMs read them only for rows they never store.
 #[derive(Default)]
 pub(super) struct QuantSpace {
     pub q: Option<DeviceBuffer<u8>>,
