@@ -64,7 +64,7 @@ pub struct StepOutput {
 impl Readout<'_> {
     /// Checks the readout against the step: one entry per selected row.
     pub fn check(&self, batch: &Batch) -> Result<()> {
-        let selected: usize = batch.segments.iter().map(|s| s.logit_rows.min(s.len)).sum();
+        let selected = batch.selected_rows().len();
         if self.rows.len() != selected {
             return Err(Error::Input(format!(
                 "a step's readout names {} rows, but its batch selects {selected}",

@@ -603,7 +603,6 @@ fn cuda_output_buffers_hold_the_step_outputs() {
     use r1_runtime::backend::{Readout, RowRead};
     use r1_runtime::checkpoint::Checkpoint;
     use r1_runtime::config::ModelConfig;
-    use r1_runtime::cuda::backend::DeviceOutput;
     use r1_runtime::cuda::{CudaBackend, CudaOptions};
     use r1_runtime::graph::Plan;
     use r1_runtime::kv_cache::{Batch, Segment};
@@ -656,16 +655,7 @@ fn cuda_output_buffers_hold_the_step_outputs() {
         let slot = backend
             .output_buffer(&graph, &plan, name)
             .expect("named output");
-        let n = slot.rows * slot.width;
-        let got: Vec<f32> = match slot.data {
-            DeviceOutput::F32(b) => dev.download_prefix(b, n).expect("download"),
-            DeviceOutput::Bf16(b) => dev
-                .download_prefix(b, n)
-                .expect("download")
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-        };
+        let got = slot.download(&dev).expect("download");
         let want = if name == LOGITS {
             &out.logits
         } else {

@@ -451,30 +451,7 @@ impl CudaBackend {
     /// hidden state, ...), with the rows that step produced: what a caller reads or samples
     /// from on the device instead of [`Backend::run`]'s host copy.
     pub fn output_buffer(&self, graph: &Graph, plan: &Plan, name: &str) -> Result<OutputSlot<'_>> {
-        let b = graph
-            .output(name)
-            .ok_or_else(|| Error::Input(format!("the graph has no output named `{name}`")))?;
-        let desc = graph.desc(b);
-        let slot = self
-            .state
-            .slots
-            .get(plan.slot(b))
-            .ok_or_else(|| missing(&desc.name))?;
-        let data = match desc.storage {
-            Storage::F32 => DeviceOutput::F32(slot.f.as_ref().ok_or_else(|| missing(name))?),
-            Storage::Activation => {
-                DeviceOutput::Bf16(slot.bf.as_ref().ok_or_else(|| missing(name))?)
-            }
-        };
-        let (tokens, selected) = self.state.last_rows;
-        Ok(OutputSlot {
-            data,
-            rows: match desc.rows {
-                Rows::Tokens => tokens,
-                Rows::Selected => selected,
-            },
-            width: desc.width,
-        })
+        output_slot(&self.state.slots, graph, plan, name, self.state.last_rows)
     }
 }
 
@@ -514,6 +491,49 @@ impl Core {
 /// fallback reads its flags per layer.
 fn capturable(moe_layers: &HashMap<WeightId, GpuMoe>) -> bool {
     moe_layers.values().all(|l| matches!(l, GpuMoe::Fast(_)))
+}
+
+/// Output `name` of `graph` as it lies in `slots` after a step whose real sequences brought
+/// `tokens` tokens and `selected` selected rows.
+fn output_slot<'s>(
+    slots: &'s [Slot],
+    graph: &Graph,
+    plan: &Plan,
+    name: &str,
+    (tokens, selected): (usize, usize),
+) -> Result<OutputSlot<'s>> {
+    let b = graph
+        .output(name)
+        .ok_or_else(|| Error::Input(format!("the graph has no output named `{name}`")))?;
+    let desc = graph.desc(b);
+    let slot = slots.get(plan.slot(b)).ok_or_else(|| missing(&desc.name))?;
+    let data = match desc.storage {
+        Storage::F32 => DeviceOutput::F32(slot.f.as_ref().ok_or_else(|| missing(name))?),
+        Storage::Activation => DeviceOutput::Bf16(slot.bf.as_ref().ok_or_else(|| missing(name))?),
+    };
+    Ok(OutputSlot {
+        data,
+        rows: match desc.rows {
+            Rows::Tokens => tokens,
+            Rows::Selected => selected,
+        },
+        width: desc.width,
+    })
+}
+
+impl OutputSlot<'_> {
+    /// Its `rows * width` values, downloaded (bf16 widened to f32; waits for the stream).
+    pub fn download(&self, dev: &Device) -> Result<Vec<f32>> {
+        let n = self.rows * self.width;
+        Ok(match self.data {
+            DeviceOutput::F32(b) => dev.download_prefix(b, n)?,
+            DeviceOutput::Bf16(b) => dev
+                .download_prefix(b, n)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        })
+    }
 }
 
 impl Drop for CudaBackend {
@@ -658,38 +678,29 @@ impl Backend for CudaBackend {
         state.moe.take_errors(core)?;
         state.last_rows = (meta.real_tokens, meta.real_rows);
 
-        core.read_out(
-            state,
-            graph,
-            plan,
-            readout,
-            meta.real_tokens,
-            meta.real_rows,
-        )
+        core.read_out(state, graph, plan, readout)
     }
 }
 
 impl Core {
-    /// What `readout` asks of the step just run, for its `tokens` real tokens and `rows` real
-    /// selected rows (padding sequences come after them): draws run on the device and only
-    /// their token ids come back; logits rows and hidden states are downloaded when asked.
+    /// What `readout` asks of the step just run (its real sequences' rows, `State::last_rows`;
+    /// padding sequences come after them): draws run on the device and only their token ids
+    /// come back; logits rows and hidden states are downloaded when asked.
     fn read_out(
         &self,
         state: &mut State,
         graph: &Graph,
         plan: &Plan,
         readout: &Readout<'_>,
-        tokens: usize,
-        rows: usize,
     ) -> Result<StepOutput> {
         let vocab = self.cfg.vocab_size;
+        let logits = output_slot(&state.slots, graph, plan, LOGITS, state.last_rows)?;
+        let rows = logits.rows;
         if readout.rows.len() != rows {
             return Err(missing("a readout row for every selected row"));
         }
-        let output = |name: &str| -> Result<(&Slot, Storage, usize)> {
-            let b = graph.output(name).ok_or_else(|| missing(name))?;
-            let desc = graph.desc(b);
-            Ok((&state.slots[plan.slot(b)], desc.storage, desc.width))
+        let DeviceOutput::F32(logits) = logits.data else {
+            return Err(missing("f32 logits"));
         };
         let mut out = StepOutput {
             tokens: vec![None; rows],
@@ -706,8 +717,6 @@ impl Core {
         );
         if !staging.is_empty() {
             let n = staging.len();
-            let (slot, _, _) = output(LOGITS)?;
-            let logits = slot.f.as_ref().ok_or_else(|| missing(LOGITS))?;
             let (Some(sample_rows), Some(sampled)) =
                 (state.sample_rows.as_mut(), state.sampled.as_mut())
             else {
@@ -733,8 +742,6 @@ impl Core {
         state.sample_staging = staging;
         // Logits rows: the rows up to the last one asked come back in one copy.
         if let Some(last) = readout.rows.iter().rposition(|r| r.logits) {
-            let (slot, _, _) = output(LOGITS)?;
-            let logits = slot.f.as_ref().ok_or_else(|| missing(LOGITS))?;
             let all = self.dev.download_prefix(logits, (last + 1) * vocab)?;
             for (i, row) in all.chunks(vocab).enumerate() {
                 if readout.rows[i].logits {
@@ -743,23 +750,8 @@ impl Core {
             }
         }
         if readout.hidden {
-            let (slot, storage, width) = output(HIDDEN_OUT)?;
-            let n = width
-                * match graph.output(HIDDEN_OUT).map(|b| graph.desc(b).rows) {
-                    Some(Rows::Selected) => rows,
-                    _ => tokens,
-                };
-            out.hidden = match storage {
-                Storage::F32 => {
-                    let buf = slot.f.as_ref().ok_or_else(|| missing(HIDDEN_OUT))?;
-                    self.dev.download_prefix(buf, n)?
-                }
-                Storage::Activation => {
-                    let buf = slot.bf.as_ref().ok_or_else(|| missing(HIDDEN_OUT))?;
-                    let v = self.dev.download_prefix(buf, n)?;
-                    v.iter().map(|x| x.to_f32()).collect()
-                }
-            };
+            out.hidden = output_slot(&state.slots, graph, plan, HIDDEN_OUT, state.last_rows)?
+                .download(&self.dev)?;
         }
         Ok(out)
     }
