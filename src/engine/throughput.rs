@@ -9,6 +9,7 @@ use super::sampling::SamplingParams;
 use super::scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions};
 use super::Engine;
 use crate::error::{Error, Result};
+use crate::numerics::sampling::SplitMix64;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -84,7 +85,7 @@ pub fn run(engine: Engine, opts: &BenchOptions) -> Result<BenchReport> {
     }
     let vocab = engine.config().vocab_size as u64;
     let eos = engine.config().eos_token_ids.clone();
-    let mut rng = Rng::new(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     let mut scheduler = Scheduler::new(engine, opts.scheduler.clone());
     let mut receivers = Vec::with_capacity(opts.requests);
     let start = Instant::now();
@@ -150,36 +151,9 @@ pub fn run(engine: Engine, opts: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// A small deterministic generator (SplitMix64) so a seed reproduces the prompts on any machine.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 bits of the SplitMix64 sequence.
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SplitMix64's published sequence for seed 0.
-    #[test]
-    fn generator_is_splitmix64() {
-        let mut rng = Rng::new(0);
-        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-    }
 
     #[test]
     fn percentiles_pick_ranks() {

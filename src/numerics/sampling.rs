@@ -247,6 +247,23 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// SplitMix64, the generator the noise is built from (a row's noise is its stream at token
+/// offsets, [`noise_bits`]); also the crate's seeded generator for synthetic data.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 bits of the sequence.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix64(self.0)
+    }
+}
+
 /// The row state of (seed, counter): mix64(mix64(seed + γ) ^ counter), where mix64(seed + γ)
 /// is SplitMix64's first output for `seed`. Twin: `r1_sample::row_state`.
 #[inline]
@@ -391,12 +408,14 @@ mod tests {
         }
     }
 
-    /// A small deterministic generator for test data (xorshift-multiply).
-    struct Gen(u64);
+    /// Test data from [`SplitMix64`].
+    struct Gen(SplitMix64);
     impl Gen {
+        fn new(seed: u64) -> Self {
+            Gen(SplitMix64::new(seed))
+        }
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(GOLDEN);
-            mix64(self.0)
+            self.0.next_u64()
         }
         fn unit(&mut self) -> f64 {
             (self.next() >> 11) as f64 / (1u64 << 53) as f64
@@ -434,6 +453,14 @@ mod tests {
 
     /// SplitMix64's published first output for seed 0 anchors the hash; the rest are this
     /// rule's own known answers, repeated in tests/gpu_sampling.rs against the device.
+    /// SplitMix64's published sequence for seed 0.
+    #[test]
+    fn generator_is_splitmix64() {
+        let mut rng = SplitMix64::new(0);
+        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+    }
+
     #[test]
     fn noise_known_answers() {
         assert_eq!(mix64(GOLDEN), 0xE220_A839_7B1D_CDAF);
@@ -607,7 +634,7 @@ mod tests {
         assert_eq!(draw(&[f32::NAN, f32::NAN], &greedy), 0);
         assert_eq!(draw(&[-0.0, 0.0], &greedy), 1, "+0 above -0");
         assert_eq!(draw(&[], &greedy), 0);
-        let mut g = Gen(5);
+        let mut g = Gen::new(5);
         for _ in 0..20 {
             let row = logits_row(&mut g, 1000, 3.0);
             let want = (0..row.len())
@@ -640,7 +667,7 @@ mod tests {
 
     #[test]
     fn kept_sets_match_the_oracle() {
-        let mut g = Gen(11);
+        let mut g = Gen::new(11);
         let mut cases = 0;
         for &n in &[1usize, 2, 7, 100, 5000] {
             for &scale in &[0.1f32, 2.0, 8.0] {
@@ -744,7 +771,7 @@ mod tests {
 
     #[test]
     fn draws_are_deterministic_and_depend_on_seed_and_counter() {
-        let mut g = Gen(3);
+        let mut g = Gen::new(3);
         let row = logits_row(&mut g, 129_280, 2.0);
         let base = d(1.0, 0, 1.0, 42, 17);
         let first = draw(&row, &base);

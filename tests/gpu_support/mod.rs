@@ -20,6 +20,7 @@ use r1_runtime::cuda::{
     CudaError, Device, DeviceBuffer, Mla, MlaAttnArgs, MlaBatch, MlaCache, MlaKernel, MlaWorkspace,
     MLA_FAST_KV_LORA,
 };
+use r1_runtime::numerics::sampling::SplitMix64;
 use r1_runtime::numerics::{self, e4m3_to_f32, f32_to_e4m3, QuantizedRows, QUANT_BLOCK};
 
 // ------------------------------------------------------------------------------------------
@@ -130,20 +131,16 @@ pub fn deepseek_r1_config() -> ModelConfig {
     ModelConfig::from_json(R1, std::path::Path::new("config.json")).expect("R1 config parses")
 }
 
-/// Deterministic test data: SplitMix64 with helpers.
-pub struct Rng(u64);
+/// Deterministic test data: the runtime's SplitMix64 (`numerics::sampling`) with helpers.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1) (24 bits).
