@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint::{Checkpoint, Fp8Weight};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::numerics::sampling::SplitMix64;
 // The ids are the graph's (its ops name weights by them); they stay reachable here, where
 // the weights they address live.
 pub use crate::graph::{MlpWeights, WeightId};
@@ -218,7 +219,9 @@ impl ModelWeights {
     /// from the stream of a seed mixed from `seed` and `i`. Nothing is allocated for values.
     pub fn synthetic(cfg: &ModelConfig, with_mtp: bool, seed: u64) -> Self {
         let mut builder = Builder {
-            source: Synthetic { seed, weights: 0 },
+            source: Synthetic {
+                seeds: SplitMix64::new(seed),
+            },
             cfg,
             table: Vec::new(),
         };
@@ -315,29 +318,16 @@ impl Source for FromCheckpoint<'_> {
     }
 }
 
-/// Shapes only; each weight's seed mixes the table's seed with the weight's position.
+/// Shapes only; each weight's seed is the next output of a SplitMix64 seeded with the table's
+/// seed (unrelated 64-bit seeds, so no two weights' streams, which advance by a fixed odd step
+/// per element, overlap in practice).
 struct Synthetic {
-    seed: u64,
-    weights: u64,
-}
-
-impl Synthetic {
-    /// SplitMix64 of (seed, position): unrelated 64-bit seeds, so no two weights' streams
-    /// (which advance by a fixed odd step per element) overlap in practice.
-    fn next_seed(&mut self) -> u64 {
-        self.weights += 1;
-        let mut z = self
-            .seed
-            .wrapping_add(self.weights.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+    seeds: SplitMix64,
 }
 
 impl Source for Synthetic {
     fn dense(&mut self, _name: &str, rows: usize, cols: usize, role: Role) -> Result<Weight> {
-        let seed = self.next_seed();
+        let seed = self.seeds.next_u64();
         Ok(Weight::Synthetic(SyntheticWeight::dense(
             rows, cols, role, seed,
         )))
@@ -347,7 +337,7 @@ impl Source for Synthetic {
         Ok(Weight::Synthetic(SyntheticWeight::linear(
             n,
             k,
-            self.next_seed(),
+            self.seeds.next_u64(),
         )))
     }
 

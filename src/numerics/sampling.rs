@@ -262,6 +262,11 @@ impl SplitMix64 {
         self.0 = self.0.wrapping_add(GOLDEN);
         mix64(self.0)
     }
+
+    /// The `n`-th output (from 1) of the sequence seeded with `seed`, without the ones before.
+    pub fn nth(seed: u64, n: u64) -> u64 {
+        mix64(seed.wrapping_add(n.wrapping_mul(GOLDEN)))
+    }
 }
 
 /// The row state of (seed, counter): mix64(mix64(seed + γ) ^ counter), where mix64(seed + γ)
@@ -275,7 +280,7 @@ fn row_state(seed: u64, counter: u64) -> u64 {
 /// Twin: `r1_sample::stream_bits`.
 #[inline]
 fn stream_bits(state: u64, i: u32) -> u64 {
-    mix64(state.wrapping_add(u64::from(i).wrapping_add(1).wrapping_mul(GOLDEN)))
+    SplitMix64::nth(state, u64::from(i) + 1)
 }
 
 /// The 64 noise bits of token `i` for (seed, counter).
@@ -459,6 +464,10 @@ mod tests {
         let mut rng = SplitMix64::new(0);
         assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+        let mut rng = SplitMix64::new(77);
+        for n in 1..100 {
+            assert_eq!(rng.next_u64(), SplitMix64::nth(77, n));
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use r1_runtime::graph::{Graph, Plan};
 use r1_runtime::kv_cache::{Batch, PAGE_TOKENS};
 use r1_runtime::model::weights::ModelWeights;
 use r1_runtime::numerics::fp8::f32_to_e4m3;
+use r1_runtime::numerics::sampling::SplitMix64;
 use r1_runtime::server::{AppState, ServerOptions};
 use r1_runtime::Precision;
 use safetensors::tensor::{Dtype, TensorView};
@@ -29,15 +30,11 @@ use serde_json::{json, Value};
 pub const VOCAB: usize = 129_280;
 pub const MODEL: &str = "r1-test";
 
-struct SplitMix(u64);
+struct SplitMix(SplitMix64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-1, 1).
@@ -163,7 +160,7 @@ pub fn random_checkpoint(dir: &Path, tokenizer_dir: &Path, context: usize, chat_
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut t = Tensors {
-        rng: SplitMix(0x5EED),
+        rng: SplitMix(SplitMix64::new(0x5EED)),
         data: Vec::new(),
     };
     t.bf16("model.embed_tokens.weight", &[VOCAB, h], 1.0, 0.0);

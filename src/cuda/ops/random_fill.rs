@@ -16,6 +16,7 @@ use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1RandomFillParams};
 use crate::cuda::{Device, DeviceBuffer};
 use crate::numerics::f32_to_e4m3;
+use crate::numerics::sampling::SplitMix64;
 
 const KERNEL: &str = "random_fill";
 const THREADS: u32 = sys::R1_FILL_THREADS;
@@ -62,14 +63,7 @@ pub struct RandomFill {
 impl RandomFill {
     /// Element `i` before it is stored (cuda/params/random_fill.h).
     pub fn value(&self, i: u64) -> f32 {
-        let mut z = self
-            .seed
-            .wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        z ^= z >> 30;
-        z = z.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z ^= z >> 27;
-        z = z.wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = SplitMix64::nth(self.seed, i + 1);
         // Exact: a 24-bit integer times a power of two, minus one.
         let u = (z >> 40) as f32 * (1.0 / 8_388_608.0) - 1.0;
         self.spread.mul_add(u, self.center)
