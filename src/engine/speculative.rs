@@ -261,16 +261,17 @@ impl Engine {
         k: usize,
     ) -> Result<(std::time::Duration, std::time::Duration)> {
         let t0 = std::time::Instant::now();
-        let samplings: Vec<SamplingParams> = states.iter().map(|st| st.sampling.clone()).collect();
-        let reads: Vec<Readback> = samplings.iter().map(|s| Readback::sample(1, s)).collect();
-        let mut steps: Vec<Step> = states
+        let (mut steps, reads): (Vec<Step>, Vec<Readback>) = states
             .iter_mut()
             .zip(prompts)
-            .map(|(st, p)| Step {
-                seq: &mut st.seq,
-                tokens: p,
+            .map(|(st, p)| {
+                let step = Step {
+                    seq: &mut st.seq,
+                    tokens: p,
+                };
+                (step, Readback::sample(1, &st.sampling))
             })
-            .collect();
+            .unzip();
         let prefilled = self.forward_batch_with(&mut steps, &reads, true)?;
         let prefill = t0.elapsed();
         let t1 = std::time::Instant::now();
@@ -317,21 +318,17 @@ impl Engine {
                 })
                 .collect();
             let bases: Vec<usize> = active.iter().map(|st| st.seq.len()).collect();
-            let samplings: Vec<SamplingParams> =
-                active.iter().map(|st| st.sampling.clone()).collect();
-            let mut steps: Vec<Step> = active
+            let (mut steps, reads): (Vec<Step>, Vec<Readback>) = active
                 .iter_mut()
                 .zip(&inputs)
-                .map(|(st, input)| Step {
-                    seq: &mut st.seq,
-                    tokens: input,
+                .map(|(st, input)| {
+                    let step = Step {
+                        seq: &mut st.seq,
+                        tokens: input,
+                    };
+                    (step, Readback::sample(input.len(), &st.sampling))
                 })
-                .collect();
-            let reads: Vec<Readback> = inputs
-                .iter()
-                .zip(&samplings)
-                .map(|(input, s)| Readback::sample(input.len(), s))
-                .collect();
+                .unzip();
             let verified = self.forward_batch_with(&mut steps, &reads, true)?;
             for ((st, out), base) in active.into_iter().zip(verified).zip(bases) {
                 let (accepted, bonus) = judge(&st.drafts, &out.tokens);

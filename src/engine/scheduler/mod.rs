@@ -1,4 +1,4 @@
-//! Continuous batching over [`Engine::forward_batch`]: requests join and leave the running
+//! Continuous batching over [`Engine::forward_batch_with`]: requests join and leave the running
 //! batch between steps; a long prompt is prefilled in chunks (a token budget per step) so
 //! running streams keep decoding; each request has its own sampling settings, stop strings,
 //! stop tokens and length limit; a cancelled (or abandoned) request frees its cache pages.
@@ -336,38 +336,32 @@ impl Scheduler {
             }
         }
         let members: Vec<usize> = inputs.iter().map(|(i, _, _)| *i).collect();
-        // Drawn tokens for every row; logits too where an answer constraint may refuse the
-        // draw; hidden states when a member speculates (the drafter's input).
-        let samplings: Vec<_> = members
-            .iter()
-            .map(|&i| self.running[i].req.sampling.clone())
-            .collect();
-        let reads: Vec<Readback> = inputs
-            .iter()
-            .zip(&samplings)
-            .map(|(&(i, _, rows), sampling)| Readback {
-                rows,
-                sample: Some(sampling),
-                logits: self.running[i].answer.as_ref().is_some_and(|c| c.active()),
-            })
-            .collect();
+        // Hidden states when a member speculates (the drafter's input).
         let hidden = inputs
             .iter()
             .any(|&(i, _, _)| self.running[i].spec.is_some());
         let bases: Vec<usize> = members.iter().map(|&i| self.running[i].seq.len()).collect();
         let result = {
-            let mut seqs: Vec<&mut Sequence> = self
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(inputs.len());
+            let mut reads: Vec<Readback<'_>> = Vec::with_capacity(inputs.len());
+            let running = self
                 .running
                 .iter_mut()
                 .enumerate()
-                .filter(|(i, _)| members.contains(i))
-                .map(|(_, r)| &mut r.seq)
-                .collect();
-            let mut steps: Vec<Step<'_>> = seqs
-                .iter_mut()
-                .zip(&inputs)
-                .map(|(seq, (_, tokens, _))| Step { seq, tokens })
-                .collect();
+                .filter(|(i, _)| members.contains(i));
+            for ((_, r), (_, tokens, rows)) in running.zip(&inputs) {
+                let Running {
+                    seq, req, answer, ..
+                } = r;
+                // A drawn token for every row; its logits too where an answer constraint may
+                // refuse the draw.
+                reads.push(Readback {
+                    rows: *rows,
+                    sample: Some(&req.sampling),
+                    logits: answer.as_ref().is_some_and(|c| c.active()),
+                });
+                steps.push(Step { seq, tokens });
+            }
             self.engine.forward_batch_with(&mut steps, &reads, hidden)
         };
         let outputs = match result {
