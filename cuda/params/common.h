@@ -43,6 +43,33 @@ typedef struct R1TensorMap {
     __attribute__((aligned(128))) uint64_t opaque[16];
 } R1TensorMap;
 
+/* ---------------------------------------------------------------------------------------
+ * Split-K (the wgmma GEMMs at decode shapes, cuda/split_k.cuh). A GEMM with fewer output
+ * tiles than SMs may split its K-blocks over `splits` CTAs per tile:
+ *   split s of S covers K-blocks [s * KB / S, (s + 1) * KB / S)  (KB = K-blocks, S <= KB),
+ * computed with the kernel's usual per-block arithmetic into its own f32 accumulator.
+ * Units: unit u = tile * S + s for u in [0, tiles * S) (the splits of a tile are adjacent, so
+ * they run side by side); a persistent CTA walks units as it walks tiles.
+ * Reduction, per 16-row slice of a tile (one consumer warp's rows of the wgmma fragment):
+ * every split stores its slice to `partials`, then arrives on the slice's counter; the warp
+ * that arrives last sums the S partials in split order, total = p_0 + p_1 + ... + p_{S-1}
+ * (f32, left to right; its own split's values from registers, equal to what it stored), and
+ * stores the output. No float atomics: the result is run-to-run deterministic, and it differs
+ * from S = 1 only by the f32 summation order of the split totals.
+ *   partials: f32 [units][BLOCK_M][BLOCK_N] (row-major per unit; rows past M unwritten)
+ *   counters: u32 [tiles][BLOCK_M / 16], all zero before the first launch; the last arrival
+ *             resets its counter, so every launch leaves them zero (CUDA-graph replays too).
+ * splits == 1: no workspace (partials, counters may be 0), tiles store directly.
+ * ------------------------------------------------------------------------------------- */
+#define R1_SPLIT_K_SLICE_ROWS 16
+
+typedef struct R1SplitK {
+    unsigned long long partials; /* f32 [tiles * splits][BLOCK_M][BLOCK_N], or 0 (splits 1) */
+    unsigned long long counters; /* u32 [tiles][BLOCK_M / 16], or 0 (splits 1)             */
+    int32_t splits;              /* >= 1                                                    */
+    int32_t reserved;            /* set to 0                                                */
+} R1SplitK;
+
 /* Register reallocation of the 384-thread kernels (fp8_gemm_wgmma, moe_gemm_contig_wgmma,
  * moe_gemm_masked_wgmma, mla_decode_wgmma): warpgroup 0 (producer) lowers its registers to
  * R1_REALLOC_PRODUCER_REGS with setmaxnreg.dec, the two consumer warpgroups raise theirs to

@@ -70,6 +70,47 @@ pub fn persistent_ctas(tiles: usize, dev: &DeviceInfo) -> usize {
     tiles.min(dev.sm_count).max(1)
 }
 
+/// A wgmma GEMM's tile and operand width, as the split-K choice sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmTiling {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub block_k: usize,
+    /// Bytes per A and B element (1 for fp8, 2 for bf16).
+    pub elem_bytes: usize,
+}
+
+/// The fewest K-blocks a split gets: below this, filling the pipeline costs more than the
+/// split saves.
+pub const SPLIT_K_MIN_KBLOCKS: usize = 4;
+
+/// Splits of K for an `m x n x k` GEMM on `sm_count` SMs: 1 when the output tiles alone fill
+/// the SMs; else the count that minimizes the bytes the busiest SM moves, with every split on
+/// its own SM (tiles * splits <= SMs) and at least [`SPLIT_K_MIN_KBLOCKS`] K-blocks each.
+///
+/// Per split: its K-blocks' B tiles (block_n rows) and A rows (min(m, block_m), what TMA
+/// reads), then the f32 partial it stores; the slice's last split also reads the others'
+/// partials. A decode GEMM is memory-bound, so those bytes are its time. (Stream-K would also
+/// balance a last partial wave; here splitting is only chosen while one wave holds every
+/// unit, so there is none.)
+pub fn split_k(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> usize {
+    let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
+    let kblocks = k.div_ceil(t.block_k);
+    let most = (sm_count / tiles.max(1)).min(kblocks / SPLIT_K_MIN_KBLOCKS);
+    if most <= 1 {
+        return 1;
+    }
+    let rows = m.min(t.block_m);
+    let per_kblock = (t.block_n + rows) * t.block_k * t.elem_bytes;
+    let partial = rows * t.block_n * 4;
+    let cost = |s: usize| {
+        // Its own partial stored, then the other splits' read back by the last to arrive.
+        let reduce = if s > 1 { partial * s } else { 0 };
+        kblocks.div_ceil(s) * per_kblock + reduce
+    };
+    (1..=most).min_by_key(|&s| (cost(s), s)).unwrap_or(1)
+}
+
 // ------------------------------------------------------------------------------------------
 // MLA attention
 // ------------------------------------------------------------------------------------------
@@ -520,6 +561,39 @@ pub(crate) mod tests {
     // --------------------------------------------------------------------------------------
     // GEMMs
     // --------------------------------------------------------------------------------------
+
+    /// Split-K only while the tiles leave SMs idle, never past one unit per SM, never below
+    /// the minimum K-blocks per split; more rows (bigger partials) split less.
+    #[test]
+    fn split_k_fills_idle_sms_within_its_bounds() {
+        let fp8 = GemmTiling {
+            block_m: 64,
+            block_n: 128,
+            block_k: 128,
+            elem_bytes: 1,
+        };
+        // q_a at M = 1: 12 tiles, 56 K-blocks -> 10 splits of 5-6 K-blocks (11 would not
+        // shorten the longest split).
+        assert_eq!(split_k(1, 1536, 7168, fp8, 132), 10);
+        // Enough tiles: no split.
+        assert_eq!(split_k(1, 129_280, 7168, fp8, 132), 1);
+        // Too few K-blocks to split.
+        assert_eq!(split_k(1, 128, 512, fp8, 132), 1);
+        for (m, n, k) in [
+            (1, 1536, 7168),
+            (64, 1536, 7168),
+            (8, 7168, 2048),
+            (32, 512, 16384),
+        ] {
+            let s = split_k(m, n, k, fp8, 132);
+            let tiles = m.div_ceil(64) * n.div_ceil(128);
+            assert!(
+                tiles * s <= 132 && (k / 128) / s >= SPLIT_K_MIN_KBLOCKS,
+                "{m} {n} {k}: {s}"
+            );
+        }
+        assert!(split_k(64, 1536, 7168, fp8, 132) < split_k(1, 1536, 7168, fp8, 132));
+    }
 
     #[test]
     fn fp8_gemm_kernel_by_m_then_requirements() {

@@ -18,6 +18,7 @@ mod probe;
 mod random_fill;
 mod sampling;
 mod small_ops;
+mod split_k;
 
 pub use super::launch::Prepared;
 pub use act_quant::{ActQuantArgs, ActQuantDesc, QuantizedActivations};
@@ -54,6 +55,7 @@ pub use small_ops::{
     CopyRowsDesc, EltwiseDesc, EmbedDesc, GemmBf16Desc, MlaAbsorbDesc, MlaAbsorbQRopeDesc,
     MoeAccumDesc, NormQuantDesc, QuantOut, RmsNormDesc, SiluMulQuantDesc, SmallOps,
 };
+pub use split_k::{split_k_range, SplitKDesc, SplitKWorkspace, SPLIT_K_SLICE_ROWS};
 
 use super::error::{CudaError, Result};
 use super::sys;
