@@ -87,18 +87,43 @@ __device__ __forceinline__ void quantize_group(const float (&y)[4], const bool (
     if (lane == 0) *scale = s;
 }
 
-// q_lat[t][h][0..kv_lora) = q_nope[t][h] . W_UK[h] (small_mla_absorb_q's body).
+// Columns of W_UK[h]^T (one 64-byte run of a kv_lora row) staged per pass of absorb_q.
+constexpr int ABSORB_TILE_I = 32;
+
+// q_lat[t][h][0..kv_lora) = q_nope[t][h] . W_UK[h] (small_mla_absorb_q's body), W_UK[h] held
+// transposed, [kv_lora][nope] (cuda/params/small_ops.h). Thread l sums i ascending with fmaf,
+// one bf16 rounding on store. The transposed rows are staged through shared memory, a
+// [blockDim.x rows of l][32 columns of i] tile at a time, so that a warp loads 32 consecutive
+// i of one row (coalesced); f32 rows padded to 33 keep both the warp's row write and the
+// column read of thread l (bank (l + i) % 32) free of bank conflicts. Every thread of the
+// block reaches the barriers (blockDim.x <= R1_SMALL_THREADS, >= ABSORB_TILE_I).
 __device__ __forceinline__ void absorb_q(const R1SmallMlaAbsorbParams& p, int t, int h) {
+    __shared__ float w[R1_SMALL_THREADS][ABSORB_TILE_I + 1];
+    __shared__ float qs[ABSORB_TILE_I];
     const int qk = p.nope + p.rope;
     const bf16* q = reinterpret_cast<const bf16*>(p.src) + (static_cast<int64_t>(t) * p.heads + h) * qk;
     const bf16* wk = reinterpret_cast<const bf16*>(p.kv_b) +
                      static_cast<int64_t>(h) * (p.nope + p.v) * p.kv_lora;
     bf16* out = reinterpret_cast<bf16*>(p.dst) +
                 (static_cast<int64_t>(t) * p.heads + h) * (p.kv_lora + p.rope);
-    for (int l = threadIdx.x; l < p.kv_lora; l += blockDim.x) {
+    const int nt = blockDim.x;
+    for (int l0 = 0; l0 < p.kv_lora; l0 += nt) {
+        const int rows = min(nt, p.kv_lora - l0);
+        const int l = l0 + static_cast<int>(threadIdx.x);
         float acc = 0.0f;
-        for (int i = 0; i < p.nope; i++) acc = fmaf(ld(q, i), ld(wk, static_cast<int64_t>(i) * p.kv_lora + l), acc);
-        st(out, l, acc);
+        for (int i0 = 0; i0 < p.nope; i0 += ABSORB_TILE_I) {
+            const int cols = min(ABSORB_TILE_I, p.nope - i0);
+            __syncthreads();  // the previous tile is read
+            for (int e = threadIdx.x; e < rows * ABSORB_TILE_I; e += nt) {
+                const int r = e / ABSORB_TILE_I, c = e % ABSORB_TILE_I;
+                if (c < cols) w[r][c] = ld(wk, static_cast<int64_t>(l0 + r) * p.nope + i0 + c);
+            }
+            if (static_cast<int>(threadIdx.x) < cols) qs[threadIdx.x] = ld(q, i0 + threadIdx.x);
+            __syncthreads();
+            if (l < p.kv_lora)
+                for (int c = 0; c < cols; c++) acc = fmaf(qs[c], w[threadIdx.x][c], acc);
+        }
+        if (l < p.kv_lora) st(out, l, acc);
     }
 }
 

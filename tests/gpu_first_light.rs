@@ -23,7 +23,7 @@ use std::time::Instant;
 use bytemuck::Pod;
 use half::bf16;
 
-use r1_runtime::cuda::backend::upload_rope;
+use r1_runtime::cuda::backend::{absorbed_kv_b, upload_rope};
 use r1_runtime::cuda::ops::{
     CopyRowsDesc, GatherArgs, GemmBf16Desc, GroupedFp8Weight, GroupedGemmArgs, GroupedGemmKernel,
     MlaAbsorbDesc, MlaAbsorbQRopeDesc, MoeAccumDesc, MoeGeometry, MoeLayout, MoeOps,
@@ -452,10 +452,13 @@ fn light_small_ops(fl: &mut FirstLight<'_>, rng: &mut Rng) {
     let gemm_w = bf16_data(64 * width);
     let x_ragged = bf16_data(rows * 200);
     let (heads, nope, rope, v, kv_lora) = (2, 128, 64, 128, 512);
-    let kv_b = bf16_data(heads * (nope + v) * kv_lora);
     let q_heads = bf16_data(2 * heads * (nope + rope));
     let o_lat = bf16_data(2 * heads * kv_lora);
     let y = bf16_data(n);
+    let kv_b_proj = rng.uniform(heads * (nope + v) * kv_lora, -1.0, 1.0);
+    let kv_b = dev
+        .upload(&absorbed_kv_b(&kv_b_proj, heads, nope, v, kv_lora))
+        .unwrap();
 
     let mut out = dev.alloc::<bf16>(n).unwrap();
     let ids = dev.upload(&[5i32, 0, 63, 17]).unwrap();

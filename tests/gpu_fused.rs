@@ -22,6 +22,7 @@ mod gpu_support;
 
 use half::bf16;
 
+use r1_runtime::cuda::backend::absorbed_kv_b;
 use r1_runtime::cuda::ops::{
     router_logits_host, MlaAbsorbDesc, MlaAbsorbQRopeDesc, MoeOps, NormQuantDesc, QuantOut,
     RouterLogitsArgs, SiluMulQuantDesc, SmallOps,
@@ -375,9 +376,10 @@ fn check_absorb_rope(dev: &Device, shape: AttnShape, q_lens: &[usize], seed: u64
         .collect();
     let rope_table = MlaRope::new(dev, &inv_freq, 1.17).unwrap();
     let q = values(&mut rng, tokens, heads * (nope + rope));
-    let kv_b: Vec<bf16> = (0..heads * (nope + v) * kv_lora)
-        .map(|_| bf16::from_f32(rng.normal() * 0.05))
+    let kv_b_proj: Vec<f32> = (0..heads * (nope + v) * kv_lora)
+        .map(|_| rng.normal() * 0.05)
         .collect();
+    let kv_b = absorbed_kv_b(&kv_b_proj, heads, nope, v, kv_lora);
     let (qd, kvd) = (dev.upload(&q).unwrap(), dev.upload(&kv_b).unwrap());
     let width = kv_lora + rope;
     let absorb = |dst: &DeviceBuffer<bf16>| MlaAbsorbDesc {

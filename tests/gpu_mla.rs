@@ -13,6 +13,10 @@
 //! GPU gets q_pe already roped by the CPU's own `Rope` and rounded to bf16, so both sides
 //! score the same bf16 numbers.
 //!
+//! The absorption kernels (small_mla_absorb_q / _o, cuda/small_ops.cu) get their own test:
+//! over the absorbed kv_b (W_UK transposed per head, `cuda::backend::absorbed_kv_b`) they must
+//! give the products read from kv_b_proj's checkpoint rows, as the CPU backend reads them.
+//!
 //! Tolerances (stated, not tuned to pass):
 //! - cache write and q RoPE: every value within 1 bf16 ulp of the CPU (the norm's sum order
 //!   and the last bit of sin/cos may differ), and at least 99% bit-identical.
@@ -33,10 +37,12 @@ use rayon::prelude::*;
 
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cpu::attention::{self as cpu_attn, Absorbed, LayerCache, MlaShape, Rope};
-use r1_runtime::cuda::backend::upload_rope;
+use r1_runtime::cuda::backend::{absorbed_kv_b, upload_rope};
+use r1_runtime::cuda::ops::{MlaAbsorbDesc, SmallOps};
 use r1_runtime::cuda::{
-    mla_schedule_host, CudaError, Mla, MlaAttnArgs, MlaCache, MlaCacheWriteArgs, MlaKernel,
-    MlaLayout, MlaQRopeArgs, MlaWorkspace, MLA_SCHED_FIXED_OVERHEAD,
+    mla_schedule_host, CudaError, Device, DeviceBuffer, Mla, MlaAttnArgs, MlaCache,
+    MlaCacheWriteArgs, MlaKernel, MlaLayout, MlaQRopeArgs, MlaWorkspace, Region,
+    MLA_SCHED_FIXED_OVERHEAD,
 };
 use r1_runtime::kv_cache::{Batch, BlockId, Segment, PAGE_TOKENS};
 use r1_runtime::numerics::round_bf16;
@@ -604,6 +610,112 @@ fn q_rope_matches_cpu() {
     for (c, (&g, &w)) in twice[KV_LORA..WIDTH].iter().zip(&pe).enumerate() {
         assert!(bf16_ulps(g, bf16::from_f32(w)) <= 1, "in place col {c}");
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU: absorption against the checkpoint layout
+// ------------------------------------------------------------------------------------------
+
+/// small_mla_absorb_q and small_mla_absorb_o over [`absorbed_kv_b`] of a random kv_b_proj at
+/// `shape` = (heads, nope, rope, v, kv_lora), against the products read from kv_b_proj's own
+/// rows (W_UK\[h\]\[i\]\[l\] = row h*(nope+v) + i, W_UV\[h\]\[d\]\[l\] = row
+/// h*(nope+v) + nope + d, as the CPU backend reads them), each value rounded to bf16 first.
+/// q_lat bit for bit (the kernel's f32 fma chain over i ascending, one rounding); out within
+/// 2^-8 |ref| + 2^-16 sum_l |o_l w_l| (f32 warp sums against f64, then bf16).
+fn check_absorb(dev: &Device, shape: (usize, usize, usize, usize, usize), tokens: usize) {
+    let (heads, nope, rope, v, kv_lora) = shape;
+    let what = format!("absorption {shape:?} tokens {tokens}");
+    let ops = SmallOps::new(dev);
+    let mut rng = Rng::new((heads * 31 + nope * 7 + kv_lora) as u64);
+    let kv_b_proj: Vec<f32> = (0..heads * (nope + v) * kv_lora)
+        .map(|_| round_bf16(rng.normal() * 0.05))
+        .collect();
+    let qk = nope + rope;
+    let q: Vec<f32> = (0..tokens * heads * qk)
+        .map(|_| round_bf16(rng.normal()))
+        .collect();
+    let o_lat: Vec<f32> = (0..tokens * heads * kv_lora)
+        .map(|_| round_bf16(rng.normal()))
+        .collect();
+    let kv_b = dev
+        .upload(&absorbed_kv_b(&kv_b_proj, heads, nope, v, kv_lora))
+        .unwrap();
+    let (q_d, o_lat_d) = (
+        dev.upload(&to_bf16(&q)).unwrap(),
+        dev.upload(&to_bf16(&o_lat)).unwrap(),
+    );
+    let width = kv_lora + rope;
+    let mut q_lat = dev.alloc::<bf16>(tokens * heads * width).unwrap();
+    let mut out = dev.alloc::<bf16>(tokens * heads * v).unwrap();
+    dev.memset(&mut q_lat, 0xFF).unwrap();
+    dev.memset(&mut out, 0xFF).unwrap();
+    let desc = |src: &DeviceBuffer<bf16>, dst: &DeviceBuffer<bf16>| MlaAbsorbDesc {
+        tokens,
+        heads,
+        nope,
+        rope,
+        v,
+        kv_lora,
+        src: Region::from(src),
+        kv_b: Region::from(&kv_b),
+        dst: Region::from(dst),
+    };
+    ops.prepare_mla_absorb(desc(&q_d, &q_lat), true)
+        .unwrap()
+        .launch()
+        .unwrap();
+    ops.prepare_mla_absorb(desc(&o_lat_d, &out), false)
+        .unwrap()
+        .launch()
+        .unwrap();
+    let (q_lat, out) = (dev.download(&q_lat).unwrap(), dev.download(&out).unwrap());
+    let row = |h: usize, r: usize| &kv_b_proj[(h * (nope + v) + r) * kv_lora..][..kv_lora];
+    for t in 0..tokens {
+        for h in 0..heads {
+            let th = t * heads + h;
+            let qh = &q[th * qk..][..nope];
+            let got = &q_lat[th * width..][..width];
+            for (l, g) in got[..kv_lora].iter().enumerate() {
+                let acc = (0..nope).fold(0f32, |acc, i| qh[i].mul_add(row(h, i)[l], acc));
+                let want = bf16::from_f32(acc);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{what}: q_lat token {t} head {h} column {l}: gpu {g}, want {want}"
+                );
+            }
+            assert!(
+                got[kv_lora..].iter().all(|x| x.to_bits() == 0xFFFF),
+                "{what}: q_pe columns touched"
+            );
+            let oh = &o_lat[th * kv_lora..][..kv_lora];
+            for d in 0..v {
+                let w_uv = row(h, nope + d);
+                let want: f64 = oh.iter().zip(w_uv).map(|(&o, &w)| f64::from(o * w)).sum();
+                let mass: f64 = oh
+                    .iter()
+                    .zip(w_uv)
+                    .map(|(&o, &w)| f64::from((o * w).abs()))
+                    .sum();
+                let g = f64::from(out[th * v + d].to_f32());
+                assert!(
+                    (g - want).abs() <= want.abs() / 256.0 + mass / 65536.0,
+                    "{what}: out token {t} head {h} column {d}: gpu {g}, want {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn absorption_matches_checkpoint_layout() {
+    let Some(mla) = gpu("absorption_matches_checkpoint_layout") else {
+        return;
+    };
+    let dev = mla.device();
+    check_absorb(dev, (128, 128, 64, 128, 512), 2);
+    check_absorb(dev, (3, 5, 4, 7, 9), 3);
+    check_absorb(dev, (2, 40, 2, 8, 300), 1);
 }
 
 // ------------------------------------------------------------------------------------------

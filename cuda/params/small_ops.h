@@ -26,10 +26,16 @@
  *   small_act_quant    act_quant for any K (ragged last 128-group, any ld): per row per
  *                      group s = max(amax, 1e-4) / 448, q = e4m3(x / s) (RNE, saturating);
  *                      scales SA [ceil(K/128)][m_pad]; grid (ceil(K/128), m), block 128.
- *   small_mla_absorb_q q_lat[t][h][l] = sum_{i<nope} q[t][h*qk + i] * kv_b[h*(nope+v) + i][l]
- *                      into out[t][h][0..kv_lora] (row stride heads*(kv_lora+rope));
- *                      grid (tokens*heads), block 256.
- *   small_mla_absorb_o out[t][h*v + d] = sum_l o_lat[t][h][l] * kv_b[h*(nope+v)+nope+d][l];
+ *   Absorbed kv_b (kv_b_proj as the absorption kernels read it, bf16): per head h the
+ *                      (nope+v)*kv_lora elements at base(h) = h*(nope+v)*kv_lora hold W_UK[h]
+ *                      transposed, [kv_lora][nope], then W_UV[h], [v][kv_lora] as in the
+ *                      checkpoint: W_UK[h][i][l] = kv_b_proj[h*(nope+v) + i][l] is at
+ *                      base(h) + l*nope + i, W_UV[h][d][l] = kv_b_proj[h*(nope+v) + nope + d][l]
+ *                      at base(h) + (nope + d)*kv_lora + l (host: cuda::backend::absorbed_kv_b).
+ *   small_mla_absorb_q q_lat[t][h][l] = sum_{i<nope} q[t][h*qk + i] * kv_b[base(h) + l*nope + i]
+ *                      (f32 fmaf, i ascending), into out[t][h][0..kv_lora] (row stride
+ *                      heads*(kv_lora+rope)); grid (tokens*heads), block 256.
+ *   small_mla_absorb_o out[t][h*v + d] = sum_l o_lat[t][h][l] * kv_b[base(h) + (nope+d)*kv_lora + l];
  *                      grid (tokens*heads), block 256 (a warp per output).
  *   small_moe_accum    acc[t][c] += w * y[t][c] for the entry of `expert` among topk_ids[t]
  *                      (weight topk_weights[t][j]; nothing when not chosen); f32 acc.
@@ -131,7 +137,8 @@ typedef struct R1SmallActQuantParams {
 typedef struct R1SmallMlaAbsorbParams {
     unsigned long long src;  /* absorb_q: bf16 q [tokens][heads*(nope+rope)];
                                 absorb_o: bf16 o_lat [tokens][heads][kv_lora] */
-    unsigned long long kv_b; /* bf16 [heads*(nope+v)][kv_lora] */
+    unsigned long long kv_b; /* bf16 absorbed kv_b: per head W_UK^T [kv_lora][nope],
+                                then W_UV [v][kv_lora] (heads*(nope+v)*kv_lora)     */
     unsigned long long dst;  /* absorb_q: bf16 [tokens][heads][kv_lora+rope];
                                 absorb_o: bf16 [tokens][heads*v] */
     int32_t tokens;

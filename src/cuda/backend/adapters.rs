@@ -209,8 +209,46 @@ pub(super) fn synthetic_f32(dev: &Device, w: &SyntheticWeight) -> Result<DeviceB
     dev.random_buffer(w.rows * w.cols, dense_fill(w)?)
 }
 
+/// kv_b_proj in the absorbed bf16 layout the MLA absorption kernels read (cuda/params/
+/// small_ops.h): per head h, the `(nope + v) * kv_lora` elements at `h * (nope + v) * kv_lora`
+/// hold W_UK\[h\] transposed, `[kv_lora][nope]` (element (i, l) of W_UK\[h\] at `l * nope + i`),
+/// then W_UV\[h\] `[v][kv_lora]` as in the checkpoint. The transposition makes W_UK K-major for
+/// q_nope · W_UK. `kv_b` is the checkpoint's `[heads * (nope + v)][kv_lora]` in f32 (FP8
+/// dequantized); each value is rounded to bf16 (round to nearest even), as the CPU's w8a8
+/// absorption rounds it.
+///
+/// # Panics
+///
+/// If `kv_b` does not hold `heads * (nope + v) * kv_lora` values.
+pub fn absorbed_kv_b(
+    kv_b: &[f32],
+    heads: usize,
+    nope: usize,
+    v: usize,
+    kv_lora: usize,
+) -> Vec<bf16> {
+    let per_head = (nope + v) * kv_lora;
+    assert_eq!(
+        kv_b.len(),
+        heads * per_head,
+        "kv_b_proj must be [heads * (nope + v)][kv_lora] = [{} * ({nope} + {v})][{kv_lora}]",
+        heads
+    );
+    let mut out = Vec::with_capacity(kv_b.len());
+    for h in 0..heads {
+        let (uk, uv) = kv_b[h * per_head..][..per_head].split_at(nope * kv_lora);
+        out.extend(
+            (0..kv_lora).flat_map(|l| (0..nope).map(move |i| bf16::from_f32(uk[i * kv_lora + l]))),
+        );
+        out.extend(uv.iter().map(|&x| bf16::from_f32(x)));
+    }
+    out
+}
+
 /// A synthetic kv_b_proj in its absorbed bf16 form: values uniform in +-(code_max * scale),
-/// the magnitude of its FP8 form (the GPU never holds that form).
+/// the magnitude of its FP8 form (the GPU never holds that form). The values are independent
+/// draws, so filling the absorbed layout directly needs no transposition of W_UK: it is as
+/// random as the transpose of a random checkpoint-layout fill would be.
 pub(super) fn synthetic_absorbed(dev: &Device, w: &SyntheticWeight) -> Result<DeviceBuffer<bf16>> {
     let fill = match w.values {
         SyntheticValues::Fp8 { code_max, scale } => RandomFill {
@@ -350,6 +388,46 @@ mod tests {
     fn r1() -> ModelConfig {
         let json = include_str!("../../../tests/fixtures/deepseek-r1-config.json");
         ModelConfig::from_json(json, std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// W_UK of each head lands transposed, W_UV in place, every value rounded to bf16 once.
+    #[test]
+    fn absorbed_kv_b_transposes_w_uk_per_head() {
+        let (heads, nope, v, kv_lora) = (3, 2, 4, 5);
+        let per_head = (nope + v) * kv_lora;
+        // Element k is k + 1 (exact in bf16 below 256) pushed off bf16's grid by a relative
+        // 2^-9, under half an ulp: rounding gives back k + 1, so placement and rounding show.
+        let kv_b: Vec<f32> = (0..heads * per_head)
+            .map(|k| (k + 1) as f32 * (1.0 + 1.0 / 512.0))
+            .collect();
+        let got: Vec<f32> = absorbed_kv_b(&kv_b, heads, nope, v, kv_lora)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert_eq!(got.len(), kv_b.len());
+        let want = |k: usize| (k + 1) as f32;
+        for h in 0..heads {
+            for i in 0..nope {
+                for l in 0..kv_lora {
+                    let src = (h * (nope + v) + i) * kv_lora + l;
+                    let dst = h * per_head + l * nope + i;
+                    assert_eq!(got[dst], want(src), "W_UK h {h} i {i} l {l}");
+                }
+            }
+            for d in 0..v {
+                for l in 0..kv_lora {
+                    let at = (h * (nope + v) + nope + d) * kv_lora + l;
+                    assert_eq!(got[at], want(at), "W_UV h {h} d {d} l {l}");
+                }
+            }
+        }
+        assert!(absorbed_kv_b(&[], 0, nope, v, kv_lora).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "kv_b_proj must be")]
+    fn absorbed_kv_b_refuses_a_wrong_length() {
+        absorbed_kv_b(&[0.0; 7], 1, 1, 1, 4);
     }
 
     #[test]

@@ -47,7 +47,9 @@ use std::sync::{Arc, OnceLock};
 
 use half::bf16;
 
-pub use adapters::{mla_layout, moe_block_config, router_config, upload_moe_block, upload_rope};
+pub use adapters::{
+    absorbed_kv_b, mla_layout, moe_block_config, router_config, upload_moe_block, upload_rope,
+};
 use graphs::{fingerprint, graph_step, Counted, GraphEntry, GraphKey, GraphLimits, Graphs};
 pub use graphs::{GraphCounters, GraphStats};
 use moe::{GpuMoe, MoeSpace};
@@ -130,7 +132,8 @@ struct Core {
     rope: MlaRope,
     router: RouterConfig,
     weights: HashMap<WeightId, GpuWeight>,
-    /// kv_b_proj dequantized to bf16 `[heads * (nope + v)][kv_lora]`, by its WeightId.
+    /// kv_b_proj dequantized to bf16 in the absorbed layout (per head W_UK^T `[kv_lora][nope]`,
+    /// then W_UV `[v][kv_lora]`; [`absorbed_kv_b`]), by its WeightId.
     absorbed: HashMap<WeightId, DeviceBuffer<bf16>>,
     /// Routed experts by the layer's router WeightId.
     moe_layers: HashMap<WeightId, GpuMoe>,
@@ -277,7 +280,10 @@ impl CudaBackend {
             == super::heuristics::MoeRoutedPath::Fused;
         for b in &blocks {
             special.insert(b.attn.kv_b);
-            absorbed.insert(b.attn.kv_b, upload_absorbed(dev, weights.get(b.attn.kv_b))?);
+            absorbed.insert(
+                b.attn.kv_b,
+                upload_absorbed(dev, cfg, weights.get(b.attn.kv_b))?,
+            );
             if let FfnWeights::Moe(m) = &b.ffn {
                 special.insert(m.router);
                 special.insert(m.bias);

@@ -5,13 +5,15 @@
 
 use half::bf16;
 
-use super::adapters::{synthetic_absorbed, synthetic_dense, synthetic_f32, synthetic_fp8};
+use super::adapters::{
+    absorbed_kv_b, synthetic_absorbed, synthetic_dense, synthetic_f32, synthetic_fp8,
+};
 use super::Core;
+use crate::config::ModelConfig;
 use crate::cuda::ops::Fp8Weight;
 use crate::cuda::{Device, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::model::weights::{Weight, WeightId};
-use crate::numerics::round_bf16;
 
 /// A weight on the device as the graph's ops use it.
 pub(super) enum GpuWeight {
@@ -83,19 +85,38 @@ pub(super) fn upload_f32(dev: &Device, w: &Weight) -> Result<DeviceBuffer<f32>> 
 }
 
 /// kv_b_proj dequantized (W = q * s per 128x128 block) and rounded to bf16, as the CPU's
-/// w8a8 absorption uses it. The GPU keeps kv_b_proj in this form only, so a synthetic one is
-/// filled as bf16 directly, with the spread its FP8 form would have.
-pub(super) fn upload_absorbed(dev: &Device, w: &Weight) -> Result<DeviceBuffer<bf16>> {
-    let v: Vec<bf16> = match w {
-        Weight::Dense { data, .. } => data.iter().map(|&x| bf16::from_f32(x)).collect(),
-        Weight::Fp8(w) => w
-            .dequantized()
-            .into_iter()
-            .map(|x| bf16::from_f32(round_bf16(x)))
-            .collect(),
+/// w8a8 absorption uses it, in the absorbed layout ([`absorbed_kv_b`]: W_UK transposed per
+/// head). The GPU keeps kv_b_proj in this form only, so a synthetic one is filled as bf16
+/// directly, with the spread its FP8 form would have.
+pub(super) fn upload_absorbed(
+    dev: &Device,
+    cfg: &ModelConfig,
+    w: &Weight,
+) -> Result<DeviceBuffer<bf16>> {
+    let (heads, nope, v, kv_lora) = (
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    );
+    let values = match w {
+        Weight::Dense { data, .. } => data.clone(),
+        Weight::Fp8(w) => w.dequantized(),
         Weight::Synthetic(s) => return Ok(synthetic_absorbed(dev, s)?),
     };
-    Ok(dev.upload(&v)?)
+    let (rows, cols) = w.shape();
+    if rows != heads * (nope + v) || cols != kv_lora || values.len() != rows * cols {
+        return Err(Error::Backend {
+            backend: "cuda".into(),
+            message: format!(
+                "kv_b_proj is [{rows}, {cols}] with {} values; config.json's attention needs \
+                 [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank] = \
+                 [{heads} * ({nope} + {v}), {kv_lora}]",
+                values.len()
+            ),
+        });
+    }
+    Ok(dev.upload(&absorbed_kv_b(&values, heads, nope, v, kv_lora))?)
 }
 
 impl Core {

@@ -278,7 +278,8 @@ fn check_small_act_quant(d: &ActQuantDesc) -> Result<()> {
     d.check_operands(&c)
 }
 
-/// Both MLA absorption GEMMs (shapes as config.json gives them).
+/// Both MLA absorption GEMMs (shapes as config.json gives them): q_lat = q_nope · W_UK and
+/// out = o_lat · W_UV^T per head.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MlaAbsorbDesc {
     pub tokens: usize,
@@ -287,8 +288,16 @@ pub struct MlaAbsorbDesc {
     pub rope: usize,
     pub v: usize,
     pub kv_lora: usize,
+    /// bf16 q `[tokens][heads][nope + rope]` (absorb_q) or o_lat `[tokens][heads][kv_lora]`
+    /// (absorb_o).
     pub src: Region,
+    /// bf16 kv_b_proj in the absorbed layout (cuda/params/small_ops.h): per head h, at
+    /// `h * (nope + v) * kv_lora`, W_UK\[h\] transposed `[kv_lora][nope]`, then W_UV\[h\]
+    /// `[v][kv_lora]`. `cuda::backend::absorbed_kv_b` builds it from the checkpoint's
+    /// `[heads * (nope + v)][kv_lora]`.
     pub kv_b: Region,
+    /// bf16 q_attn `[tokens][heads][kv_lora + rope]` (absorb_q; its latent part) or out
+    /// `[tokens][heads * v]` (absorb_o).
     pub dst: Region,
 }
 
@@ -325,7 +334,7 @@ impl MlaAbsorbDesc {
             "kv_b",
             self.kv_b,
             h * (self.nope + self.v) * self.kv_lora,
-            "[heads * (nope + v)][kv_lora]",
+            "heads x ([kv_lora][nope] W_UK^T, [v][kv_lora] W_UV)",
         )?;
         if q {
             c.holds(
@@ -1093,7 +1102,8 @@ impl SmallOps {
         Prepared::single(&self.dev, &SmallActQuant(d))
     }
 
-    /// q_lat = q_nope · W_UK per head (`q`: true) or out = o_lat · W_UV^T (`q`: false).
+    /// q_lat = q_nope · W_UK per head (`q`: true; W_UK read transposed from the absorbed
+    /// kv_b) or out = o_lat · W_UV^T (`q`: false).
     pub fn prepare_mla_absorb(&self, d: MlaAbsorbDesc, q: bool) -> Result<Prepared<'_>> {
         d.check(q)?;
         Prepared::single(&self.dev, &Absorb { desc: d, q })
