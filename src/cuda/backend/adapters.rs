@@ -231,8 +231,7 @@ pub fn absorbed_kv_b(
     assert_eq!(
         kv_b.len(),
         heads * per_head,
-        "kv_b_proj must be [heads * (nope + v)][kv_lora] = [{} * ({nope} + {v})][{kv_lora}]",
-        heads
+        "kv_b_proj must be [heads * (nope + v)][kv_lora] = [{heads} * ({nope} + {v})][{kv_lora}]"
     );
     let mut out = Vec::with_capacity(kv_b.len());
     for h in 0..heads {

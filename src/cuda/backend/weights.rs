@@ -3,6 +3,8 @@
 //! synthetic ones filled in place by the device (adapters.rs), and looked up by the graph's
 //! weight ids.
 
+use std::borrow::Cow;
+
 use half::bf16;
 
 use super::adapters::{
@@ -99,22 +101,28 @@ pub(super) fn upload_absorbed(
         cfg.v_head_dim,
         cfg.kv_lora_rank,
     );
-    let values = match w {
-        Weight::Dense { data, .. } => data.clone(),
-        Weight::Fp8(w) => w.dequantized(),
-        Weight::Synthetic(s) => return Ok(synthetic_absorbed(dev, s)?),
+    let fail = |message: String| Error::Backend {
+        backend: "cuda".into(),
+        message,
     };
     let (rows, cols) = w.shape();
-    if rows != heads * (nope + v) || cols != kv_lora || values.len() != rows * cols {
-        return Err(Error::Backend {
-            backend: "cuda".into(),
-            message: format!(
-                "kv_b_proj is [{rows}, {cols}] with {} values; config.json's attention needs \
-                 [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank] = \
-                 [{heads} * ({nope} + {v}), {kv_lora}]",
-                values.len()
-            ),
-        });
+    if rows != heads * (nope + v) || cols != kv_lora {
+        return Err(fail(format!(
+            "kv_b_proj is [{rows}, {cols}]; config.json's attention needs \
+             [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank] = \
+             [{heads} * ({nope} + {v}), {kv_lora}]"
+        )));
+    }
+    let values: Cow<'_, [f32]> = match w {
+        Weight::Dense { data, .. } => Cow::Borrowed(data),
+        Weight::Fp8(w) => Cow::Owned(w.dequantized()),
+        Weight::Synthetic(s) => return Ok(synthetic_absorbed(dev, s)?),
+    };
+    if values.len() != rows * cols {
+        return Err(fail(format!(
+            "kv_b_proj [{rows}, {cols}] holds {} values",
+            values.len()
+        )));
     }
     Ok(dev.upload(&absorbed_kv_b(&values, heads, nope, v, kv_lora))?)
 }
