@@ -548,6 +548,8 @@ fn fp8_gemm_rejects_and_falls_back() {
             m,
             n: w.n,
             k: w.k,
+            split_k: None,
+            splits: None,
         }
     }
     let a_in = (&a_codes, lda, &sa, m_pad);
