@@ -98,6 +98,16 @@ pub const FP8_TILING_M64: GemmTiling = GemmTiling {
 /// split saves.
 pub const SPLIT_K_MIN_KBLOCKS: usize = 4;
 
+/// The most splits [`split_k`] considers (at least 1): every unit on its own SM and at least
+/// [`SPLIT_K_MIN_KBLOCKS`] K-blocks per split.
+pub fn split_k_most(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> usize {
+    let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
+    let kblocks = k.div_ceil(t.block_k);
+    (sm_count / tiles.max(1))
+        .min(kblocks / SPLIT_K_MIN_KBLOCKS)
+        .max(1)
+}
+
 /// Splits of K for an `m x n x k` GEMM on `sm_count` SMs: 1 when the output tiles alone fill
 /// the SMs; else the count that minimizes the bytes the busiest SM moves, with every split on
 /// its own SM (tiles * splits <= SMs) and at least [`SPLIT_K_MIN_KBLOCKS`] K-blocks each.
@@ -108,9 +118,8 @@ pub const SPLIT_K_MIN_KBLOCKS: usize = 4;
 /// balance a last partial wave; here splitting is only chosen while one wave holds every
 /// unit, so there is none.)
 pub fn split_k(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> usize {
-    let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
     let kblocks = k.div_ceil(t.block_k);
-    let most = (sm_count / tiles.max(1)).min(kblocks / SPLIT_K_MIN_KBLOCKS);
+    let most = split_k_most(m, n, k, t, sm_count);
     if most <= 1 {
         return 1;
     }

@@ -274,8 +274,8 @@ impl Fp8GemmDesc {
 
     /// The split of K the resolved `kernel` runs with, checked: `forced` splits when given,
     /// else for a wgmma kernel with a workspace [`heuristics::split_k`] on `sm_count` SMs, else
-    /// 1. `workspace` is the workspace's description (its `splits` is replaced). The reference
-    /// kernel needs no workspace for its splits and never asks the heuristic.
+    /// one. `workspace` is the workspace's description (its `splits` is replaced). The
+    /// reference kernel needs no workspace for its splits and never asks the heuristic.
     pub fn split_k(
         &self,
         kernel: GemmKernel,

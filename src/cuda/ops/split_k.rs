@@ -67,6 +67,11 @@ impl SplitKWorkspace {
         self.max_units
     }
 
+    /// The arrival counters (zero between launches).
+    pub fn counters(&self) -> &DeviceBuffer<u32> {
+        &self.counters
+    }
+
     /// Output tiles this workspace has counters for.
     pub fn max_tiles(&self) -> usize {
         self.max_tiles
