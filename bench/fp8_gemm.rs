@@ -67,6 +67,8 @@ fn main() {
                     m,
                     n,
                     k,
+                    split_k: None,
+                    splits: None,
                 };
                 // Only the Auto kernel and the variant it did not pick are reported.
                 if kernel != GemmKernel::Auto && Some(kernel) == auto_kernel {

@@ -9,8 +9,9 @@
 //   empty[s] : one arrive per consumer warp       -> producer may refill stage s
 // A consumer issues 4 wgmma (k32 each) into a scratch accumulator `part`, waits for them,
 // releases the stage, then promotes: acc += part * (sa[row] * sb). The consumer warpgroups
-// interleave, so one's promotion overlaps another's wgmma. Tiles are walked persistently:
-// tile blockIdx.x, then + gridDim.x, by the producer and the consumers alike.
+// interleave, so one's promotion overlaps another's wgmma. Work units (a tile, or one split
+// of a tile's K-blocks: "Split-K" in params/common.h) are walked persistently: unit
+// blockIdx.x, then + gridDim.x, by the producer and the consumers alike.
 #pragma once
 
 #include <stdint.h>
@@ -54,16 +55,19 @@ __device__ __forceinline__ void tile_coords(int t, int m_blocks, int n_blocks, i
 // The shared-memory layout of one CTA and the pipeline over it.
 //
 // Sched (the kernel's tile scheduler) provides:
-//   int tiles;                         tiles in the whole problem
-//   Tile tile(int t) const;            with  bool skip() const  (nothing to compute),
+//   int units;                         work units in the whole problem
+//   Tile unit(int u) const;            with  bool skip() const  (nothing to compute),
 //                                            int a_row          (first row of A and of SA),
 //                                            int b_row          (first row of B),
 //                                            int64_t sb_block   (the tile's row of 128x128
-//                                                                weight scales, kblocks each)
-//   void store(const Tile&, const float (&acc)[64], int row0, int col0) const;
+//                                                                weight scales, kblocks each),
+//                                            int kb_begin, kb_end (the K-blocks this unit
+//                                                                loads and sums; non-empty)
+//   void store(const Tile&, float (&acc)[64], int row0, int col0) const;
 //                                      the epilogue: this thread's accumulator (rows row0 and
 //                                      row0 + 8, columns col0 + 8i and +1 of the tile, in
-//                                      wgmma's m64n128 fragment order).
+//                                      wgmma's m64n128 fragment order), which it may modify.
+// The weight scale of K-block kb is sb_all[sb_block * kblocks + kb] whatever the unit's range.
 template <int BM, int STAGES>
 struct Pipeline {
     using Cfg = PipeConfig<BM, STAGES>;
@@ -109,10 +113,10 @@ struct Pipeline {
                 r1::tma_prefetch_desc(tmap_sa);
                 int stage = 0;
                 uint32_t phase = 0;
-                for (int t = blockIdx.x; t < sch.tiles; t += gridDim.x) {
-                    const auto tile = sch.tile(t);
+                for (int u = blockIdx.x; u < sch.units; u += gridDim.x) {
+                    const auto tile = sch.unit(u);
                     if (tile.skip()) continue;
-                    for (int kb = 0; kb < kblocks; kb++) {
+                    for (int kb = tile.kb_begin; kb < tile.kb_end; kb++) {
                         const uint32_t full = s_full + 8 * stage;
                         r1::mbar_wait(s_empty + 8 * stage, phase ^ 1);
                         r1::mbar_arrive_expect_tx(full, Cfg::kStageTxBytes);
@@ -142,14 +146,14 @@ struct Pipeline {
         for (int j = 0; j < 64; j++) part[j] = 0.0f;
         int stage = 0;
         uint32_t phase = 0;
-        for (int t = blockIdx.x; t < sch.tiles; t += gridDim.x) {
-            const auto tile = sch.tile(t);
+        for (int u = blockIdx.x; u < sch.units; u += gridDim.x) {
+            const auto tile = sch.unit(u);
             if (tile.skip()) continue;
             const float* sb_row = sb_all + tile.sb_block * kblocks;
 #pragma unroll
             for (int j = 0; j < 64; j++) acc[j] = 0.0f;
 
-            for (int kb = 0; kb < kblocks; kb++) {
+            for (int kb = tile.kb_begin; kb < tile.kb_end; kb++) {
                 const float sb = __ldg(sb_row + kb);
                 r1::mbar_wait(s_full + 8 * stage, phase);
                 // Read this stage's activation scales before issuing the MMAs (latency overlaps).

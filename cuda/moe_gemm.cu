@@ -86,6 +86,7 @@ struct ExpertTiles {
         int nb;
         int a_row, b_row;
         int64_t sb_block;
+        int kb_begin, kb_end;  // every K-block: grouped GEMMs do not split K
         __device__ __forceinline__ bool skip() const { return rows <= 0; }
     };
 
@@ -94,9 +95,9 @@ struct ExpertTiles {
     const int* s_cnt;  // masked: [E] valid rows per expert (clamped to M)
     int n_blocks;
     int m_blocks;      // M-blocks in use
-    int tiles;
+    int units;         // one per tile
 
-    __device__ __forceinline__ Tile tile(int t) const {
+    __device__ __forceinline__ Tile unit(int t) const {
         Tile out;
         if constexpr (MASKED) {
             const int gm = t / n_blocks;
@@ -131,6 +132,8 @@ struct ExpertTiles {
         out.a_row = out.row0;
         out.b_row = out.expert * p->n + out.nb * BN;
         out.sb_block = static_cast<int64_t>(out.expert) * n_blocks + out.nb;
+        out.kb_begin = 0;
+        out.kb_end = p->k / BK;
         return out;
     }
 
@@ -200,7 +203,7 @@ __device__ __forceinline__ void moe_gemm_wgmma_body(const R1MoeGemmParams& p) {
     } else {
         sch.m_blocks = min(max(__ldg(reinterpret_cast<const int*>(p.num_blocks)), 0), p.max_blocks);
     }
-    sch.tiles = sch.m_blocks * sch.n_blocks;
+    sch.units = sch.m_blocks * sch.n_blocks;
     pipe.template run<REALLOC_REGS>(&p.tmap_a, &p.tmap_b, &p.tmap_sa, reinterpret_cast<const float*>(p.sb),
                                     p.k / BK, sch);
 }

@@ -16,6 +16,10 @@
 //!   [`TOLERANCE`] (gpu_support): elementwise |gpu - ref| <= 2^-6 |ref| + 5e-3 max|ref| and
 //!   rms(gpu - ref) <= 5e-3 rms(ref); every output finite; stores outside [M, N] (padding
 //!   columns of ldd, the row after M) untouched.
+//! - split-K: both wgmma kernels with every split count from 1 to the most the heuristic
+//!   considers, against `numerics::block_gemm_w8a8_splits` with the same splits (same
+//!   tolerance); bit-identical across launches, grids and workspace reuse, counters left zero;
+//!   fp8_gemm_ref with splits bit-exact against the CPU loop in its split order.
 //!
 //! The typed "no device" errors run on every machine; the host-side checks (kernel choice,
 //! requirements named in errors, tensor maps, the SA layout) are unit tests beside their code
@@ -28,6 +32,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use rayon::prelude::*;
 
+use r1_runtime::cuda::heuristics::{self, SPLIT_K_MIN_KBLOCKS};
+use r1_runtime::cuda::ops::SplitKWorkspace;
 use r1_runtime::cuda::{
     act_scale_m_pad, scales_to_sa, CudaError, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight,
     GemmKernel, QuantizedActivations,
@@ -35,8 +41,8 @@ use r1_runtime::cuda::{
 use r1_runtime::numerics::{self, QuantizedRows, QUANT_BLOCK};
 
 use gpu_support::{
-    allow_no_device, check_close_at, fp8_weights, gpu, ref_kernel_dot, skipped, w8a8_row, widen,
-    Rng, DEEPSEEK_NK, TOLERANCE,
+    allow_no_device, check_close_at, fp8_weights, gpu, ref_kernel_dot_splits, skipped,
+    w8a8_row_splits, widen, Rng, DEEPSEEK_NK, TOLERANCE,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -72,15 +78,38 @@ fn quantized(rng: &mut Rng, m: usize, k: usize) -> QuantizedRows {
 /// `numerics::block_gemm_w8a8` for the listed rows (in parallel), rounded to bf16:
 /// out[i * n + j] for rows[i].
 fn cpu_w8a8(a: &QuantizedRows, rows: &[usize], codes: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
+    cpu_w8a8_splits(a, rows, codes, scales, n, 1)
+}
+
+/// [`cpu_w8a8`] in the order of `splits` splits of K (`numerics::block_gemm_w8a8_splits`).
+fn cpu_w8a8_splits(
+    a: &QuantizedRows,
+    rows: &[usize],
+    codes: &[u8],
+    scales: &[f32],
+    n: usize,
+    splits: usize,
+) -> Vec<f32> {
     let per_row: Vec<Vec<f32>> = rows
         .par_iter()
-        .map(|&r| w8a8_row(a, r, codes, scales, n))
+        .map(|&r| w8a8_row_splits(a, r, codes, scales, n, splits))
         .collect();
     per_row.concat()
 }
 
 /// The reference kernel's arithmetic, in its order, on the CPU: bf16 bits [m][n].
 fn cpu_ref_kernel(a: &QuantizedRows, codes: &[u8], scales: &[f32], n: usize) -> Vec<u16> {
+    cpu_ref_kernel_splits(a, codes, scales, n, 1)
+}
+
+/// [`cpu_ref_kernel`] with `splits` splits of K, as fp8_gemm_ref sums them.
+fn cpu_ref_kernel_splits(
+    a: &QuantizedRows,
+    codes: &[u8],
+    scales: &[f32],
+    n: usize,
+    splits: usize,
+) -> Vec<u16> {
     let k = a.cols;
     let kb = k.div_ceil(QUANT_BLOCK);
     let rows: Vec<Vec<u16>> = (0..a.rows)
@@ -92,7 +121,7 @@ fn cpu_ref_kernel(a: &QuantizedRows, codes: &[u8], scales: &[f32], n: usize) -> 
                 .map(|j| {
                     let wrow = &codes[j * k..(j + 1) * k];
                     let sb = &scales[(j / QUANT_BLOCK) * kb..][..kb];
-                    bf16::from_f32(ref_kernel_dot(arow, wrow, sa, sb)).to_bits()
+                    bf16::from_f32(ref_kernel_dot_splits(arow, wrow, sa, sb, splits)).to_bits()
                 })
                 .collect()
         })
@@ -116,6 +145,29 @@ fn gemm_on_gpu(
     kernel: GemmKernel,
     ldd: usize,
 ) -> Result<(GemmKernel, Vec<bf16>), String> {
+    gemm_on_gpu_split(dev, a, w, kernel, ldd, Split::None, None)
+}
+
+/// How a test GEMM splits K.
+#[derive(Clone, Copy)]
+enum Split<'a> {
+    None,
+    /// As the heuristic says, with this workspace.
+    Auto(&'a SplitKWorkspace),
+    /// Exactly this many splits.
+    Forced(&'a SplitKWorkspace, usize),
+}
+
+/// [`gemm_on_gpu`] with a split of K and optionally `ctas` persistent CTAs.
+fn gemm_on_gpu_split(
+    dev: &Device,
+    a: &QuantizedActivations,
+    w: &Fp8Weight,
+    kernel: GemmKernel,
+    ldd: usize,
+    split: Split<'_>,
+    ctas: Option<u32>,
+) -> Result<(GemmKernel, Vec<bf16>), String> {
     let (m, n) = (a.m, w.n);
     let mut d: DeviceBuffer<bf16> = dev.alloc((m + 1) * ldd).map_err(|e| e.to_string())?;
     dev.memset(&mut d, 0xFF).map_err(|e| e.to_string())?;
@@ -123,7 +175,21 @@ fn gemm_on_gpu(
         ldd,
         ..Fp8GemmArgs::new(a, w, &mut d)
     };
-    let ran = dev.fp8_gemm_into(args, kernel).map_err(|e| e.to_string())?;
+    let args = match split {
+        Split::None => args,
+        Split::Auto(ws) => args.with_split_k(ws),
+        Split::Forced(ws, s) => args.with_splits(ws, s),
+    };
+    let ran = {
+        let mut p = dev
+            .prepare_fp8_gemm(args, kernel)
+            .map_err(|e| e.to_string())?;
+        if let Some(ctas) = ctas {
+            p = p.with_persistent_ctas(ctas).map_err(|e| e.to_string())?;
+        }
+        p.launch().map_err(|e| e.to_string())?;
+        p.kernel()
+    };
     let all = dev.download(&d).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(m * n);
     for (r, row) in all.chunks(ldd).enumerate() {
@@ -548,6 +614,8 @@ fn fp8_gemm_rejects_and_falls_back() {
             m,
             n: w.n,
             k: w.k,
+            split_k: None,
+            splits: None,
         }
     }
     let a_in = (&a_codes, lda, &sa, m_pad);
@@ -600,4 +668,289 @@ fn sanitizer_smoke() {
     let exact: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
     assert_eq!(exact, cpu_ref_kernel(&a, &codes, &scales, n));
     dev.synchronize().unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// Split-K
+// ------------------------------------------------------------------------------------------
+
+const WGMMA_KERNELS: [GemmKernel; 2] = [GemmKernel::Wgmma, GemmKernel::WgmmaM64];
+
+/// R1's decode FP8 GEMMs (N, K) at TP 1 and TP 8 (q_a, kv_a, q_b, o_proj, dense gate/up and
+/// down, shared-expert gate/up and down; the table of heuristics' tests).
+const R1_DECODE_NK: [(usize, usize); 13] = [
+    (1536, 7168),
+    (576, 7168),
+    (24576, 1536),
+    (7168, 16384),
+    (18432, 7168),
+    (7168, 18432),
+    (2048, 7168),
+    (7168, 2048),
+    (3072, 1536),
+    (2304, 7168),
+    (7168, 2304),
+    (256, 7168),
+    (7168, 256),
+];
+
+/// The most splits the heuristic considers for `kernel` on this device (at least 1).
+fn most_splits(dev: &Device, kernel: GemmKernel, m: usize, n: usize, k: usize) -> usize {
+    let t = kernel.tiling().expect("a wgmma kernel");
+    heuristics::split_k_most(m, n, k, t, dev.info().sm_count)
+}
+
+/// Every split count from 1 to the heuristic's most, for both wgmma kernels, on one problem:
+/// each against `block_gemm_w8a8_splits` with the same splits on `rows` (all when None), with
+/// nothing written outside [M, N] and every output in it written (finite).
+fn check_split_counts(
+    dev: &Device,
+    ws: &SplitKWorkspace,
+    (m, n, k): (usize, usize, usize),
+    seed: u64,
+    rows: Option<Vec<usize>>,
+) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let a = quantized(&mut rng, m, k);
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
+    let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
+    let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
+    let rows = rows.unwrap_or_else(|| (0..m).collect());
+    let ldd = n.next_multiple_of(2);
+    let most = WGMMA_KERNELS
+        .iter()
+        .map(|&kernel| most_splits(dev, kernel, m, n, k))
+        .max()
+        .unwrap_or(1);
+    for splits in 1..=most {
+        let want = cpu_w8a8_splits(&a, &rows, &codes, &scales, n, splits);
+        for kernel in WGMMA_KERNELS {
+            if splits > most_splits(dev, kernel, m, n, k) {
+                continue;
+            }
+            let (_, got) =
+                gemm_on_gpu_split(dev, &ad, &wd, kernel, ldd, Split::Forced(ws, splits), None)?;
+            let what = format!("{} [M={m}, N={n}, K={k}] splits {splits}", kernel.name());
+            if let Some(i) = got.iter().position(|v| !v.to_f32().is_finite()) {
+                return Err(format!("{what}: D[{}][{}] = {}", i / n, i % n, got[i]));
+            }
+            check_close(&got, n, &rows, &want, &what)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fp8_gemm_split_k_random_shapes() {
+    let Some(dev) = gpu("fp8_gemm_split_k_random_shapes") else {
+        return;
+    };
+    let ws = SplitKWorkspace::for_device(dev).unwrap();
+    runner(24)
+        .run(
+            &(1usize..=130, 1usize..=600, 1usize..=32, any::<u64>()),
+            |(m, n, kb, seed)| {
+                check_split_counts(dev, &ws, (m, n, kb * QUANT_BLOCK), seed, None).map_err(fail)
+            },
+        )
+        .unwrap();
+}
+
+/// R1's decode shapes at M = 1 (all rows) and M = 64 (rows at every 16-row slice edge).
+#[test]
+fn fp8_gemm_split_k_r1_decode_shapes() {
+    let Some(dev) = gpu("fp8_gemm_split_k_r1_decode_shapes") else {
+        return;
+    };
+    let ws = SplitKWorkspace::for_device(dev).unwrap();
+    for (i, &(n, k)) in R1_DECODE_NK.iter().enumerate() {
+        for (m, rows) in [
+            (1, None),
+            (64, Some(vec![0, 1, 7, 8, 15, 16, 31, 32, 47, 48, 62, 63])),
+        ] {
+            check_split_counts(dev, &ws, (m, n, k), (i * 100 + m) as u64, rows).unwrap();
+        }
+    }
+}
+
+/// Split GEMMs are bit-identical run to run, across grids (one CTA walking every unit, a few,
+/// the default) and after other split GEMMs on the same workspace; every launch leaves the
+/// arrival counters zero (a non-zero counter would make a later launch skip or mis-sum a
+/// slice).
+#[test]
+fn fp8_gemm_split_k_deterministic() {
+    let Some(dev) = gpu("fp8_gemm_split_k_deterministic") else {
+        return;
+    };
+    let ws = SplitKWorkspace::for_device(dev).unwrap();
+    let mut rng = Rng::new(77);
+    let problems: Vec<_> = [
+        (1, 1536, 7168),
+        (8, 576, 7168),
+        (70, 300, 2048),
+        (33, 7168, 2048),
+    ]
+    .into_iter()
+    .map(|(m, n, k)| {
+        let a = quantized(&mut rng, m, k);
+        let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
+        (
+            QuantizedActivations::upload(dev, &a).unwrap(),
+            Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap(),
+        )
+    })
+    .collect();
+    let counters_zero = |what: &str| {
+        let c = dev.download(ws.counters()).unwrap();
+        assert!(
+            c.iter().all(|&v| v == 0),
+            "{what}: split-K counters left non-zero"
+        );
+    };
+    for kernel in WGMMA_KERNELS {
+        for (a, w) in &problems {
+            let (m, n, k) = (a.m, w.n, w.k);
+            let most = most_splits(dev, kernel, m, n, k);
+            for split in [Split::Auto(&ws), Split::Forced(&ws, most)] {
+                let what = format!("{} [M={m}, N={n}, K={k}]", kernel.name());
+                let bits = |ctas| {
+                    let (_, got) = gemm_on_gpu_split(dev, a, w, kernel, n, split, ctas).unwrap();
+                    counters_zero(&what);
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()
+                };
+                let first = bits(None);
+                assert!(
+                    first.iter().all(|&b| b != SENTINEL),
+                    "{what}: an output was not written"
+                );
+                for ctas in [None, Some(1), Some(7), None] {
+                    assert_eq!(bits(ctas), first, "{what} on {ctas:?} CTAs");
+                }
+            }
+        }
+        // Back to back on one stream and one workspace, no sync in between: each equals its
+        // own first run.
+        let firsts: Vec<Vec<bf16>> = problems
+            .iter()
+            .map(|(a, w)| {
+                let s = most_splits(dev, kernel, a.m, w.n, w.k);
+                gemm_on_gpu_split(dev, a, w, kernel, w.n, Split::Forced(&ws, s), None)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        let mut ds = Vec::new();
+        for (a, w) in &problems {
+            let mut d: DeviceBuffer<bf16> = dev.alloc(a.m * w.n).unwrap();
+            let s = most_splits(dev, kernel, a.m, w.n, w.k);
+            dev.fp8_gemm_into(Fp8GemmArgs::new(a, w, &mut d).with_splits(&ws, s), kernel)
+                .unwrap();
+            ds.push(d);
+        }
+        for (d, first) in ds.iter().zip(&firsts) {
+            let got = dev.download(d).unwrap();
+            assert!(
+                got.iter()
+                    .zip(first)
+                    .all(|(g, f)| g.to_bits() == f.to_bits()),
+                "{}: back-to-back split GEMMs differ from single runs",
+                kernel.name()
+            );
+        }
+        counters_zero("back to back");
+    }
+}
+
+/// fp8_gemm_ref with splits: bf16 bits identical to the CPU loop in its split order (ragged K
+/// too); splits 1 is the unsplit kernel.
+#[test]
+fn fp8_gemm_ref_split_k_bit_exact() {
+    let Some(dev) = gpu("fp8_gemm_ref_split_k_bit_exact") else {
+        return;
+    };
+    // The reference kernel needs no room in the workspace for its splits.
+    let ws = SplitKWorkspace::new(dev, 1, 1).unwrap();
+    let check = |m: usize, n: usize, k: usize, pick: usize, seed: u64| -> Result<(), String> {
+        let mut rng = Rng::new(seed);
+        let a = quantized(&mut rng, m, k);
+        let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
+        let ad = QuantizedActivations::upload(dev, &a).map_err(|e| e.to_string())?;
+        let wd = Fp8Weight::upload(dev, &codes, &scales, n, k).map_err(|e| e.to_string())?;
+        let splits = 1 + pick % k.div_ceil(QUANT_BLOCK);
+        let (ran, got) = gemm_on_gpu_split(
+            dev,
+            &ad,
+            &wd,
+            GemmKernel::Reference,
+            n,
+            Split::Forced(&ws, splits),
+            None,
+        )?;
+        assert_eq!(ran, GemmKernel::Reference);
+        let want = cpu_ref_kernel_splits(&a, &codes, &scales, n, splits);
+        if let Some(i) = (0..m * n).find(|&i| got[i].to_bits() != want[i]) {
+            return Err(format!(
+                "fp8_gemm_ref [M={m}, N={n}, K={k}] splits {splits}: D[{}][{}] = {:#06x}, CPU \
+                 {:#06x}",
+                i / n,
+                i % n,
+                got[i].to_bits(),
+                want[i]
+            ));
+        }
+        Ok(())
+    };
+    check(3, 130, 7168, 55, 1).unwrap();
+    check(5, 17, 1000, 7, 2).unwrap();
+    runner(16)
+        .run(
+            &(
+                1usize..100,
+                1usize..300,
+                1usize..3000,
+                any::<usize>(),
+                any::<u64>(),
+            ),
+            |(m, n, k, pick, seed)| check(m, n, k, pick, seed).map_err(fail),
+        )
+        .unwrap();
+}
+
+/// A workspace too small for the split asked for (or chosen) is refused before any launch,
+/// naming what it lacks; splits outside 1..=K-blocks too.
+#[test]
+fn fp8_gemm_split_k_rejects_small_workspaces() {
+    let Some(dev) = gpu("fp8_gemm_split_k_rejects_small_workspaces") else {
+        return;
+    };
+    let (m, n, k) = (1, 1536, 7168);
+    let mut rng = Rng::new(5);
+    let a = QuantizedActivations::upload(dev, &quantized(&mut rng, m, k)).unwrap();
+    let (codes, scales) = fp8_weights(&mut rng, 1, n, k);
+    let w = Fp8Weight::upload(dev, &codes, &scales, n, k).unwrap();
+    let mut d: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+    let kernel = GemmKernel::WgmmaM64;
+    let err = |args: Fp8GemmArgs<'_>| match dev.prepare_fp8_gemm(args, kernel) {
+        Ok(_) => panic!("a split the workspace cannot hold was accepted"),
+        Err(e) => e.to_string(),
+    };
+    // 12 tiles of [64, 128]: room for 5 units of [128, 128] holds 10 of their units.
+    let small = SplitKWorkspace::new(dev, 5, 12).unwrap();
+    let e = err(Fp8GemmArgs::new(&a, &w, &mut d).with_splits(&small, 11));
+    assert!(e.contains("split-K partials holds"), "{e}");
+    let e = err(Fp8GemmArgs::new(&a, &w, &mut d).with_split_k(&small));
+    assert!(e.contains("split-K partials holds"), "{e}");
+    let few_tiles = SplitKWorkspace::new(dev, 132, 2).unwrap();
+    let e = err(Fp8GemmArgs::new(&a, &w, &mut d).with_splits(&few_tiles, 2));
+    assert!(e.contains("split-K counters holds"), "{e}");
+    let ws = SplitKWorkspace::for_device(dev).unwrap();
+    let e = err(Fp8GemmArgs::new(&a, &w, &mut d).with_splits(&ws, 57));
+    assert!(e.contains("splits <= K-blocks (56)"), "{e}");
+    // The heuristic's choice always fits the device's workspace.
+    let p = dev
+        .prepare_fp8_gemm(Fp8GemmArgs::new(&a, &w, &mut d).with_split_k(&ws), kernel)
+        .unwrap();
+    let s = heuristics::split_k(m, n, k, heuristics::FP8_TILING_M64, dev.info().sm_count);
+    assert!(s > 1 && (k / QUANT_BLOCK) / s >= SPLIT_K_MIN_KBLOCKS);
+    assert_eq!(p.launch_configs()[0].grid_dim.0 as usize, 12 * s);
 }

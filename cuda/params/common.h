@@ -55,7 +55,9 @@ typedef struct R1TensorMap {
  * that arrives last sums the S partials in split order, total = p_0 + p_1 + ... + p_{S-1}
  * (f32, left to right; its own split's values from registers, equal to what it stored), and
  * stores the output. No float atomics: the result is run-to-run deterministic, and it differs
- * from S = 1 only by the f32 summation order of the split totals.
+ * from S = 1 only by the f32 association of the same per-K-block terms (one chain per split,
+ * then the chain of split totals, instead of one chain; numerics::block_gemm_w8a8_splits
+ * states the bound).
  *   partials: f32 [units][BLOCK_M][BLOCK_N] (row-major per unit; rows past M unwritten)
  *   counters: u32 [tiles][BLOCK_M / 16], all zero before the first launch; the last arrival
  *             resets its counter, so every launch leaves them zero (CUDA-graph replays too).

@@ -11,6 +11,9 @@
  *   block: (R1_FP8_GEMM_REF_TILE, R1_FP8_GEMM_REF_TILE, 1) = (16, 16, 1); dynamic smem: 0
  *   grid:  (ceil(N/16), ceil(M/16), 1); thread (x, y) computes D[16*by + y][16*bx + x].
  *   Any M, N, K >= 1 (a ragged last K-block is summed over its valid columns). Slow: tests.
+ *   splits (1 <= splits <= ceil(K/128)): the order of the split wgmma kernels ("Split-K" in
+ *   common.h): each split's K-blocks summed from zero as above, then the split totals added
+ *   left to right (total = t_0, total += t_1, ...). splits 1 is the plain sum; no workspace.
  * ------------------------------------------------------------------------------------- */
 #define R1_FP8_GEMM_REF_TILE 16
 
@@ -27,7 +30,7 @@ typedef struct R1Fp8GemmRefParams {
     int32_t ldb;
     int32_t ldd;
     int32_t m_pad;
-    int32_t reserved;      /* set to 0 */
+    int32_t splits;        /* >= 1 (1: no split)                             */
 } R1Fp8GemmRefParams;
 
 /* ---------------------------------------------------------------------------------------
@@ -41,9 +44,18 @@ typedef struct R1Fp8GemmRefParams {
  *   block             (384, 1, 1)            (256, 1, 1)
  *   dynamic smem      R1_FP8_GEMM_SMEM_BYTES R1_FP8_GEMM_M64_SMEM_BYTES
  *                     (> 48 KiB: set CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first)
- *   grid              (G, 1, 1), any G >= 1. Persistent: CTA i runs tiles i, i+G, i+2G, ...
- *                     of T = ceil(M/BLOCK_M) * ceil(N/128) tiles; use G = min(T, #SMs).
- *                     Tile order: groups of R1_FP8_GEMM_GROUP_M M-blocks, M-block fastest.
+ *   grid              (G, 1, 1), any G >= 1. Persistent: CTA i runs units i, i+G, i+2G, ...
+ *                     of U = T * S units, T = ceil(M/BLOCK_M) * ceil(N/128) tiles and
+ *                     S = split_k.splits; use G = min(U, #SMs).
+ *                     Tile order: groups of R1_FP8_GEMM_GROUP_M M-blocks, M-block fastest;
+ *                     unit u is split u % S of tile u / S.
+ *
+ *   Split-K ("Split-K" in common.h): 1 <= S <= K/128. S == 1: split_k.partials and
+ *   split_k.counters may be 0 and every tile stores directly. S > 1: partials holds
+ *   f32 [U][BLOCK_M][128] (8-byte aligned), counters u32 [T][BLOCK_M / 16] (4-byte aligned),
+ *   zero before the first launch and left zero by every launch; one workspace serves the
+ *   launches of one stream (they must not overlap). The output differs from S == 1 only by
+ *   the f32 summation order of the S split totals, and is run-to-run deterministic.
  *
  *   Requires: K % 128 == 0, K >= 128; lda % 16 == 0 and ldb % 16 == 0 (TMA strides, in bytes
  *   = elements); a, b, sa 16-byte aligned; d 4-byte aligned and ldd even.
@@ -90,6 +102,7 @@ typedef struct R1Fp8GemmParams {
     int32_t n;
     int32_t k;
     int32_t ldd;
+    R1SplitK split_k;      /* splits >= 1; the workspace when splits > 1      */
 } R1Fp8GemmParams;
 
 #endif /* R1_PARAMS_FP8_GEMM_H */

@@ -80,9 +80,33 @@ pub struct GemmTiling {
     pub elem_bytes: usize,
 }
 
+/// `fp8_gemm_wgmma` (and the grouped BLOCK_M 128 kernels): 128 x 128 tiles, 128-deep K-blocks, fp8.
+pub const FP8_TILING: GemmTiling = GemmTiling {
+    block_m: sys::R1_FP8_GEMM_BLOCK_M as usize,
+    block_n: sys::R1_FP8_GEMM_BLOCK_N as usize,
+    block_k: sys::R1_FP8_GEMM_BLOCK_K as usize,
+    elem_bytes: 1,
+};
+
+/// `fp8_gemm_wgmma_m64`: 64 x 128 tiles.
+pub const FP8_TILING_M64: GemmTiling = GemmTiling {
+    block_m: sys::R1_FP8_GEMM_M64_BLOCK_M as usize,
+    ..FP8_TILING
+};
+
 /// The fewest K-blocks a split gets: below this, filling the pipeline costs more than the
 /// split saves.
 pub const SPLIT_K_MIN_KBLOCKS: usize = 4;
+
+/// The most splits [`split_k`] considers (at least 1): every unit on its own SM and at least
+/// [`SPLIT_K_MIN_KBLOCKS`] K-blocks per split.
+pub fn split_k_most(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> usize {
+    let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
+    let kblocks = k.div_ceil(t.block_k);
+    (sm_count / tiles.max(1))
+        .min(kblocks / SPLIT_K_MIN_KBLOCKS)
+        .max(1)
+}
 
 /// Splits of K for an `m x n x k` GEMM on `sm_count` SMs: 1 when the output tiles alone fill
 /// the SMs; else the count that minimizes the bytes the busiest SM moves, with every split on
@@ -94,9 +118,8 @@ pub const SPLIT_K_MIN_KBLOCKS: usize = 4;
 /// balance a last partial wave; here splitting is only chosen while one wave holds every
 /// unit, so there is none.)
 pub fn split_k(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> usize {
-    let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
     let kblocks = k.div_ceil(t.block_k);
-    let most = (sm_count / tiles.max(1)).min(kblocks / SPLIT_K_MIN_KBLOCKS);
+    let most = split_k_most(m, n, k, t, sm_count);
     if most <= 1 {
         return 1;
     }
@@ -341,6 +364,8 @@ pub enum Choice {
         kernel: GemmKernel,
         /// Persistent CTAs (the wgmma kernels).
         ctas: Option<usize>,
+        /// Splits of K (1: none).
+        splits: usize,
     },
     GroupedGemm {
         layout: MoeLayout,
@@ -394,8 +419,23 @@ impl Choice {
                 n,
                 k,
                 kernel,
-                ctas: c,
-            } => format!("fp8_gemm m={m} n={n} k={k} -> {}{}", kernel.name(), ctas(c)),
+                ctas,
+                splits,
+            } => {
+                let mut notes = Vec::new();
+                if let Some(c) = ctas {
+                    notes.push(format!("persistent ctas {c}"));
+                }
+                if *splits > 1 {
+                    notes.push(format!("split-k {splits}"));
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join(", "))
+                };
+                format!("fp8_gemm m={m} n={n} k={k} -> {}{notes}", kernel.name())
+            }
             Choice::GroupedGemm {
                 layout: l,
                 tokens,
@@ -471,7 +511,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::cuda::ops::{
         act_scale_m_pad, Fp8GemmDesc, MlaAttnDesc, MlaWorkspace, MlaWorkspaceDesc, Region,
-        RouterConfig, MLA_SCHED_FIXED_OVERHEAD,
+        RouterConfig, SplitKDesc, SplitKWorkspace, MLA_SCHED_FIXED_OVERHEAD,
     };
 
     /// H200 / H100 SXM: 132 SMs.
@@ -566,12 +606,11 @@ pub(crate) mod tests {
     /// the minimum K-blocks per split; more rows (bigger partials) split less.
     #[test]
     fn split_k_fills_idle_sms_within_its_bounds() {
-        let fp8 = GemmTiling {
-            block_m: 64,
-            block_n: 128,
-            block_k: 128,
-            elem_bytes: 1,
-        };
+        let fp8 = FP8_TILING_M64;
+        assert_eq!(
+            (fp8.block_m, fp8.block_n, fp8.block_k, FP8_TILING.block_m),
+            (64, 128, 128, 128)
+        );
         // q_a at M = 1: 12 tiles, 56 K-blocks -> 10 splits of 5-6 K-blocks (11 would not
         // shorten the longest split).
         assert_eq!(split_k(1, 1536, 7168, fp8, 132), 10);
@@ -593,6 +632,92 @@ pub(crate) mod tests {
             );
         }
         assert!(split_k(64, 1536, 7168, fp8, 132) < split_k(1, 1536, 7168, fp8, 132));
+    }
+
+    /// R1's decode FP8 GEMMs (N x K, D = A·B^T) as the CUDA backend runs them, at TP 1 and
+    /// TP 8 (column-parallel layers split N, row-parallel ones K; q_a and kv_a whole).
+    const R1_DECODE_GEMMS: [(&str, [usize; 2], [usize; 2]); 8] = [
+        // name, TP 1 (N, K), TP 8 (N, K)
+        ("q_a", [1536, 7168], [1536, 7168]),
+        ("kv_a", [576, 7168], [576, 7168]),
+        ("q_b", [24576, 1536], [3072, 1536]),
+        ("o_proj", [7168, 16384], [7168, 2048]),
+        ("dense gate/up", [18432, 7168], [2304, 7168]),
+        ("dense down", [7168, 18432], [7168, 2304]),
+        ("shared gate/up", [2048, 7168], [256, 7168]),
+        ("shared down", [7168, 2048], [7168, 256]),
+    ];
+
+    /// The splits `split_k` chooses for every R1 decode GEMM on 132 SMs with the kernel Auto
+    /// takes at M <= 64 (`fp8_gemm_wgmma_m64`), at M = 1, 8, 32, 64. Shapes whose tiles fill
+    /// the SMs (q_b and dense gate/up at TP 1: 192 and 144 tiles) and K too short to split
+    /// (shared down at TP 8: 2 K-blocks) stay whole; 56-tile GEMMs take 2 splits (112 units);
+    /// the few-tile ones split down to SPLIT_K_MIN_KBLOCKS K-blocks at M = 1 and 8 and a little
+    /// less at M = 32 and 64, where each split's partial costs more.
+    #[test]
+    fn split_k_r1_decode_table() {
+        #[rustfmt::skip]
+        let want: [(&str, [[usize; 4]; 2]); 8] = [
+            // name,             TP 1 at M = 1, 8, 32, 64   TP 8 at M = 1, 8, 32, 64
+            ("q_a",            [[10, 10, 8, 7],           [10, 10, 8, 7]]),
+            ("kv_a",           [[14, 14, 8, 7],           [14, 14, 8, 7]]),
+            ("q_b",            [[1, 1, 1, 1],             [3, 3, 3, 3]]),
+            ("o_proj",         [[2, 2, 2, 2],             [2, 2, 2, 2]]),
+            ("dense gate/up",  [[1, 1, 1, 1],             [7, 7, 7, 7]]),
+            ("dense down",     [[2, 2, 2, 2],             [2, 2, 2, 2]]),
+            ("shared gate/up", [[8, 8, 8, 7],             [14, 14, 8, 7]]),
+            ("shared down",    [[2, 2, 2, 2],             [1, 1, 1, 1]]),
+        ];
+        let sms = hopper().sm_count;
+        for ((name, tp1, tp8), (want_name, want)) in R1_DECODE_GEMMS.iter().zip(want) {
+            assert_eq!(*name, want_name);
+            for (tp, [n, k], want) in [(1, tp1, want[0]), (8, tp8, want[1])] {
+                for (m, want) in [1, 8, 32, 64].into_iter().zip(want) {
+                    let got = split_k(m, *n, *k, FP8_TILING_M64, sms);
+                    assert_eq!(got, want, "{name} TP {tp} [{n} x {k}] at M = {m}");
+                    let tiles = m.div_ceil(64) * n.div_ceil(128);
+                    let kblocks = k / 128;
+                    assert!(
+                        got == 1 || tiles * got <= sms,
+                        "{name} TP {tp} M {m}: {tiles} x {got}"
+                    );
+                    assert!(
+                        got == 1 || kblocks / got >= SPLIT_K_MIN_KBLOCKS,
+                        "{name} TP {tp} M {m}: {kblocks} K-blocks in {got} splits"
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever it chooses fits the workspace `SplitKWorkspace::for_device` allocates,
+        /// for both wgmma tilings, as `SplitKDesc::check` (the launch's check) sees it.
+        #[test]
+        fn split_k_fits_the_device_workspace(
+            m in prop_oneof![1usize..=64, 1usize..600],
+            n in prop_oneof![1usize..2048, 1usize..40000],
+            kb in 1usize..200,
+            sms in prop_oneof![Just(132usize), 1usize..200],
+        ) {
+            let dev = DeviceInfo { sm_count: sms, ..hopper() };
+            let (units, tiles_cap) = SplitKWorkspace::device_capacity(&dev);
+            let [partials, counters] = SplitKWorkspace::lens(units, tiles_cap);
+            for t in [FP8_TILING, FP8_TILING_M64] {
+                let s = split_k(m, n, kb * 128, t, dev.sm_count);
+                let tiles = m.div_ceil(t.block_m) * n.div_ceil(t.block_n);
+                prop_assert!(s >= 1 && s <= kb);
+                prop_assert!(s == 1 || tiles * s <= units, "{m} {n} {kb}: {tiles} x {s}");
+                let desc = SplitKDesc {
+                    splits: s,
+                    partials: Region { addr: 0x1000_0000, len: partials },
+                    counters: Region { addr: 0x2000_0000, len: counters },
+                };
+                if let Err(e) = desc.check("fp8_gemm", tiles, kb, t.block_m, t.block_n) {
+                    return Err(TestCaseError::fail(e.to_string()));
+                }
+            }
+        }
     }
 
     #[test]
@@ -1084,6 +1209,7 @@ pub(crate) mod tests {
             k: 7168,
             kernel: GemmKernel::WgmmaM64,
             ctas: Some(17),
+            splits: 1,
         }
         .line();
         assert_eq!(
@@ -1092,11 +1218,25 @@ pub(crate) mod tests {
         );
         assert_eq!(
             Choice::Fp8Gemm {
+                m: 1,
+                n: 1536,
+                k: 7168,
+                kernel: GemmKernel::WgmmaM64,
+                ctas: Some(120),
+                splits: 10,
+            }
+            .line(),
+            "r1-choice: fp8_gemm m=1 n=1536 k=7168 -> fp8_gemm_wgmma_m64 (persistent ctas 120, \
+             split-k 10)"
+        );
+        assert_eq!(
+            Choice::Fp8Gemm {
                 m: 3,
                 n: 5,
                 k: 100,
                 kernel: GemmKernel::Reference,
                 ctas: None,
+                splits: 1,
             }
             .line(),
             "r1-choice: fp8_gemm m=3 n=5 k=100 -> fp8_gemm_ref"

@@ -10,7 +10,9 @@ pub mod routing;
 pub mod sampling;
 
 pub use fp8::{e4m3_to_f32, f32_to_e4m3};
-pub use quant::{act_quant, block_gemm_w8a8, QuantizedRows, QUANT_BLOCK};
+pub use quant::{
+    act_quant, block_gemm_w8a8, block_gemm_w8a8_splits, split_k_range, QuantizedRows, QUANT_BLOCK,
+};
 
 /// Rounds to the nearest bf16 (ties to even), returned widened to f32.
 #[inline]

@@ -1,6 +1,8 @@
 //! The w8a8 recipe: per-token 1x128 activation quantization and the 128x128 block-scaled FP8
 //! GEMM with FP32 promotion every 128 of K.
 
+use std::ops::Range;
+
 use super::fp8::{e4m3_to_f32, f32_to_e4m3};
 
 /// Channels (K) per activation scale and per weight-scale block side.
@@ -86,18 +88,88 @@ pub fn act_quant(x: &[f32], cols: usize) -> QuantizedRows {
 /// with both scales, as the wgmma kernels do.
 #[inline]
 pub fn dot_w8a8(a: &[f32], a_scales: &[f32], w: &[f32], w_scales: &[f32]) -> f32 {
+    dot_w8a8_blocks(a, a_scales, w, w_scales, 0..a.len().div_ceil(QUANT_BLOCK))
+}
+
+/// [`dot_w8a8`] over the K-blocks `blocks` only, accumulated from zero.
+#[inline]
+fn dot_w8a8_blocks(
+    a: &[f32],
+    a_scales: &[f32],
+    w: &[f32],
+    w_scales: &[f32],
+    blocks: Range<usize>,
+) -> f32 {
     let mut acc = 0f32;
-    for (kb, (ab, wb)) in a.chunks(QUANT_BLOCK).zip(w.chunks(QUANT_BLOCK)).enumerate() {
-        let partial: f32 = ab.iter().zip(wb).map(|(x, y)| x * y).sum();
+    for kb in blocks {
+        let k = kb * QUANT_BLOCK..((kb + 1) * QUANT_BLOCK).min(a.len());
+        let partial: f32 = a[k.clone()].iter().zip(&w[k]).map(|(x, y)| x * y).sum();
         acc += partial * a_scales[kb] * w_scales[kb];
     }
     acc
+}
+
+/// K-blocks `[s * kblocks / splits, (s + 1) * kblocks / splits)` of split `s` of `splits`:
+/// the split-K rule of the GPU kernels ("Split-K" in cuda/params/common.h) and of
+/// [`block_gemm_w8a8_splits`]. Every split is non-empty when `splits <= kblocks`, and the
+/// lengths differ by at most one.
+pub fn split_k_range(kblocks: usize, splits: usize, s: usize) -> Range<usize> {
+    s * kblocks / splits..(s + 1) * kblocks / splits
 }
 
 /// D[m, n] = sum_k A[m, k] W[n, k] for e4m3 `w_codes` [n, k] with 128x128 block multipliers
 /// `w_scales` [ceil(n/128), ceil(k/128)]. f32 result (callers round to bf16). Single-threaded:
 /// this is the reference the kernels and the parallel CPU path are checked against.
 pub fn block_gemm_w8a8(a: &QuantizedRows, w_codes: &[u8], w_scales: &[f32], n: usize) -> Vec<f32> {
+    block_gemm_by(a, w_codes, w_scales, n, dot_w8a8)
+}
+
+/// [`block_gemm_w8a8`] in the order of a GEMM that splits K `splits` ways: each split's
+/// K-blocks ([`split_k_range`]) accumulated from zero as [`dot_w8a8`] does, then the split
+/// totals summed left to right (t_0, then + t_1, ...). `splits == 1` is [`block_gemm_w8a8`]
+/// bit for bit; 1 <= splits <= ceil(K/128).
+///
+/// Both orders sum the same per-K-block contributions c_kb = partial * sa * sb (rounded
+/// identically), only associated differently: splits 1 adds them in one chain, a split in one
+/// chain per split and then the chain of its totals. Each is a recursive f32 sum with at most
+/// KB - 1 roundings on any term's path (ceil(KB/S) - 1 + S - 1 <= KB - 1), so with
+/// u = 2^-24 and KB = ceil(K/128):
+///
+/// |split - unsplit| <= 2 (KB - 1) u / (1 - (KB - 1) u) * sum_kb |c_kb|.
+///
+/// (A bound in the split totals alone does not hold: with c = [1, u, u] in two splits
+/// [1] + [u, u], one chain rounds 1 + u to 1 twice while the split sums u + u exactly and
+/// returns 1 + 2u.)
+pub fn block_gemm_w8a8_splits(
+    a: &QuantizedRows,
+    w_codes: &[u8],
+    w_scales: &[f32],
+    n: usize,
+    splits: usize,
+) -> Vec<f32> {
+    let kblocks = a.cols.div_ceil(QUANT_BLOCK);
+    assert!(
+        splits >= 1 && splits <= kblocks.max(1),
+        "block_gemm_w8a8_splits: splits must be in 1..={kblocks} (K-blocks); got {splits}"
+    );
+    block_gemm_by(a, w_codes, w_scales, n, |x, xs, w, ws| {
+        let mut total = 0f32;
+        for s in 0..splits {
+            let t = dot_w8a8_blocks(x, xs, w, ws, split_k_range(kblocks, splits, s));
+            total = if s == 0 { t } else { total + t };
+        }
+        total
+    })
+}
+
+/// Every output of the block GEMM with `dot(a_row, a_scales, w_row, w_scales)`.
+fn block_gemm_by(
+    a: &QuantizedRows,
+    w_codes: &[u8],
+    w_scales: &[f32],
+    n: usize,
+    dot: impl Fn(&[f32], &[f32], &[f32], &[f32]) -> f32,
+) -> Vec<f32> {
     let k = a.cols;
     let kb = k.div_ceil(QUANT_BLOCK);
     assert_eq!(w_codes.len(), n * k, "weight codes are not [{n}, {k}]");
@@ -116,7 +188,7 @@ pub fn block_gemm_w8a8(a: &QuantizedRows, w_codes: &[u8], w_scales: &[f32], n: u
                 *o = e4m3_to_f32(c);
             }
             let ws = &w_scales[(j / QUANT_BLOCK) * kb..(j / QUANT_BLOCK + 1) * kb];
-            out[m * n + j] = dot_w8a8(&a_row, a.row_scales(m), &w_row, ws);
+            out[m * n + j] = dot(&a_row, a.row_scales(m), &w_row, ws);
         }
     }
     out
@@ -178,6 +250,111 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Random quantized rows [m, k] and a random weight [n, k] with its block scales.
+    fn random_problem(
+        m: usize,
+        n: usize,
+        k: usize,
+        seed: u64,
+    ) -> (QuantizedRows, Vec<u8>, Vec<f32>) {
+        let mut rng = seed | 1;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..m * k).map(|_| next() * 3.0).collect();
+        let w_codes: Vec<u8> = (0..n * k).map(|_| f32_to_e4m3(next() * 200.0)).collect();
+        let w_scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128))
+            .map(|_| next().abs() + 0.01)
+            .collect();
+        (act_quant(&x, k), w_codes, w_scales)
+    }
+
+    proptest! {
+        /// One split is the unsplit GEMM, bit for bit (ragged K too).
+        #[test]
+        fn one_split_is_block_gemm(
+            m in 1usize..4, n in 1usize..140, kblocks in 1usize..6, tail in 0usize..2,
+            seed in any::<u64>(),
+        ) {
+            let k = kblocks * QUANT_BLOCK - tail * 64;
+            let (a, codes, scales) = random_problem(m, n, k, seed);
+            let one = block_gemm_w8a8_splits(&a, &codes, &scales, n, 1);
+            let plain = block_gemm_w8a8(&a, &codes, &scales, n);
+            prop_assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+
+        /// Any split count stays within the documented re-association bound of the unsplit
+        /// sum: 2 (KB - 1) u / (1 - (KB - 1) u) * sum |c_kb|.
+        #[test]
+        fn splits_differ_within_the_reassociation_bound(
+            m in 1usize..3, n in 1usize..40, kblocks in 1usize..40, tail in 0usize..2,
+            split_pick in any::<usize>(), seed in any::<u64>(),
+        ) {
+            let k = kblocks * QUANT_BLOCK - tail * 64;
+            let splits = 1 + split_pick % kblocks;
+            let (a, codes, scales) = random_problem(m, n, k, seed);
+            let split = block_gemm_w8a8_splits(&a, &codes, &scales, n, splits);
+            let plain = block_gemm_w8a8(&a, &codes, &scales, n);
+            let u = 2f64.powi(-24);
+            let chain = (kblocks - 1) as f64;
+            let factor = 2.0 * chain * u / (1.0 - chain * u);
+            let mut a_row = vec![0f32; k];
+            let mut w_row = vec![0f32; k];
+            for i in 0..m {
+                a.decoded_row(i, &mut a_row);
+                for j in 0..n {
+                    for (o, &c) in w_row.iter_mut().zip(&codes[j * k..(j + 1) * k]) {
+                        *o = e4m3_to_f32(c);
+                    }
+                    let ws = &scales[(j / 128) * kblocks..][..kblocks];
+                    // Each c_kb exactly as both orders round it (0 + c = c).
+                    let mag: f64 = (0..kblocks)
+                        .map(|kb| {
+                            f64::from(dot_w8a8_blocks(&a_row, a.row_scales(i), &w_row, ws, kb..kb + 1))
+                                .abs()
+                        })
+                        .sum();
+                    let diff = (f64::from(split[i * n + j]) - f64::from(plain[i * n + j])).abs();
+                    prop_assert!(diff <= factor * mag,
+                        "[{i},{j}] splits {splits} of {kblocks}: |{} - {}| = {diff:e} > {:e}",
+                        split[i * n + j], plain[i * n + j], factor * mag);
+                }
+            }
+        }
+    }
+
+    /// The bound must count every K-block contribution, not the split totals: c = [1, u, u]
+    /// in splits [1] + [u, u] comes to 1 + 2u, the single chain to 1.
+    #[test]
+    fn splits_reassociate_block_contributions() {
+        let one = f32_to_e4m3(1.0);
+        let k = 3 * QUANT_BLOCK;
+        let mut codes = vec![0u8; k];
+        for kb in 0..3 {
+            codes[kb * QUANT_BLOCK] = one;
+        }
+        let u = 2f32.powi(-24);
+        let a = QuantizedRows {
+            rows: 1,
+            cols: k,
+            codes: codes.clone(),
+            scales: vec![1.0, u, u],
+        };
+        let w_scales = [1.0f32; 3];
+        assert_eq!(block_gemm_w8a8(&a, &codes, &w_scales, 1), vec![1.0]);
+        assert_eq!(
+            block_gemm_w8a8_splits(&a, &codes, &w_scales, 1, 2),
+            vec![1.0 + 2.0 * u]
+        );
+        assert_eq!(split_k_range(3, 2, 0), 0..1);
     }
 
     #[test]

@@ -242,7 +242,20 @@ pub fn row_of(a: &QuantizedRows, r: usize) -> QuantizedRows {
 
 /// `numerics::block_gemm_w8a8` of row `r` of `a` against a weight [n][k], rounded to bf16.
 pub fn w8a8_row(a: &QuantizedRows, r: usize, codes: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
-    numerics::block_gemm_w8a8(&row_of(a, r), codes, scales, n)
+    w8a8_row_splits(a, r, codes, scales, n, 1)
+}
+
+/// `numerics::block_gemm_w8a8_splits` of row `r` of `a` (splits 1: [`w8a8_row`]), rounded to
+/// bf16.
+pub fn w8a8_row_splits(
+    a: &QuantizedRows,
+    r: usize,
+    codes: &[u8],
+    scales: &[f32],
+    n: usize,
+    splits: usize,
+) -> Vec<f32> {
+    numerics::block_gemm_w8a8_splits(&row_of(a, r), codes, scales, n, splits)
         .into_iter()
         .map(numerics::round_bf16)
         .collect()
@@ -253,16 +266,34 @@ pub fn w8a8_row(a: &QuantizedRows, r: usize, codes: &[u8], scales: &[f32], n: us
 /// `a_row` and `w_row` are K codes; `sa` and `sb` the row's and the weight row's K-block
 /// scales.
 pub fn ref_kernel_dot(a_row: &[u8], w_row: &[u8], sa: &[f32], sb: &[f32]) -> f32 {
+    ref_kernel_dot_splits(a_row, w_row, sa, sb, 1)
+}
+
+/// [`ref_kernel_dot`] as fp8_gemm_ref computes it with `splits` splits of K: each split's
+/// K-blocks (`numerics::split_k_range`) accumulated from zero, then the split totals added
+/// left to right. One split is [`ref_kernel_dot`].
+pub fn ref_kernel_dot_splits(
+    a_row: &[u8],
+    w_row: &[u8],
+    sa: &[f32],
+    sb: &[f32],
+    splits: usize,
+) -> f32 {
     let k = a_row.len();
-    let mut acc = 0f32;
-    for b in 0..k.div_ceil(QUANT_BLOCK) {
-        let mut part = 0f32;
-        for kk in b * QUANT_BLOCK..((b + 1) * QUANT_BLOCK).min(k) {
-            part = e4m3_to_f32(a_row[kk]).mul_add(e4m3_to_f32(w_row[kk]), part);
+    let kblocks = k.div_ceil(QUANT_BLOCK);
+    let mut total = 0f32;
+    for s in 0..splits {
+        let mut acc = 0f32;
+        for b in numerics::split_k_range(kblocks, splits, s) {
+            let mut part = 0f32;
+            for kk in b * QUANT_BLOCK..((b + 1) * QUANT_BLOCK).min(k) {
+                part = e4m3_to_f32(a_row[kk]).mul_add(e4m3_to_f32(w_row[kk]), part);
+            }
+            acc = part.mul_add(sa[b] * sb[b], acc);
         }
-        acc = part.mul_add(sa[b] * sb[b], acc);
+        total = if s == 0 { acc } else { total + acc };
     }
-    acc
+    total
 }
 
 // ------------------------------------------------------------------------------------------

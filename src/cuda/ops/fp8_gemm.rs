@@ -4,13 +4,20 @@
 //! (BLOCK_M 64, small M / decode) and `fp8_gemm_ref` (CUDA cores, any shape: the GPU-side
 //! reference and the fallback). [`GemmKernel::Auto`] picks a wgmma kernel when the shape meets
 //! the fast path's requirements and the reference kernel otherwise.
+//!
+//! Split-K: with a [`SplitKWorkspace`] ([`Fp8GemmArgs::with_split_k`]) the wgmma kernels split
+//! each tile's K-blocks over several CTAs where [`heuristics::split_k`] says the tiles leave
+//! SMs idle (decode shapes), and reduce the splits in a fixed order: deterministic, no float
+//! atomics ("Split-K" in cuda/params/common.h). [`Fp8GemmArgs::with_splits`] forces a count;
+//! the reference kernel then sums in the same order, bit-exact with
+//! [`crate::numerics::block_gemm_w8a8_splits`]'s order of the split totals.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::{Checker, QuantizedActivations, Region, QUANT_BLOCK};
+use super::{Checker, QuantizedActivations, Region, SplitKDesc, SplitKWorkspace, QUANT_BLOCK};
 use crate::cuda::error::{CudaError, Result};
-use crate::cuda::heuristics::{self, Choice};
+use crate::cuda::heuristics::{self, Choice, GemmTiling};
 use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{self, R1Fp8GemmParams, R1Fp8GemmRefParams};
 use crate::cuda::tma::{TensorMap2d, TmaElem};
@@ -44,6 +51,15 @@ impl GemmKernel {
         match self {
             GemmKernel::WgmmaM64 => sys::R1_FP8_GEMM_M64_BLOCK_M as usize,
             _ => sys::R1_FP8_GEMM_BLOCK_M as usize,
+        }
+    }
+
+    /// The tiling of a wgmma kernel (what split-K is chosen and sized by); None otherwise.
+    pub fn tiling(self) -> Option<GemmTiling> {
+        match self {
+            GemmKernel::Wgmma => Some(heuristics::FP8_TILING),
+            GemmKernel::WgmmaM64 => Some(heuristics::FP8_TILING_M64),
+            GemmKernel::Auto | GemmKernel::Reference => None,
         }
     }
 }
@@ -255,6 +271,60 @@ impl Fp8GemmDesc {
     pub fn tiles(&self, kernel: GemmKernel) -> usize {
         self.m.div_ceil(kernel.block_m()) * self.n.div_ceil(sys::R1_FP8_GEMM_BLOCK_N as usize)
     }
+
+    /// The split of K the resolved `kernel` runs with, checked: `forced` splits when given,
+    /// else for a wgmma kernel with a workspace [`heuristics::split_k`] on `sm_count` SMs, else
+    /// one. `workspace` is the workspace's description (its `splits` is replaced). The
+    /// reference kernel needs no workspace for its splits and never asks the heuristic.
+    pub fn split_k(
+        &self,
+        kernel: GemmKernel,
+        forced: Option<usize>,
+        workspace: Option<SplitKDesc>,
+        sm_count: usize,
+    ) -> Result<SplitKDesc> {
+        let name = kernel.name();
+        let kblocks = self.k.div_ceil(QUANT_BLOCK);
+        let Some(tiling) = kernel.tiling() else {
+            let splits = forced.unwrap_or(1);
+            Checker { kernel: name }.req(splits >= 1 && splits <= kblocks, || {
+                format!(
+                    "splits must be in 1..={kblocks} (K = {} has {kblocks} K-blocks); asked for \
+                     {splits}",
+                    self.k
+                )
+            })?;
+            return Ok(SplitKDesc {
+                splits,
+                ..SplitKDesc::NONE
+            });
+        };
+        let splits = match (forced, workspace) {
+            (Some(s), _) => s,
+            (None, Some(_)) => heuristics::split_k(self.m, self.n, self.k, tiling, sm_count),
+            (None, None) => 1,
+        };
+        let desc = match workspace {
+            Some(ws) => SplitKDesc { splits, ..ws },
+            None => {
+                Checker { kernel: name }.req(splits <= 1, || {
+                    format!("{splits} splits of K need a split-K workspace (none was given)")
+                })?;
+                SplitKDesc {
+                    splits,
+                    ..SplitKDesc::NONE
+                }
+            }
+        };
+        desc.check(
+            name,
+            self.tiles(kernel),
+            kblocks,
+            tiling.block_m,
+            tiling.block_n,
+        )?;
+        Ok(desc)
+    }
 }
 
 /// A GEMM over caller-owned buffers.
@@ -271,6 +341,10 @@ pub struct Fp8GemmArgs<'a> {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    /// Where a split GEMM keeps its partials and counters; None: never split.
+    pub split_k: Option<&'a SplitKWorkspace>,
+    /// Exactly this many splits; None: as [`heuristics::split_k`] says (with a workspace).
+    pub splits: Option<usize>,
 }
 
 impl<'a> Fp8GemmArgs<'a> {
@@ -293,6 +367,25 @@ impl<'a> Fp8GemmArgs<'a> {
             m: a.m,
             n: w.n,
             k: a.k,
+            split_k: None,
+            splits: None,
+        }
+    }
+
+    /// Split K where heuristics::split_k says so, with `ws` as the workspace.
+    pub fn with_split_k(self, ws: &'a SplitKWorkspace) -> Self {
+        Fp8GemmArgs {
+            split_k: Some(ws),
+            ..self
+        }
+    }
+
+    /// Exactly `splits` splits (test and bench hook); needs a workspace that holds them.
+    pub fn with_splits(self, ws: &'a SplitKWorkspace, splits: usize) -> Self {
+        Fp8GemmArgs {
+            split_k: Some(ws),
+            splits: Some(splits),
+            ..self
         }
     }
 
@@ -314,8 +407,8 @@ impl<'a> Fp8GemmArgs<'a> {
     }
 }
 
-/// The reference kernel's launch of a resolved call.
-struct RefLaunch(Fp8GemmDesc);
+/// The reference kernel's launch of a resolved call, summing `splits` split totals.
+struct RefLaunch(Fp8GemmDesc, usize);
 
 impl KernelLaunch for RefLaunch {
     type Params = R1Fp8GemmRefParams;
@@ -339,7 +432,7 @@ impl KernelLaunch for RefLaunch {
             ldb: d.ldb as i32,
             ldd: d.ldd as i32,
             m_pad: d.m_pad as i32,
-            reserved: 0,
+            splits: self.1 as i32,
         })
     }
 
@@ -361,6 +454,7 @@ impl KernelLaunch for RefLaunch {
 struct WgmmaLaunch {
     desc: Fp8GemmDesc,
     kernel: GemmKernel,
+    split_k: SplitKDesc,
     ctas: usize,
 }
 
@@ -384,6 +478,7 @@ impl KernelLaunch for WgmmaLaunch {
             n: d.n as i32,
             k: d.k as i32,
             ldd: d.ldd as i32,
+            split_k: self.split_k.params(),
         })
     }
 
@@ -406,9 +501,10 @@ impl KernelLaunch for WgmmaLaunch {
 
 /// A checked GEMM launch (tensor maps encoded once) reports the kernel it resolved to.
 impl Prepared<'_, GemmKernel> {
-    /// The same launch on `ctas` persistent CTAs instead of min(tiles, SMs): any count >= 1
-    /// is valid (CTA i runs tiles i, i + ctas, ...), e.g. one CTA walking every tile. The
-    /// reference kernel's grid is its output tiling, so it has no such choice.
+    /// The same launch on `ctas` persistent CTAs instead of min(units, SMs): any count >= 1
+    /// is valid (CTA i runs units i, i + ctas, ...; no unit waits for another, split or not),
+    /// e.g. one CTA walking every unit. The reference kernel's grid is its output tiling, so it
+    /// has no such choice.
     pub fn with_persistent_ctas(mut self, ctas: u32) -> Result<Self> {
         let kernel = self.kernel();
         let c = Checker {
@@ -456,8 +552,9 @@ impl Fp8Weight {
 }
 
 impl Device {
-    /// Checks `args` for `kernel`, resolves Auto, encodes the tensor maps and builds the launch
-    /// (grid = min(tiles, SMs) for the persistent wgmma kernels). No work is queued.
+    /// Checks `args` for `kernel`, resolves Auto, chooses the split of K
+    /// ([`Fp8GemmDesc::split_k`]), encodes the tensor maps and builds the launch (grid =
+    /// min(tiles * splits, SMs) for the persistent wgmma kernels). No work is queued.
     pub fn prepare_fp8_gemm<'a>(
         &'a self,
         args: Fp8GemmArgs<'a>,
@@ -465,12 +562,25 @@ impl Device {
     ) -> Result<Prepared<'a, GemmKernel>> {
         let desc = args.desc();
         let kernel = desc.resolve(kernel)?;
+        let split_k = desc.split_k(
+            kernel,
+            args.splits,
+            args.split_k.map(|ws| ws.desc(1)),
+            self.info().sm_count,
+        )?;
+        let splits = split_k.splits;
         let prepared = Prepared::new(self, kernel);
         let (prepared, ctas) = match kernel {
-            GemmKernel::Reference => (prepared.then(&RefLaunch(desc))?, None),
+            GemmKernel::Reference => (prepared.then(&RefLaunch(desc, splits))?, None),
             GemmKernel::Wgmma | GemmKernel::WgmmaM64 => {
-                let ctas = heuristics::persistent_ctas(desc.tiles(kernel), self.info());
-                let launch = WgmmaLaunch { desc, kernel, ctas };
+                let units = desc.tiles(kernel) * splits;
+                let ctas = heuristics::persistent_ctas(units, self.info());
+                let launch = WgmmaLaunch {
+                    desc,
+                    kernel,
+                    split_k,
+                    ctas,
+                };
                 (prepared.then(&launch)?, Some(ctas))
             }
             GemmKernel::Auto => unreachable!("resolve() returns a concrete kernel"),
@@ -481,6 +591,7 @@ impl Device {
             k: desc.k,
             kernel,
             ctas,
+            splits,
         });
         Ok(prepared)
     }
@@ -576,15 +687,82 @@ mod tests {
         assert_eq!(desc(1, 2112, 128).tiles(GemmKernel::WgmmaM64), 17);
     }
 
+    /// The split of K: forced, heuristic (wgmma with a workspace), or none; the reference
+    /// kernel takes forced splits without a workspace; every refusal names what to change.
+    #[test]
+    fn split_k_choice_and_checks() {
+        let ws = |units: usize, tiles: usize| {
+            let [p, c] = SplitKWorkspace::lens(units, tiles);
+            SplitKDesc {
+                splits: 1,
+                partials: Region {
+                    addr: 0x6000_0000,
+                    len: p,
+                },
+                counters: Region {
+                    addr: 0x7000_0000,
+                    len: c,
+                },
+            }
+        };
+        let (m64, big, reference) = (
+            GemmKernel::WgmmaM64,
+            GemmKernel::Wgmma,
+            GemmKernel::Reference,
+        );
+        let d = desc(1, 1536, 7168); // 12 tiles, 56 K-blocks
+        let splits = |k, forced, w| d.split_k(k, forced, w, 132).map(|s| s.splits);
+        assert_eq!(splits(m64, None, None).unwrap(), 1);
+        assert_eq!(splits(m64, None, Some(ws(132, 132))).unwrap(), 10);
+        assert_eq!(
+            splits(big, None, Some(ws(132, 132))).unwrap(),
+            heuristics::split_k(1, 1536, 7168, heuristics::FP8_TILING, 132)
+        );
+        assert_eq!(splits(m64, Some(56), Some(ws(12 * 56, 12))).unwrap(), 56);
+        let sk = d.split_k(m64, Some(3), Some(ws(132, 132)), 132).unwrap();
+        assert_eq!((sk.params().splits, sk.params().partials), (3, 0x6000_0000));
+        // Reference: forced splits, no workspace, never the heuristic.
+        assert_eq!(splits(reference, Some(7), None).unwrap(), 7);
+        assert_eq!(splits(reference, None, Some(ws(132, 132))).unwrap(), 1);
+        assert_eq!(
+            d.split_k(reference, Some(7), None, 132)
+                .unwrap()
+                .params()
+                .partials,
+            0
+        );
+        // Refusals.
+        let e = err_of(splits(m64, Some(57), Some(ws(1000, 100))));
+        assert!(
+            e.starts_with("fp8_gemm_wgmma_m64") && e.contains("splits <= K-blocks (56)"),
+            "{e}"
+        );
+        let e = err_of(splits(m64, Some(0), Some(ws(132, 132))));
+        assert!(e.contains("asked for 0"), "{e}");
+        let e = err_of(splits(m64, Some(23), Some(ws(132, 132))));
+        assert!(
+            e.contains("split-K partials holds") && e.contains("12 tiles x 23 splits"),
+            "{e}"
+        );
+        let e = err_of(splits(m64, Some(2), Some(ws(1000, 5))));
+        assert!(e.contains("split-K counters holds"), "{e}");
+        let e = err_of(splits(m64, Some(2), None));
+        assert!(e.contains("need a split-K workspace"), "{e}");
+        assert_eq!(splits(m64, Some(1), None).unwrap(), 1);
+        let e = err_of(desc(3, 5, 100).split_k(reference, Some(2), None, 132));
+        assert!(e.contains("splits must be in 1..=1"), "{e}");
+    }
+
     /// Each resolved kernel's launch pairs with its kernel-table row.
     #[test]
     fn launches_pair_with_their_rows() {
         let desc = desc(64, 128, 128);
-        assert_eq!(row_symbol(&RefLaunch(desc)), "fp8_gemm_ref");
+        assert_eq!(row_symbol(&RefLaunch(desc, 1)), "fp8_gemm_ref");
         for kernel in [GemmKernel::Wgmma, GemmKernel::WgmmaM64] {
             let l = WgmmaLaunch {
                 desc,
                 kernel,
+                split_k: SplitKDesc::NONE,
                 ctas: 1,
             };
             assert_eq!(row_symbol(&l), kernel.name());

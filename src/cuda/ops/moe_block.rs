@@ -360,6 +360,8 @@ impl MoeOps {
                         m: tokens,
                         n: 2 * si,
                         k: h,
+                        split_k: None,
+                        splits: None,
                     },
                     dense,
                 )?
@@ -394,6 +396,8 @@ impl MoeOps {
                         m: tokens,
                         n: h,
                         k: si,
+                        split_k: None,
+                        splits: None,
                     },
                     dense,
                 )?

@@ -2,11 +2,9 @@
 //! covers (the CPU reference follows the same ranges and order), the workspace a split GEMM
 //! writes its partials and arrival counters to, and the launch fields.
 
-use std::ops::Range;
-
 use super::{Checker, Region};
 use crate::cuda::error::Result;
-use crate::cuda::{sys, Device, DeviceBuffer};
+use crate::cuda::{sys, Device, DeviceBuffer, DeviceInfo};
 
 /// Rows of the slice one consumer warp reduces (R1_SPLIT_K_SLICE_ROWS).
 pub const SPLIT_K_SLICE_ROWS: usize = sys::R1_SPLIT_K_SLICE_ROWS as usize;
@@ -16,11 +14,9 @@ pub const SPLIT_K_SLICE_ROWS: usize = sys::R1_SPLIT_K_SLICE_ROWS as usize;
 const MAX_TILE_ROWS: usize = 128;
 const MAX_TILE_COLS: usize = 128;
 
-/// K-blocks `[s * kblocks / splits, (s + 1) * kblocks / splits)` of split `s`: the kernels'
-/// rule, so every split is non-empty when `splits <= kblocks`.
-pub fn split_k_range(kblocks: usize, splits: usize, s: usize) -> Range<usize> {
-    s * kblocks / splits..(s + 1) * kblocks / splits
-}
+/// K-blocks of split `s` of `splits`: the kernels' rule, defined beside the CPU reference
+/// that follows it.
+pub use crate::numerics::split_k_range;
 
 /// Partials and arrival counters for split GEMMs. One workspace serves every GEMM queued on
 /// one stream (they run one after another, and each leaves the counters zero).
@@ -37,24 +33,43 @@ impl SplitKWorkspace {
     /// that splits (tiles up to 128 x 128). Counters start at zero.
     pub fn new(dev: &Device, max_units: usize, max_tiles: usize) -> Result<Self> {
         let (max_units, max_tiles) = (max_units.max(1), max_tiles.max(1));
+        let [partials, counters] = Self::lens(max_units, max_tiles);
         Ok(SplitKWorkspace {
-            partials: dev.alloc(max_units * MAX_TILE_ROWS * MAX_TILE_COLS)?,
-            counters: dev.alloc_zeros(max_tiles * MAX_TILE_ROWS / SPLIT_K_SLICE_ROWS)?,
+            partials: dev.alloc(partials)?,
+            counters: dev.alloc_zeros(counters)?,
             max_units,
             max_tiles,
         })
     }
 
+    /// Elements of the partials (f32) and counters (u32) of [`SplitKWorkspace::new`].
+    pub fn lens(max_units: usize, max_tiles: usize) -> [usize; 2] {
+        [
+            max_units * MAX_TILE_ROWS * MAX_TILE_COLS,
+            max_tiles * MAX_TILE_ROWS / SPLIT_K_SLICE_ROWS,
+        ]
+    }
+
+    /// The (units, tiles) [`SplitKWorkspace::for_device`] makes room for on `info`.
+    pub fn device_capacity(info: &DeviceInfo) -> (usize, usize) {
+        (info.sm_count, info.sm_count)
+    }
+
     /// Enough for every split [`crate::cuda::heuristics::split_k`] chooses on `dev`: it splits
     /// only while tiles * splits <= SMs.
     pub fn for_device(dev: &Device) -> Result<Self> {
-        let sms = dev.info().sm_count;
-        Self::new(dev, sms, sms)
+        let (units, tiles) = Self::device_capacity(dev.info());
+        Self::new(dev, units, tiles)
     }
 
     /// Units (tile, split) this workspace holds.
     pub fn max_units(&self) -> usize {
         self.max_units
+    }
+
+    /// The arrival counters (zero between launches).
+    pub fn counters(&self) -> &DeviceBuffer<u32> {
+        &self.counters
     }
 
     /// Output tiles this workspace has counters for.
