@@ -184,7 +184,10 @@ impl Core {
             return Err(missing("the Linear's quantized input"));
         }
         self.dev
-            .prepare_fp8_gemm(Fp8GemmArgs::new(a, w, d), GemmKernel::Auto)?
+            .prepare_fp8_gemm(
+                Fp8GemmArgs::new(a, w, d).with_split_k(&self.split_k),
+                GemmKernel::Auto,
+            )?
             .launch()?;
         Ok(())
     }
@@ -317,7 +320,10 @@ impl Core {
     ) -> Result<()> {
         let a = self.quantize(quant, x, m, w.k)?;
         self.dev
-            .prepare_fp8_gemm(Fp8GemmArgs::new(&a, w, d), GemmKernel::Auto)?
+            .prepare_fp8_gemm(
+                Fp8GemmArgs::new(&a, w, d).with_split_k(&self.split_k),
+                GemmKernel::Auto,
+            )?
             .launch()?;
         Ok(())
     }

@@ -59,7 +59,7 @@ use workspace::{
     StepSizes,
 };
 
-use super::ops::{MoeBlockConfig, MoeOps, RouterConfig, SmallOps};
+use super::ops::{MoeBlockConfig, MoeOps, RouterConfig, SmallOps, SplitKWorkspace};
 use super::{
     AllocationCount, Device, DeviceBuffer, Mla, MlaBatch, MlaCache, MlaRope, SampleArgs, SampleRow,
 };
@@ -145,6 +145,8 @@ struct Core {
     graphs_on: bool,
     /// Run the decode path's fused kernels (fusion.rs); off with `R1_NO_FUSION=1`.
     fusion: bool,
+    /// Partials and counters of every split-K GEMM (one stream runs them one at a time).
+    split_k: SplitKWorkspace,
 }
 
 /// A graph buffer's storage: bf16 activations or f32 (logits), grown as needed.
@@ -350,6 +352,7 @@ impl CudaBackend {
             max_seq_len: options.max_seq_len,
         };
         let capturable = capturable(&moe_layers);
+        let split_k = SplitKWorkspace::for_device(&device)?;
         let core = Core {
             cfg: cfg.clone(),
             dev: device,
@@ -365,6 +368,7 @@ impl CudaBackend {
             limits,
             graphs_on: options.cuda_graphs && capturable && !super::env_switch("R1_NO_CUDA_GRAPHS"),
             fusion: !super::env_switch("R1_NO_FUSION"),
+            split_k,
         };
         let mut state = State {
             graphs: Graphs::default(),
