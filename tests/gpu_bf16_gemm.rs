@@ -473,14 +473,16 @@ fn split_k_is_deterministic_over_grids_and_launches() {
             );
         }
     }
+    // Forced splits beyond what the device-sized workspace holds (56 tiles x 7 units).
+    let big = SplitKWorkspace::new(dev, p.tiles() * 7, p.tiles()).unwrap();
     for splits in [3, 7] {
         let forced = dev
-            .prepare_bf16_gemm_splits(on.desc(&p), Bf16GemmKernel::Wgmma, &ws, splits)
+            .prepare_bf16_gemm_splits(on.desc(&p), Bf16GemmKernel::Wgmma, &big, splits)
             .unwrap();
         let want = on.run(dev, &forced).unwrap();
         for ctas in [1, 5, 131] {
             let launch = dev
-                .prepare_bf16_gemm_splits(on.desc(&p), Bf16GemmKernel::Wgmma, &ws, splits)
+                .prepare_bf16_gemm_splits(on.desc(&p), Bf16GemmKernel::Wgmma, &big, splits)
                 .unwrap()
                 .with_persistent_ctas(ctas)
                 .unwrap();

@@ -369,7 +369,8 @@ impl Device {
         self.prepare_bf16_gemm_with(d, kernel, splits)
     }
 
-    /// The same with exactly `splits` (test and bench hook).
+    /// The same with exactly `splits` (test and bench hook): 1 <= splits <= ceil(K/64), the
+    /// workspace holding tiles * splits units; splits > 1 need the wgmma kernel.
     pub fn prepare_bf16_gemm_splits(
         &self,
         d: Bf16GemmDesc,
