@@ -9,6 +9,7 @@
  *                        register-reallocation budgets
  *   params/act_quant.h   act_quant
  *   params/fp8_gemm.h    fp8_gemm_ref, fp8_gemm_wgmma(_m64)
+ *   params/bf16_gemm.h   bf16_gemm_wgmma
  *   params/mla.h         the MLA kernels (cuda/mla/)
  *   params/moe.h         the MoE kernels (cuda/moe.cu, cuda/moe_gemm.cu)
  *   params/small_ops.h   the small graph ops
@@ -22,6 +23,7 @@
 #include "params/common.h"
 #include "params/act_quant.h"
 #include "params/fp8_gemm.h"
+#include "params/bf16_gemm.h"
 #include "params/mla.h"
 #include "params/moe.h"
 #include "params/small_ops.h"

@@ -12,8 +12,8 @@ use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
 use super::ops::{
-    GemmKernel, GroupedGemmKernel, MlaKernel, MoeBlockConfig, MoeGeometry, MoeLayout, MLA_BLOCK_M,
-    MLA_PAGE_TOKENS, QUANT_BLOCK,
+    Bf16GemmKernel, GemmKernel, GroupedGemmKernel, MlaKernel, MoeBlockConfig, MoeGeometry,
+    MoeLayout, MLA_BLOCK_M, MLA_PAGE_TOKENS, QUANT_BLOCK,
 };
 use super::{sys, DeviceInfo};
 
@@ -132,6 +132,44 @@ pub fn split_k(m: usize, n: usize, k: usize, t: GemmTiling, sm_count: usize) -> 
         kblocks.div_ceil(s) * per_kblock + reduce
     };
     (1..=most).min_by_key(|&s| (cost(s), s)).unwrap_or(1)
+}
+
+// ------------------------------------------------------------------------------------------
+// bf16 GEMM
+// ------------------------------------------------------------------------------------------
+
+/// bf16_gemm_wgmma's tile and operand width.
+pub const BF16_TILING: GemmTiling = GemmTiling {
+    block_m: sys::R1_BF16_GEMM_BLOCK_M as usize,
+    block_n: sys::R1_BF16_GEMM_BLOCK_N as usize,
+    block_k: sys::R1_BF16_GEMM_BLOCK_K as usize,
+    elem_bytes: 2,
+};
+
+/// The bf16 GEMM kernel: `Wgmma` when the call meets its requirements (`meets`), else the
+/// reference kernel.
+pub fn bf16_gemm_kernel(meets: impl FnOnce(Bf16GemmKernel) -> bool) -> Bf16GemmKernel {
+    if meets(Bf16GemmKernel::Wgmma) {
+        Bf16GemmKernel::Wgmma
+    } else {
+        Bf16GemmKernel::Reference
+    }
+}
+
+/// [`split_k`] of a batched bf16 GEMM, whose tiles are batch * ceil(M/64) * ceil(N/128): the
+/// entries share the SMs, so each gets sm_count / batch of them (split_k only divides the SMs
+/// by the tiles, and floor(floor(s / b) / t) = floor(s / (b t))).
+pub fn bf16_gemm_splits(batch: usize, m: usize, n: usize, k: usize, sm_count: usize) -> usize {
+    split_k(m, n, k, BF16_TILING, sm_count / batch.max(1))
+}
+
+/// `chosen` splits cut to what a workspace of `max_units` units and `max_tiles` tiles holds
+/// for `tiles` tiles (1: no workspace needed).
+pub fn splits_within(chosen: usize, tiles: usize, max_units: usize, max_tiles: usize) -> usize {
+    if tiles > max_tiles {
+        return 1;
+    }
+    chosen.min(max_units / tiles.max(1)).max(1)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -393,6 +431,16 @@ pub enum Choice {
         experts: usize,
         path: MoeRoutedPath,
     },
+    Bf16Gemm {
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        kernel: Bf16GemmKernel,
+        /// Persistent CTAs and split-K splits (the wgmma kernel).
+        ctas: Option<usize>,
+        splits: Option<usize>,
+    },
 }
 
 impl Choice {
@@ -476,6 +524,20 @@ impl Choice {
                     MoeRoutedPath::PerExpert => "per-expert fallback",
                 }
             ),
+            Choice::Bf16Gemm {
+                batch,
+                m,
+                n,
+                k,
+                kernel,
+                ctas: c,
+                splits,
+            } => format!(
+                "bf16_gemm batch={batch} m={m} n={n} k={k} -> {}{}{}",
+                kernel.name(),
+                ctas(c),
+                splits.map_or(String::new(), |s| format!(" (split-k {s})"))
+            ),
         };
         format!("r1-choice: {body}")
     }
@@ -510,8 +572,9 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::cuda::ops::{
-        act_scale_m_pad, Fp8GemmDesc, MlaAttnDesc, MlaWorkspace, MlaWorkspaceDesc, Region,
-        RouterConfig, SplitKDesc, SplitKWorkspace, MLA_SCHED_FIXED_OVERHEAD,
+        act_scale_m_pad, Bf16GemmDesc, Bf16Out, Fp8GemmDesc, MlaAttnDesc, MlaWorkspace,
+        MlaWorkspaceDesc, Region, RouterConfig, SplitKDesc, SplitKWorkspace,
+        MLA_SCHED_FIXED_OVERHEAD,
     };
 
     /// H200 / H100 SXM: 132 SMs.
@@ -1315,5 +1378,120 @@ pub(crate) mod tests {
         assert_eq!(first_time(&mut seen, &a), None);
         assert_eq!(first_time(&mut seen, &b), Some(b.line()));
         assert_eq!(first_time(&mut seen, &a.clone()), None);
+    }
+
+    // -------------------------------------------------------------------------- bf16 GEMM
+
+    /// A well-formed wgmma bf16 GEMM call with fake (aligned) addresses and contiguous batch
+    /// entries (f32 out); tests break one thing at a time.
+    pub(crate) fn bf16_gemm_desc(m: usize, n: usize, k: usize, batch: usize) -> Bf16GemmDesc {
+        let r = |addr: u64, len: usize| Region { addr, len };
+        let b = batch.max(1);
+        Bf16GemmDesc {
+            m,
+            n,
+            k,
+            batch,
+            a: r(0x1000_0000, b * m * k),
+            lda: k,
+            a_batch: m * k,
+            b: r(0x3000_0000, b * n * k),
+            ldb: k,
+            b_batch: n * k,
+            d: r(0x5000_0000, b * m * n),
+            ldd: n,
+            d_batch: m * n,
+            out: Bf16Out::F32,
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_kernel_by_requirements() {
+        assert_eq!(bf16_gemm_kernel(|_| true), Bf16GemmKernel::Wgmma);
+        assert_eq!(bf16_gemm_kernel(|_| false), Bf16GemmKernel::Reference);
+        let d = bf16_gemm_desc(1, 129_280, 7168, 1);
+        assert_eq!(
+            d.resolve(Bf16GemmKernel::Auto).unwrap(),
+            Bf16GemmKernel::Wgmma
+        );
+        assert_eq!(
+            bf16_gemm_desc(1, 100, 60, 1)
+                .resolve(Bf16GemmKernel::Auto)
+                .unwrap(),
+            Bf16GemmKernel::Reference
+        );
+    }
+
+    /// The batched split is split_k over batch * ceil(M/64) * ceil(N/128) tiles: every unit
+    /// on its own SM, each split at least SPLIT_K_MIN_KBLOCKS K-blocks of 64.
+    #[test]
+    fn bf16_splits_cover_the_batch() {
+        // lm_head: 1010 tiles fill the SMs.
+        assert_eq!(bf16_gemm_splits(1, 1, 129_280, 7168, 132), 1);
+        // eh_proj at decode: 56 tiles, 224 K-blocks -> 2 splits.
+        assert_eq!(bf16_gemm_splits(1, 1, 7168, 14336, 132), 2);
+        // The absorption products: 128 heads of 4 (q) or 1 (o) tiles, 2 or 8 K-blocks.
+        assert_eq!(bf16_gemm_splits(128, 1, 512, 128, 132), 1);
+        assert_eq!(bf16_gemm_splits(128, 1, 128, 512, 132), 1);
+        assert_eq!(bf16_gemm_splits(200, 1, 128, 4096, 132), 1);
+        for batch in 1..=8 {
+            for (m, n, k) in [
+                (1, 1536, 7168),
+                (64, 512, 16384),
+                (3, 600, 2048),
+                (1, 128, 512),
+            ] {
+                let s = bf16_gemm_splits(batch, m, n, k, 132);
+                let tiles = batch * m.div_ceil(64) * n.div_ceil(128);
+                let kblocks = k.div_ceil(64);
+                assert!(
+                    s == 1 || (tiles * s <= 132 && kblocks / s >= SPLIT_K_MIN_KBLOCKS),
+                    "{batch} x {m} {n} {k}: {s}"
+                );
+                // Same as split_k asked about that many tiles directly (batch folded into N
+                // when N is whole tiles).
+                if n % 128 == 0 {
+                    assert_eq!(s, split_k(m, n * batch, k, BF16_TILING, 132), "{batch} {n}");
+                }
+            }
+        }
+        // A workspace smaller than the choice cuts it, never below 1.
+        assert_eq!(splits_within(8, 12, 132, 132), 8);
+        assert_eq!(splits_within(8, 12, 50, 132), 4);
+        assert_eq!(splits_within(8, 12, 5, 132), 1);
+        assert_eq!(splits_within(8, 200, 400, 132), 1);
+    }
+
+    #[test]
+    fn bf16_choice_lines_name_shape_kernel_ctas_and_splits() {
+        let line = Choice::Bf16Gemm {
+            batch: 1,
+            m: 1,
+            n: 7168,
+            k: 14336,
+            kernel: Bf16GemmKernel::Wgmma,
+            ctas: Some(112),
+            splits: Some(2),
+        }
+        .line();
+        assert_eq!(
+            line,
+            "r1-choice: bf16_gemm batch=1 m=1 n=7168 k=14336 -> bf16_gemm_wgmma \
+             (persistent ctas 112) (split-k 2)"
+        );
+        let line = Choice::Bf16Gemm {
+            batch: 128,
+            m: 3,
+            n: 5,
+            k: 60,
+            kernel: Bf16GemmKernel::Reference,
+            ctas: None,
+            splits: None,
+        }
+        .line();
+        assert_eq!(
+            line,
+            "r1-choice: bf16_gemm batch=128 m=3 n=5 k=60 -> small_gemm_bf16"
+        );
     }
 }

@@ -104,6 +104,9 @@ kernel_table! {
         "fp8_gemm_wgmma", smem: sys::R1_FP8_GEMM_SMEM_BYTES, realloc: sys::R1_FP8_GEMM_THREADS;
         "fp8_gemm_wgmma_m64", smem: sys::R1_FP8_GEMM_M64_SMEM_BYTES;
     }
+    R1Bf16GemmParams {
+        "bf16_gemm_wgmma", smem: sys::R1_BF16_GEMM_SMEM_BYTES;
+    }
     R1MlaCacheWriteParams {
         "mla_cache_write";
     }
@@ -688,6 +691,12 @@ mod tests {
         assert_eq!(spec.params_name, "R1Fp8GemmParams");
         assert_eq!(spec.dynamic_smem, sys::R1_FP8_GEMM_M64_SMEM_BYTES);
         assert_eq!(spec.realloc_threads, None);
+        let spec = row("bf16_gemm_wgmma").unwrap();
+        assert_eq!(spec.params_name, "R1Bf16GemmParams");
+        assert_eq!(
+            (spec.dynamic_smem, spec.realloc_threads),
+            (sys::R1_BF16_GEMM_SMEM_BYTES, None)
+        );
         let spec = row("mla_decode_wgmma").unwrap();
         assert_eq!(spec.realloc_threads, Some(sys::R1_MLA_DECODE_THREADS));
         let spec = row("small_add").unwrap();

@@ -6,6 +6,7 @@
 //! CUDA-graph capture).
 
 mod act_quant;
+mod bf16_gemm;
 mod fp8_gemm;
 mod mla;
 mod mla_attn;
@@ -22,6 +23,7 @@ mod split_k;
 
 pub use super::launch::Prepared;
 pub use act_quant::{ActQuantArgs, ActQuantDesc, QuantizedActivations};
+pub use bf16_gemm::{Bf16GemmDesc, Bf16GemmKernel, Bf16Out};
 pub use fp8_gemm::{Fp8GemmArgs, Fp8GemmDesc, Fp8Weight, GemmKernel};
 pub use mla::{
     Mla, MlaBatch, MlaCache, MlaCacheWriteArgs, MlaCacheWriteDesc, MlaLayout, MlaQRopeArgs,
