@@ -50,45 +50,53 @@ __device__ __forceinline__ bool reduce_slice(float (&acc)[64], const R1SplitK& s
         if (hi_in)
             *reinterpret_cast<float2*>(mine + r_hi * BN + col0 + 8 * i) = make_float2(acc[4 * i + 2], acc[4 * i + 3]);
     }
-    // Release: each lane's stores reach L2 before lane 0's arrival is counted.
-    __threadfence();
+    // Release: the warp's stores are ordered before lane 0's fence (__syncwarp orders memory
+    // among its lanes), and the fence before the arrival; acquire: lane 0's second fence after
+    // it, and __syncwarp hands that on to every lane's loads.
     __syncwarp();
     unsigned int* counter = reinterpret_cast<unsigned int*>(sk.counters) +
                             static_cast<int64_t>(tile) * (BM / kSliceRows) + slice;
     unsigned int arrived = 0;
-    if (lane == 0) arrived = atomicAdd(counter, 1u);
+    if (lane == 0) {
+        __threadfence();
+        arrived = atomicAdd(counter, 1u);
+        __threadfence();
+    }
     arrived = __shfl_sync(0xffffffffu, arrived, 0);
     if (arrived != static_cast<unsigned int>(sk.splits - 1)) return false;
+    __syncwarp();
     // Every split has arrived: nobody touches the counter again in this launch.
     if (lane == 0) *counter = 0u;
-    __threadfence();  // acquire: the other splits' partials are read after their arrivals
 
-    float total[64];
+    // Sum p_0 + p_1 + ... in split order, every split (this one's too: the same f32 values it
+    // stored) read back from L2 (__ldcg: other SMs wrote them). A row past M reads a valid
+    // row of the slice instead (never stored), so each split's 32 loads issue back to back
+    // without branches.
+    const int rl = lo_in ? r_lo : slice * kSliceRows;
+    const int rh = hi_in ? r_hi : slice * kSliceRows;
     for (int s = 0; s < sk.splits; s++) {
         const float* src = partials + (first_unit + s) * kUnitFloats;
+        float2 lo[16], hi[16];
 #pragma unroll
         for (int i = 0; i < 16; i++) {
-            float2 lo = make_float2(acc[4 * i], acc[4 * i + 1]);
-            float2 hi = make_float2(acc[4 * i + 2], acc[4 * i + 3]);
-            if (s != split) {  // L2 loads (__ldcg): other SMs wrote these
-                if (lo_in) lo = __ldcg(reinterpret_cast<const float2*>(src + r_lo * BN + col0 + 8 * i));
-                if (hi_in) hi = __ldcg(reinterpret_cast<const float2*>(src + r_hi * BN + col0 + 8 * i));
-            }
+            lo[i] = __ldcg(reinterpret_cast<const float2*>(src + rl * BN + col0 + 8 * i));
+            hi[i] = __ldcg(reinterpret_cast<const float2*>(src + rh * BN + col0 + 8 * i));
+        }
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
             if (s == 0) {
-                total[4 * i] = lo.x;
-                total[4 * i + 1] = lo.y;
-                total[4 * i + 2] = hi.x;
-                total[4 * i + 3] = hi.y;
+                acc[4 * i] = lo[i].x;
+                acc[4 * i + 1] = lo[i].y;
+                acc[4 * i + 2] = hi[i].x;
+                acc[4 * i + 3] = hi[i].y;
             } else {
-                total[4 * i] = __fadd_rn(total[4 * i], lo.x);
-                total[4 * i + 1] = __fadd_rn(total[4 * i + 1], lo.y);
-                total[4 * i + 2] = __fadd_rn(total[4 * i + 2], hi.x);
-                total[4 * i + 3] = __fadd_rn(total[4 * i + 3], hi.y);
+                acc[4 * i] = __fadd_rn(acc[4 * i], lo[i].x);
+                acc[4 * i + 1] = __fadd_rn(acc[4 * i + 1], lo[i].y);
+                acc[4 * i + 2] = __fadd_rn(acc[4 * i + 2], hi[i].x);
+                acc[4 * i + 3] = __fadd_rn(acc[4 * i + 3], hi[i].y);
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < 64; j++) acc[j] = total[j];
     return true;
 }
 

@@ -53,7 +53,7 @@ typedef struct R1TensorMap {
  * Reduction, per 16-row slice of a tile (one consumer warp's rows of the wgmma fragment):
  * every split stores its slice to `partials`, then arrives on the slice's counter; the warp
  * that arrives last sums the S partials in split order, total = p_0 + p_1 + ... + p_{S-1}
- * (f32, left to right; its own split's values from registers, equal to what it stored), and
+ * (f32, left to right, every partial read back from L2, its own included), and
  * stores the output. No float atomics: the result is run-to-run deterministic, and it differs
  * from S = 1 only by the f32 association of the same per-K-block terms (one chain per split,
  * then the chain of split totals, instead of one chain; numerics::block_gemm_w8a8_splits
