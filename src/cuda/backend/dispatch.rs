@@ -9,9 +9,9 @@ use super::workspace::QuantSpace;
 use super::{ensure, missing, Core, Slot, State, StepData};
 use crate::cuda::heuristics::{act_quant_kernel, ActQuantKernel};
 use crate::cuda::ops::{
-    ActQuantArgs, ActQuantDesc, CopyRowsDesc, Fp8GemmArgs, Fp8Weight, GemmBf16Desc, GemmKernel,
-    MlaAbsorbDesc, MlaAbsorbQRopeDesc, NormQuantDesc, QuantOut, QuantizedActivations, Region,
-    SiluMulQuantDesc,
+    ActQuantArgs, ActQuantDesc, Bf16GemmDesc, Bf16GemmKernel, Bf16Out, CopyRowsDesc, Fp8GemmArgs,
+    Fp8Weight, GemmKernel, MlaAbsorbDesc, MlaAbsorbQRopeDesc, NormQuantDesc, QuantOut,
+    QuantizedActivations, Region, SiluMulQuantDesc,
 };
 use crate::cuda::{
     mla_plan_parts, Device, DeviceBuffer, MlaAttnArgs, MlaCacheWriteArgs, MlaKernel, MlaQRopeArgs,
@@ -495,27 +495,36 @@ impl Core {
                                 ),
                             });
                         }
-                        let (region, out_f32) = match (&out.f, &out.bf) {
+                        let (region, out) = match (&out.f, &out.bf) {
                             (Some(f), _) if graph.desc(*o).storage == Storage::F32 => {
-                                (Region::from(f), true)
+                                (Region::from(f), Bf16Out::F32)
                             }
-                            (_, Some(b)) => (Region::from(b), false),
+                            (_, Some(b)) => (Region::from(b), Bf16Out::Bf16),
                             _ => return Err(missing("Linear output")),
                         };
-                        self.small
-                            .prepare_gemm_bf16(GemmBf16Desc {
+                        // lm_head, eh_proj: the tensor-core GEMM, split over K where its
+                        // tiles leave SMs idle.
+                        dev.prepare_bf16_gemm(
+                            Bf16GemmDesc {
                                 m: out_rows,
                                 n,
                                 k,
-                                x: input(*x)?.into(),
-                                ldx: k,
-                                w: data.into(),
-                                ldw: k,
-                                out: region,
-                                ldo: n,
-                                out_f32,
-                            })?
-                            .launch()?;
+                                batch: 1,
+                                a: input(*x)?.into(),
+                                lda: k,
+                                a_batch: 0,
+                                b: data.into(),
+                                ldb: k,
+                                b_batch: 0,
+                                d: region,
+                                ldd: n,
+                                d_batch: 0,
+                                out,
+                            },
+                            Bf16GemmKernel::Auto,
+                            Some(&self.split_k),
+                        )?
+                        .launch()?;
                     }
                 }
             }
@@ -614,17 +623,21 @@ impl Core {
                     kv_b: kvb.into(),
                     dst: Region::from(&*q_attn),
                 };
-                if fusion.absorb_rope {
-                    self.small
-                        .prepare_mla_absorb_q_rope(MlaAbsorbQRopeDesc {
-                            absorb: shape,
-                            positions: Region::from(&step.mla.positions),
-                            inv_freq: Region::from(&self.rope.inv_freq),
-                            attention_factor: self.rope.attention_factor,
-                        })?
-                        .launch()?;
-                } else {
-                    self.small.prepare_mla_absorb(shape, true)?.launch()?;
+                // The absorption on tensor cores (batched over heads, split over K where the
+                // tiles leave SMs idle) wherever the wgmma GEMM takes the shapes, then q RoPE;
+                // else the CUDA-core kernels, with q RoPE fused when the plan says so.
+                let absorb_q = dev.prepare_bf16_gemm(
+                    shape.q_gemm(),
+                    Bf16GemmKernel::Auto,
+                    Some(&self.split_k),
+                )?;
+                let tensor_cores = absorb_q.kernel() == Bf16GemmKernel::Wgmma;
+                if tensor_cores || !fusion.absorb_rope {
+                    if tensor_cores {
+                        absorb_q.launch()?;
+                    } else {
+                        self.small.prepare_mla_absorb(shape, true)?.launch()?;
+                    }
                     let qk = nope + rope;
                     self.mla.q_rope(MlaQRopeArgs {
                         src: Some((qb, nope, heads * qk, qk)),
@@ -634,6 +647,15 @@ impl Core {
                         rope: &self.rope,
                         batch: &step.mla,
                     })?;
+                } else {
+                    self.small
+                        .prepare_mla_absorb_q_rope(MlaAbsorbQRopeDesc {
+                            absorb: shape,
+                            positions: Region::from(&step.mla.positions),
+                            inv_freq: Region::from(&self.rope.inv_freq),
+                            attention_factor: self.rope.attention_factor,
+                        })?
+                        .launch()?;
                 }
                 let cache = state
                     .cache
@@ -666,16 +688,21 @@ impl Core {
                     .bf
                     .as_ref()
                     .ok_or_else(|| missing("MlaAttention output"))?;
-                self.small
-                    .prepare_mla_absorb(
-                        MlaAbsorbDesc {
-                            src: Region::from(&*o_lat),
-                            dst: Region::from(ob),
-                            ..shape
-                        },
-                        false,
+                let absorb_o = MlaAbsorbDesc {
+                    src: Region::from(&*o_lat),
+                    dst: Region::from(ob),
+                    ..shape
+                };
+                if tensor_cores {
+                    dev.prepare_bf16_gemm(
+                        absorb_o.o_gemm(),
+                        Bf16GemmKernel::Auto,
+                        Some(&self.split_k),
                     )?
                     .launch()?;
+                } else {
+                    self.small.prepare_mla_absorb(absorb_o, false)?.launch()?;
+                }
             }
             Op::MoeRouted { x, router, .. } => {
                 let layer = self

@@ -46,7 +46,8 @@ pub(super) struct FusionPlan {
     pub steps: Vec<Step>,
     /// Per buffer: its act_quant, once made, serves every FP8 Linear that reads it.
     pub shared_quant: Vec<bool>,
-    /// MlaAttention absorbs q and ropes q_pe in one kernel.
+    /// MlaAttention absorbs q and ropes q_pe in one kernel where the absorption runs on CUDA
+    /// cores (the tensor-core GEMM does not take the shapes).
     pub absorb_rope: bool,
 }
 

@@ -13,7 +13,9 @@
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::{ActQuantDesc, Checker, QuantizedActivations, Region, QUANT_BLOCK};
+use super::{
+    ActQuantDesc, Bf16GemmDesc, Bf16Out, Checker, QuantizedActivations, Region, QUANT_BLOCK,
+};
 use crate::cuda::error::Result;
 use crate::cuda::launch::{KernelLaunch, Prepared};
 use crate::cuda::sys::{
@@ -302,6 +304,56 @@ pub struct MlaAbsorbDesc {
 }
 
 impl MlaAbsorbDesc {
+    /// absorb_q as one tensor-core GEMM batched over heads: per head h, the q rows' nope part
+    /// (row stride heads * (nope + rope)) times W_UK\[h\]^T `[kv_lora][nope]` (K-major) into
+    /// dst's latent columns. The same products as small_mla_absorb_q, summed on tensor cores.
+    pub fn q_gemm(&self) -> Bf16GemmDesc {
+        let (h, qk, kv) = (self.heads, self.nope + self.rope, self.kv_lora);
+        Bf16GemmDesc {
+            m: self.tokens,
+            n: kv,
+            k: self.nope,
+            batch: h,
+            a: self.src,
+            lda: h * qk,
+            a_batch: qk,
+            b: self.kv_b,
+            ldb: self.nope,
+            b_batch: (self.nope + self.v) * kv,
+            d: self.dst,
+            ldd: h * (kv + self.rope),
+            d_batch: kv + self.rope,
+            out: Bf16Out::Bf16,
+        }
+    }
+
+    /// absorb_o as one tensor-core GEMM batched over heads: per head h, o_lat `[tokens][kv_lora]`
+    /// (row stride heads * kv_lora) times W_UV\[h\] `[v][kv_lora]` (after W_UK^T in the head's
+    /// block) into dst's `[tokens][h * v ..]`.
+    pub fn o_gemm(&self) -> Bf16GemmDesc {
+        let (h, kv) = (self.heads, self.kv_lora);
+        let skip = self.nope * kv;
+        Bf16GemmDesc {
+            m: self.tokens,
+            n: self.v,
+            k: kv,
+            batch: h,
+            a: self.src,
+            lda: h * kv,
+            a_batch: kv,
+            b: Region {
+                addr: self.kv_b.addr + (skip * std::mem::size_of::<bf16>()) as u64,
+                len: self.kv_b.len.saturating_sub(skip),
+            },
+            ldb: kv,
+            b_batch: (self.nope + self.v) * kv,
+            d: self.dst,
+            ldd: h * self.v,
+            d_batch: self.v,
+            out: Bf16Out::Bf16,
+        }
+    }
+
     /// `q`: true for small_mla_absorb_q, false for small_mla_absorb_o.
     pub fn check(&self, q: bool) -> Result<()> {
         self.check_as(
