@@ -35,7 +35,8 @@ use common::{fail, Harness, Measurement};
 use half::bf16;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cuda::ops::{
-    FillElement, GemmBf16Desc, QuantizedActivations, RandomFill, SmallOps, SplitKWorkspace,
+    Bf16GemmDesc, Bf16GemmKernel, Bf16Out, FillElement, QuantizedActivations, RandomFill,
+    SplitKWorkspace,
 };
 use r1_runtime::cuda::{
     act_scale_m_pad, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight, GemmKernel, Prepared, Region,
@@ -50,8 +51,12 @@ fn fp8_launch<'a>(
     d: &'a mut DeviceBuffer<bf16>,
     split_k: Option<&'a SplitKWorkspace>,
 ) -> Result<Prepared<'a, GemmKernel>> {
-    let _ = split_k;
-    dev.prepare_fp8_gemm(Fp8GemmArgs::new(a, w, d), GemmKernel::Auto)
+    let args = Fp8GemmArgs::new(a, w, d);
+    let args = match split_k {
+        Some(ws) => args.with_split_k(ws),
+        None => args,
+    };
+    dev.prepare_fp8_gemm(args, GemmKernel::Auto)
 }
 
 fn bf16_launch<'a>(
@@ -59,21 +64,33 @@ fn bf16_launch<'a>(
     c: &Bf16Call,
     reference: bool,
     split_k: Option<&'a SplitKWorkspace>,
-) -> Result<Prepared<'a>> {
-    let _ = (reference, split_k, c.batch, c.a_batch, c.b_batch, c.d_batch);
-    let ops: &'a SmallOps = Box::leak(Box::new(SmallOps::new(dev)));
-    ops.prepare_gemm_bf16(GemmBf16Desc {
+) -> Result<Prepared<'a, Bf16GemmKernel>> {
+    let desc = Bf16GemmDesc {
         m: c.m,
         n: c.n,
         k: c.k,
-        x: c.a,
-        ldx: c.lda,
-        w: c.b,
-        ldw: c.ldb,
-        out: c.d,
-        ldo: c.ldd,
-        out_f32: c.out_f32,
-    })
+        batch: c.batch,
+        a: c.a,
+        lda: c.lda,
+        a_batch: c.a_batch,
+        b: c.b,
+        ldb: c.ldb,
+        b_batch: c.b_batch,
+        d: c.d,
+        ldd: c.ldd,
+        d_batch: c.d_batch,
+        out: if c.out_f32 {
+            Bf16Out::F32
+        } else {
+            Bf16Out::Bf16
+        },
+    };
+    let kernel = if reference {
+        Bf16GemmKernel::Reference
+    } else {
+        Bf16GemmKernel::Auto
+    };
+    dev.prepare_bf16_gemm(desc, kernel, split_k)
 }
 
 /// Tokens per decode step.
