@@ -98,7 +98,7 @@ use bytes::{block_flops, kv_read, mtp_extra, weight_bytes, LayerBytes, EP, TP};
 use probe::{Control, Probe};
 use r1_runtime::backend::Precision;
 use r1_runtime::config::ModelConfig;
-use r1_runtime::cuda::timing::{time_calls, Stats};
+use r1_runtime::cuda::timing::Stats;
 use r1_runtime::cuda::{CudaBackend, CudaOptions, Device};
 use r1_runtime::engine::sampling::SamplingParams;
 use r1_runtime::engine::scheduler::SchedulerOptions;
@@ -1107,14 +1107,6 @@ impl Bench {
     }
 }
 
-/// Device-to-device copy bandwidth, (read + write bytes) / time, of a 1 GiB copy.
-fn copy_bandwidth(dev: &Device) -> r1_runtime::cuda::Result<f64> {
-    let half = 1usize << 30;
-    let mut buf = dev.alloc::<u8>(2 * half)?;
-    let times = time_calls(dev, None, 7, || dev.copy_within(&mut buf, 0, half, half))?;
-    Ok(2.0 * half as f64 / (Stats::of(&times[2..]).median_us * 1e-6) / 1e9)
-}
-
 /// The byte accounting and projection shares, without a device.
 fn dry_run(r1: &ModelConfig, quick: bool) {
     let moe_cfg = probe_config(r1, 1, 0, true, PROBE_VOCAB);
@@ -1171,7 +1163,7 @@ fn main() {
     let Some(dev) = common::open_device() else {
         return;
     };
-    let copy_gbps = match copy_bandwidth(&dev) {
+    let copy_gbps = match common::copy_bandwidth(&dev) {
         Ok(b) => b,
         Err(e) => common::fail("device-to-device copy bandwidth", e),
     };

@@ -36,6 +36,66 @@ BENCH_M = [1, 16, 64, 128, 4096]
 QB = 128
 
 
+def blockwise_paths(torch, a, sa_cm, w, sw):
+    """(name, callable) for the blockwise FP8 paths torch offers, most specific first: A fp8
+    [M, K] with scales sa_cm [M, K/128] outer-dim-major, W fp8 [N, K] with scales sw
+    [N/128, K/128]; bf16 out."""
+    paths = []
+    F = torch.nn.functional
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        st = F.ScalingType
+        paths.append((
+            "torch_F_scaled_mm_blockwise",
+            lambda: F.scaled_mm(a, w.t(), sa_cm, st.BlockWise1x128, sw.t(), st.BlockWise128x128,
+                                output_dtype=torch.bfloat16),
+        ))
+    paths.append((
+        "torch_scaled_mm_blockwise",
+        lambda: torch._scaled_mm(a, w.t(), scale_a=sa_cm, scale_b=sw.t(), out_dtype=torch.bfloat16),
+    ))
+    return paths
+
+
+def fp8_weight(torch, n, k, device):
+    """Random FP8 codes [N, K] and 128x128 block scales [ceil(N/128), K/128]."""
+    w = (torch.randn(n, k, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return w, torch.rand(math.ceil(n / QB), k // QB, device=device) * 9e-4 + 1e-4
+
+
+def fp8_activations(torch, m, k, device):
+    """Random FP8 codes with M padded to a multiple of 4 (cuBLAS wants it), their 1x128 scales
+    [M_pad, K/128] and the same scales outer-dim-major (the SA layout, as blockwise_paths
+    takes them)."""
+    m_pad = (m + 3) // 4 * 4
+    a = (torch.randn(m_pad, k, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    sa = torch.rand(m_pad, k // QB, device=device) * 9e-3 + 1e-3
+    return a, sa, sa.t().contiguous().t()
+
+
+def first_blockwise_path(torch, a, sa, sa_cm, w, sw, check):
+    """The first path of blockwise_paths that runs: (name, callable, failures of the paths
+    before it, max |D - dequantized product| / max |product| when `check`, else None).
+    name and callable are None when none runs."""
+    failures = []
+    for name, fn in blockwise_paths(torch, a, sa_cm, w, sw):
+        try:
+            d = fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - report any refusal and try the next path
+            failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        err = None
+        if check:
+            n, k = w.shape
+            ref = (a.float() * sa.repeat_interleave(QB, 1)[:, :k]) @ (
+                w.float() * sw.repeat_interleave(QB, 0)[:n].repeat_interleave(QB, 1)[:, :k]
+            ).t()
+            scale = ref.abs().max().clamp_min(1e-30)
+            err = ((d.float() - ref).abs().max() / scale).item()
+        return name, fn, failures, err
+    return None, None, failures, None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="append JSON lines here")
@@ -55,60 +115,25 @@ def main():
     dev = torch.device("cuda")
     timer = Timer(torch)
     props, flush = timer.props, timer.flush
-    fp8 = torch.float8_e4m3fn
     out = open(args.json, "a") if args.json else None
     print(f"peer_scaled_mm: {timer.describe()}")
 
     def timed(fn):
         return timer.time(fn, args.iters)
 
-    def blockwise_paths(a, sa_cm, w, sw):
-        """Callables for the blockwise paths torch offers, most specific first."""
-        paths = []
-        F = torch.nn.functional
-        if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
-            st = F.ScalingType
-            paths.append((
-                "torch_F_scaled_mm_blockwise",
-                lambda: F.scaled_mm(a, w.t(), sa_cm, st.BlockWise1x128, sw.t(), st.BlockWise128x128,
-                                    output_dtype=torch.bfloat16),
-            ))
-        paths.append((
-            "torch_scaled_mm_blockwise",
-            lambda: torch._scaled_mm(a, w.t(), scale_a=sa_cm, scale_b=sw.t(), out_dtype=torch.bfloat16),
-        ))
-        return paths
-
     status = 0
     for n, k in DEEPSEEK_NK:
         kb = k // QB
         nb = math.ceil(n / QB)
-        w = (torch.randn(n, k, device=dev) * 64).clamp(-448, 448).to(fp8)
-        sw = torch.rand(nb, kb, device=dev) * 9e-4 + 1e-4
+        w, sw = fp8_weight(torch, n, k, dev)
         for m in BENCH_M:
             sid = f"m{m}_n{n}_k{k}"
             if args.filter not in sid:
                 continue
-            m_pad = (m + 3) // 4 * 4
-            a = (torch.randn(m_pad, k, device=dev) * 64).clamp(-448, 448).to(fp8)
-            sa = torch.rand(m_pad, kb, device=dev) * 9e-3 + 1e-3
-            sa_cm = sa.t().contiguous().t()  # outer-dim-major (the SA layout)
-            kernel, note, fn, err = None, "", None, None
-            failures = []
-            for name, cand in blockwise_paths(a, sa_cm, w, sw):
-                try:
-                    d = cand()
-                    torch.cuda.synchronize()
-                    kernel, fn = name, cand
-                    if m <= 128:
-                        ref = (a.float() * sa.repeat_interleave(QB, 1)[:, :k]) @ (
-                            w.float() * sw.repeat_interleave(QB, 0)[:n].repeat_interleave(QB, 1)[:, :k]
-                        ).t()
-                        scale = ref.abs().max().clamp_min(1e-30)
-                        err = ((d.float() - ref).abs().max() / scale).item()
-                    break
-                except Exception as e:  # noqa: BLE001 - report any refusal and try the next path
-                    failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            a, sa, sa_cm = fp8_activations(torch, m, k, dev)
+            m_pad = a.shape[0]
+            note = ""
+            kernel, fn, failures, err = first_blockwise_path(torch, a, sa, sa_cm, w, sw, m <= 128)
             if fn is None:
                 a16, w16 = a[:m].to(torch.bfloat16), w.to(torch.bfloat16)
                 kernel = "torch_matmul_bf16"

@@ -35,3 +35,21 @@ class Timer:
         cuda.synchronize()
         us = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
         return statistics.median(us), min(us), statistics.fmean(us), max(us)
+
+    def copy_gbps(self):
+        """Device-to-device copy bandwidth, (read + write bytes) / time, of a 1 GiB copy (median
+        of five after two untimed): bench/common's copy_bandwidth, the same way."""
+        cuda = self.torch.cuda
+        half = 1 << 30
+        buf = self.torch.empty(2 * half, dtype=self.torch.uint8, device="cuda")
+        src, dst = buf[half:], buf[:half]
+        us = []
+        for _ in range(7):
+            start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            us.append(start.elapsed_time(end) * 1e3)
+        del buf, src, dst
+        return 2 * half / (statistics.median(us[2:]) * 1e-6) / 1e9

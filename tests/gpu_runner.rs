@@ -154,6 +154,11 @@ echo '{"bench":"fp8_gemm","m":128,"n":7168,"k":2048,"kernel":"wgmma","median_us"
 echo "fp8_gemm m128_n7168_k2048: 20.0 us"
 "#;
 const FAKE_SILENT_BENCH: &str = "#!/bin/sh\necho starting\nsleep 600\n";
+/// The decode-GEMM bench: its copy bandwidth and one point.
+const FAKE_DECODE_GEMM_BENCH: &str = r#"#!/bin/sh
+echo '{"bench":"decode_gemm","id":"copy_bandwidth","kind":"copy","gbps":4000.0}' >> "$R1_BENCH_JSON"
+echo '{"bench":"decode_gemm","id":"q_b_tp8_m1","gemm":"q_b","variant":"split_k","kernel":"fp8_gemm_wgmma_m64","tp":8,"m":1,"n":3072,"k":1536,"batch":1,"median_us":5.0,"gbps":950.0,"pct_copy":23.75}' >> "$R1_BENCH_JSON"
+"#;
 
 /// Both peers write one line for the GEMM shape above (peer_mla's is ignored by the GEMM table).
 const FAKE_PEER: &str = r#"
@@ -161,6 +166,14 @@ import json, sys
 with open(sys.argv[sys.argv.index("--json") + 1], "a") as f:
     f.write(json.dumps({"bench": "peer_scaled_mm", "m": 128, "n": 7168, "k": 2048,
                         "kernel": "torch_scaled_mm", "median_us": 30.0, "tflops": 125.3}) + "\n")
+"#;
+
+/// The decode-GEMM peer writes its line for the same GEMM, TP and M.
+const FAKE_DECODE_PEER: &str = r#"
+import json, sys
+with open(sys.argv[sys.argv.index("--json") + 1], "a") as f:
+    f.write(json.dumps({"bench": "peer_decode_gemm", "gemm": "q_b", "tp": 8, "m": 1, "n": 3072, "k": 1536,
+                        "kernel": "torch_scaled_mm", "median_us": 10.0, "gbps": 475.0}) + "\n")
 "#;
 
 /// bash and python3 are there; otherwise says why the test does nothing.
@@ -209,6 +222,7 @@ impl Stage {
         write_executable(&root.join("fake/compute-sanitizer"), FAKE_COMPUTE_SANITIZER);
         fs::write(root.join("peer_scaled_mm.py"), FAKE_PEER).unwrap();
         fs::write(root.join("peer_mla.py"), FAKE_PEER).unwrap();
+        fs::write(root.join("peer_decode_gemm.py"), FAKE_DECODE_PEER).unwrap();
         let mut listing = String::new();
         for (kind, name) in targets {
             let script = match (*kind, *name) {
@@ -216,6 +230,7 @@ impl Stage {
                     "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/../fake/fake_libtest.py\" {name} \"$@\"\n"
                 ),
                 ("bench", "fp8_gemm") => FAKE_FP8_GEMM_BENCH.to_string(),
+                ("bench", "decode_gemm") => FAKE_DECODE_GEMM_BENCH.to_string(),
                 ("bench", _) => FAKE_SILENT_BENCH.to_string(),
                 _ => panic!("unknown target kind {kind}"),
             };
@@ -498,6 +513,7 @@ fn full_run_unpacks_the_stage_runs_the_benches_and_peers_and_sets_them_side_by_s
         ("test", "gpu_probes"),
         ("bench", "fp8_gemm"),
         ("bench", "mla_decode"),
+        ("bench", "decode_gemm"),
     ]);
     stage.pack();
     let run = stage.run("full", &[]);
@@ -517,8 +533,10 @@ fn full_run_unpacks_the_stage_runs_the_benches_and_peers_and_sets_them_side_by_s
     let expect = [
         ("bench:fp8_gemm", "ok"),
         ("bench:mla_decode", "HUNG"),
+        ("bench:decode_gemm", "ok"),
         ("peer:peer_scaled_mm", "ok"),
         ("peer:peer_mla", "ok"),
+        ("peer:peer_decode_gemm", "ok"),
     ];
     assert_eq!(
         steps,
@@ -528,6 +546,15 @@ fn full_run_unpacks_the_stage_runs_the_benches_and_peers_and_sets_them_side_by_s
     let side = &doc["side_by_side"][0];
     assert_eq!(side["ours_kernel"], "wgmma");
     assert_eq!(side["speedup_vs_peer"], 1.5);
+    // The decode-GEMM table: our line beside the peer's for the same GEMM, TP and M.
+    assert_eq!(doc["decode_gemm"]["ours_copy_gbps"], 4000.0);
+    let rows = doc["decode_gemm"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["variant"], "split_k");
+    assert_eq!(rows[0]["peer_gbps"], 475.0);
+    assert_eq!(rows[0]["speedup_vs_peer"], 2.0);
+    let summary = fs::read_to_string(stage.path("out/summary.txt")).unwrap();
+    assert!(summary.contains("decode GEMMs"), "{summary}");
     assert_eq!(run.exit_code, 1);
     assert!(text(&doc["verdict"]).contains("bench:mla_decode: HUNG"));
 }

@@ -3,9 +3,11 @@
 //! Each bench opens the device ([`open_device`]; without one it prints `skipped: no CUDA device (<reason>)` and exits 0),
 //! times every shape with CUDA events around the launches and an L2 flush (a memset over
 //! several times the L2 size) before each timed call, prints one summary line per shape
-//! (median time, TFLOPS = flops / t, GB/s = bytes moved / t, and % of the H100 SXM limits) and,
-//! when `R1_BENCH_JSON` names a file, appends one JSON object per line to it. Criterion then
-//! samples the same launches (GPU time, flush excluded) for its statistics.
+//! (median time, TFLOPS = flops / t, GB/s = bytes moved / t, and % of the H100 SXM limits, or
+//! of the device-to-device copy bandwidth measured in the same run once
+//! [`Harness::measure_copy_bandwidth`] has run) and, when `R1_BENCH_JSON` names a file, appends
+//! one JSON object per line to it. Criterion then samples the same launches (GPU time, flush
+//! excluded) for its statistics.
 //!
 //! Arguments are criterion's (`--bench` is what `cargo bench` passes; without it each shape
 //! runs once as a smoke test). A positional FILTER selects shapes by substring, for the summary
@@ -23,6 +25,7 @@ use std::time::Duration;
 use criterion::Criterion;
 use r1_runtime::cuda::timing::{time_calls, L2Flush, Stats};
 use r1_runtime::cuda::{Device, Result};
+use serde_json::Value;
 
 #[path = "../../tests/gpu_support/mod.rs"]
 pub mod gpu_support;
@@ -47,6 +50,8 @@ pub struct Harness<'d> {
     filter: Option<String>,
     json: Option<(String, File)>,
     bench: &'static str,
+    /// Device-to-device copy bandwidth (GB/s) measured in this run, once asked for.
+    copy_gbps: Option<f64>,
 }
 
 /// Criterion's options that take a value (so their values are not mistaken for a filter).
@@ -163,7 +168,17 @@ pub fn start<'d>(dev: &'d Device, bench: &'static str) -> Harness<'d> {
         filter: positional_filter(&args),
         json,
         bench,
+        copy_gbps: None,
     }
+}
+
+/// Device-to-device copy bandwidth, (read + write bytes) / time, of a 1 GiB copy (median of
+/// five after two untimed): the practical ceiling of a memory-bound kernel on this device.
+pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    let half = 1usize << 30;
+    let mut buf = dev.alloc::<u8>(2 * half)?;
+    let times = time_calls(dev, None, 7, || dev.copy_within(&mut buf, 0, half, half))?;
+    Ok(2.0 * half as f64 / (Stats::of(&times[2..]).median_us * 1e-6) / 1e9)
 }
 
 /// One measured shape.
@@ -194,17 +209,46 @@ impl Harness<'_> {
         Ok(Stats::of(&times))
     }
 
+    /// Measures [`copy_bandwidth`] (printed, and appended as a JSON line with id
+    /// "copy_bandwidth"); every later line also reports its GB/s as a percentage of it.
+    pub fn measure_copy_bandwidth(&mut self) -> Result<f64> {
+        let gbps = copy_bandwidth(self.dev)?;
+        self.copy_gbps = Some(gbps);
+        println!(
+            "{}: device-to-device copy {gbps:.0} GB/s (read + write, 1 GiB cuMemcpyDtoD)",
+            self.bench
+        );
+        let line = serde_json::json!({
+            "bench": self.bench,
+            "id": "copy_bandwidth",
+            "kind": "copy",
+            "gpu": self.dev.info().name,
+            "gbps": gbps,
+        });
+        self.json_line(&line);
+        Ok(gbps)
+    }
+
     /// Prints the summary line and appends the JSON line.
     pub fn report(&mut self, m: &Measurement<'_>) {
+        self.report_with(m, &[]);
+    }
+
+    /// [`Harness::report`] with text fields (name, value) printed before the dimensions and
+    /// written to the JSON line.
+    pub fn report_with(&mut self, m: &Measurement<'_>, labels: &[(&str, &str)]) {
         let t = m.stats.median_us * 1e-6;
         let tflops = m.flops / t / 1e12;
         let gbps = m.bytes / t / 1e9;
-        let dims: String = m
-            .dims
+        let dims: String = labels
             .iter()
-            .map(|(k, v)| format!("{k}={v:<6}"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(m.dims.iter().map(|(k, v)| format!("{k}={v:<6}")))
             .collect::<Vec<_>>()
             .join(" ");
+        let copy = self.copy_gbps.map_or(String::new(), |c| {
+            format!(" ({:5.1}% of copy {c:.0})", 100.0 * gbps / c)
+        });
         let compute = if m.flops > 0.0 {
             format!(
                 "{tflops:8.1} TFLOPS ({:5.1}% of {H100_SXM_FP8_TFLOPS})",
@@ -214,14 +258,14 @@ impl Harness<'_> {
             String::new()
         };
         println!(
-            "{} {dims} {:<20} median {:9.2} us (min {:9.2}) {compute} {gbps:8.1} GB/s ({:5.1}% of {H100_SXM_HBM_GBPS})",
+            "{} {dims} {:<20} median {:9.2} us (min {:9.2}) {compute} {gbps:8.1} GB/s ({:5.1}% of {H100_SXM_HBM_GBPS}){copy}",
             self.bench,
             m.kernel,
             m.stats.median_us,
             m.stats.min_us,
             100.0 * gbps / H100_SXM_HBM_GBPS
         );
-        if let Some((path, f)) = &mut self.json {
+        if self.json.is_some() {
             let i = self.dev.info();
             let mut obj = serde_json::json!({
                 "bench": self.bench,
@@ -247,6 +291,20 @@ impl Harness<'_> {
             for (k, v) in m.dims {
                 obj[*k] = serde_json::json!(v);
             }
+            for (k, v) in labels {
+                obj[*k] = serde_json::json!(v);
+            }
+            if let Some(c) = self.copy_gbps {
+                obj["copy_gbps"] = serde_json::json!(c);
+                obj["pct_copy"] = serde_json::json!(100.0 * gbps / c);
+            }
+            self.json_line(&obj);
+        }
+    }
+
+    /// Appends `obj` to the `R1_BENCH_JSON` file, if one is named.
+    pub fn json_line(&mut self, obj: &Value) {
+        if let Some((path, f)) = &mut self.json {
             if let Err(e) = writeln!(f, "{obj}") {
                 panic!("R1_BENCH_JSON={path}: {e}");
             }

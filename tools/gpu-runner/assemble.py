@@ -6,8 +6,8 @@ incomplete) and once more with --final, which prints the summary and exits 0 whe
 passed, 1 when anything failed, hung, died, was not run or had sanitizer errors, 3 when no CUDA
 device was found. Reads run.sh's work folder (machine.txt, nvidia-smi.csv,
 kernel_attributes.txt, no-device.txt, phase, and watchdog.py's tests.json, sanitizer.json,
-steps.jsonl), the stage's manifest.txt, and $OUT/bench.jsonl + $OUT/peer.jsonl, whose GEMM and
-MLA lines it sets side by side.
+steps.jsonl), the stage's manifest.txt, and $OUT/bench.jsonl + $OUT/peer.jsonl, whose GEMM, MLA
+and decode-GEMM lines it sets side by side.
 """
 
 import argparse
@@ -81,7 +81,7 @@ def side_by_side(bench, peer):
             first.setdefault((r.get("m"), r.get("n"), r.get("k")), r)
     gemm = []
     for p in peer:
-        o = first.get((p.get("m"), p.get("n"), p.get("k"))) if p.get("bench") != "peer_mla" else None
+        o = first.get((p.get("m"), p.get("n"), p.get("k"))) if p.get("bench") == "peer_scaled_mm" else None
         if o:
             gemm.append({"m": p["m"], "n": p["n"], "k": p["k"],
                          "ours_kernel": o.get("kernel"), "ours_us": o.get("median_us"), "ours_tflops": o.get("tflops"),
@@ -97,6 +97,36 @@ def side_by_side(bench, peer):
                         "ours_tflops": o.get("tflops"), "peer_us": p.get("median_us"), "peer_gbps": p.get("gbps"),
                         "peer_tflops": p.get("tflops"), "speedup_vs_peer": speedup(o, p)})
     return gemm, mla
+
+
+def copy_gbps(rows, bench):
+    """The device-to-device copy bandwidth `bench` measured in this run, if it did."""
+    return next((r.get("gbps") for r in rows if r.get("bench") == bench and r.get("id") == "copy_bandwidth"), None)
+
+
+def decode_gemm_table(bench, peer):
+    """Every decode_gemm line (each variant) beside the torch peer's line for the same GEMM, TP
+    and M; peer lines without one of ours follow."""
+    peers = {(p.get("gemm"), p.get("tp"), p.get("m")): p for p in peer
+             if p.get("bench") == "peer_decode_gemm" and p.get("gemm")}
+    rows, seen = [], set()
+
+    def row(key, o, p):
+        src = o or p
+        return {"gemm": key[0], "tp": key[1], "m": key[2], "n": src.get("n"), "k": src.get("k"),
+                "batch": src.get("batch"), "variant": o.get("variant"), "kernel": o.get("kernel"),
+                "ctas": o.get("ctas"), "error": o.get("error"), "ours_us": o.get("median_us"),
+                "ours_gbps": o.get("gbps"), "ours_pct_copy": o.get("pct_copy"),
+                "peer_kernel": p.get("kernel"), "peer_us": p.get("median_us"), "peer_gbps": p.get("gbps"),
+                "peer_pct_copy": p.get("pct_copy"), "speedup_vs_peer": speedup(o, p)}
+
+    for o in bench:
+        if o.get("bench") == "decode_gemm" and o.get("gemm"):
+            key = (o["gemm"], o.get("tp"), o.get("m"))
+            seen.add(key)
+            rows.append(row(key, o, peers.get(key, {})))
+    rows += [row(key, {}, p) for key, p in peers.items() if key not in seen]
+    return rows
 
 
 def speedup(ours, peer):
@@ -140,6 +170,10 @@ def verdict_of(final, phase, tests, sanitizer, steps):
     if not final:
         return "incomplete (stopped during %s)%s" % (phase or "start-up", ": " + ", ".join(problems) if problems else "")
     return "failed: " + ", ".join(problems) if problems else "passed"
+
+
+def fmt(value, spec):
+    return spec % value if value is not None else "-"
 
 
 def summary_lines(doc):
@@ -213,6 +247,25 @@ def summary_lines(doc):
             add("%-26s | %9.1f %6.0f %7.1f | %13.1f %6.0f | %s" % (
                 s["id"], s["ours_us"], s["ours_gbps"], s["ours_tflops"], s["peer_us"], s["peer_gbps"],
                 s["speedup_vs_peer"] or "-"))
+    if doc["decode_gemm"]:
+        d = doc["decode_gemm"]
+        add("")
+        add("decode GEMMs (GB/s: weight + scale + A + D bytes / median time; %%copy: of the device-to-device copy "
+            "bandwidth measured in the same run, ours %s GB/s, peer %s GB/s):" % (
+                fmt(d["ours_copy_gbps"], "%.0f"), fmt(d["peer_copy_gbps"], "%.0f")))
+        add("%-15s %2s %3s %6s %6s %5s %-9s %-28s %8s %7s %6s | %-28s %8s %7s %6s | x peer" % (
+            "gemm", "TP", "M", "N", "K", "batch", "variant", "ours", "us", "GB/s", "%copy", "peer", "us", "GB/s",
+            "%copy"))
+        for r in d["rows"]:
+            if r["error"]:
+                ours = "%-52s" % ("error: " + r["error"])[:52]
+            else:
+                ours = "%-28s %8s %7s %6s" % (r["kernel"] or "-", fmt(r["ours_us"], "%.1f"),
+                                              fmt(r["ours_gbps"], "%.0f"), fmt(r["ours_pct_copy"], "%.1f"))
+            add("%-15s %2s %3s %6s %6s %5s %-9s %s | %-28s %8s %7s %6s | %s" % (
+                r["gemm"], r["tp"], r["m"], r["n"], r["k"], r["batch"], r["variant"] or "-", ours,
+                r["peer_kernel"] or "-", fmt(r["peer_us"], "%.1f"), fmt(r["peer_gbps"], "%.0f"),
+                fmt(r["peer_pct_copy"], "%.1f"), r["speedup_vs_peer"] or "-"))
     if doc["bench"] or doc["peer"]:
         add("bench lines: %d, peer lines: %d (bench.jsonl, peer.jsonl)" % (len(doc["bench"]), len(doc["peer"])))
     return L
@@ -244,6 +297,7 @@ def main():
     bench = jsonl(os.path.join(args.out, "bench.jsonl"))
     peer = jsonl(os.path.join(args.out, "peer.jsonl"))
     gemm, mla = side_by_side(bench, peer)
+    decode_gemm_rows = decode_gemm_table(bench, peer)
     phase = read(work("phase")).strip()
     if no_device:
         verdict, status = "no CUDA device found: " + no_device, 3
@@ -273,6 +327,9 @@ def main():
         "peer": peer,
         "side_by_side": gemm,
         "side_by_side_mla": mla,
+        "decode_gemm": {"ours_copy_gbps": copy_gbps(bench, "decode_gemm"),
+                        "peer_copy_gbps": copy_gbps(peer, "peer_decode_gemm"),
+                        "rows": decode_gemm_rows} if decode_gemm_rows else None,
     }
     lines = summary_lines(doc)
     for name, text in (("gpu-suite.json", json.dumps(doc, indent=1)), ("summary.txt", "\n".join(lines) + "\n")):

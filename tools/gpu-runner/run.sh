@@ -7,8 +7,9 @@
 #                                  # first light, probes and every correctness test with
 #                                  # CUDA_LAUNCH_BLOCKING=1, memcheck on each sanitizer_smoke
 #   bash .gpu-stage/run.sh full    # ~570 s: info, the same tests with asynchronous launches,
-#                                  # the criterion benches, decode_layer (R1's real layers
-#                                  # through the engine, within its slice) and the PyTorch peers
+#                                  # the benches (decode_gemm: R1's decode GEMMs; decode_layer:
+#                                  # R1's real layers through the engine, last, within its
+#                                  # slice) and the PyTorch peers on the same shapes
 #
 # Each test binary runs one test at a time under watchdog.py: a test whose output stops for
 # R1_WATCHDOG_S seconds is HUNG (with the last kernel launched), a sticky CUDA error FAILS its
@@ -26,7 +27,7 @@ MODE="${1:-}"
 case "$MODE" in
   quick) BUDGET="${R1_SUITE_BUDGET_S:-290}" ;;
   full) BUDGET="${R1_SUITE_BUDGET_S:-570}" ;;
-  *) sed -n '2,21p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac
 [ $# -eq 1 ] || { echo "run.sh: one argument: quick or full" >&2; exit 2; }
 
@@ -169,8 +170,9 @@ if [ "$MODE" = full ]; then
   done
   phase "peers"
   end=$(( $(date +%s) + $(share 1 1) ))
-  step "peer:peer_scaled_mm" "$(slice "$end" 2)" python3 "$HERE/peer_scaled_mm.py" --json "$OUT/peer.jsonl"
-  step "peer:peer_mla" "$(slice "$end" 1)" python3 "$HERE/peer_mla.py" --json "$OUT/peer.jsonl"
+  step "peer:peer_scaled_mm" "$(slice "$end" 3)" python3 "$HERE/peer_scaled_mm.py" --json "$OUT/peer.jsonl"
+  step "peer:peer_mla" "$(slice "$end" 2)" python3 "$HERE/peer_mla.py" --json "$OUT/peer.jsonl"
+  step "peer:peer_decode_gemm" "$(slice "$end" 1)" python3 "$HERE/peer_decode_gemm.py" --json "$OUT/peer.jsonl"
 fi
 
 phase "done"
