@@ -35,8 +35,8 @@ use common::{fail, Harness, Measurement};
 use half::bf16;
 use r1_runtime::config::ModelConfig;
 use r1_runtime::cuda::ops::{
-    Bf16GemmDesc, Bf16GemmKernel, Bf16Out, FillElement, QuantizedActivations, RandomFill,
-    SplitKWorkspace,
+    Bf16GemmDesc, Bf16GemmKernel, Bf16Out, FillElement, MlaAbsorbDesc, QuantizedActivations,
+    RandomFill, SplitKWorkspace,
 };
 use r1_runtime::cuda::{
     act_scale_m_pad, Device, DeviceBuffer, Fp8GemmArgs, Fp8Weight, GemmKernel, Prepared, Region,
@@ -61,30 +61,10 @@ fn fp8_launch<'a>(
 
 fn bf16_launch<'a>(
     dev: &'a Device,
-    c: &Bf16Call,
+    desc: Bf16GemmDesc,
     reference: bool,
     split_k: Option<&'a SplitKWorkspace>,
 ) -> Result<Prepared<'a, Bf16GemmKernel>> {
-    let desc = Bf16GemmDesc {
-        m: c.m,
-        n: c.n,
-        k: c.k,
-        batch: c.batch,
-        a: c.a,
-        lda: c.lda,
-        a_batch: c.a_batch,
-        b: c.b,
-        ldb: c.ldb,
-        b_batch: c.b_batch,
-        d: c.d,
-        ldd: c.ldd,
-        d_batch: c.d_batch,
-        out: if c.out_f32 {
-            Bf16Out::F32
-        } else {
-            Bf16Out::Bf16
-        },
-    };
     let kernel = if reference {
         Bf16GemmKernel::Reference
     } else {
@@ -98,27 +78,6 @@ const DECODE_M: [usize; 4] = [1, 8, 32, 64];
 /// Tensor-parallel degrees: the whole model on one GPU, and one GPU's share of eight.
 const TP: [usize; 2] = [1, 8];
 const QB: usize = 128;
-
-/// A batched bf16 GEMM as the backend lays it out: D[b] = A[b] · B[b]^T for b < batch, A
-/// `[m][lda]` at a + b * a_batch, B `[n][ldb]` (K-major) at b + b * b_batch, D `[m][ldd]` at
-/// d + b * d_batch (elements).
-#[derive(Debug, Clone, Copy)]
-struct Bf16Call {
-    m: usize,
-    n: usize,
-    k: usize,
-    batch: usize,
-    a: Region,
-    lda: usize,
-    a_batch: usize,
-    b: Region,
-    ldb: usize,
-    b_batch: usize,
-    d: Region,
-    ldd: usize,
-    d_batch: usize,
-    out_f32: bool,
-}
 
 /// How tensor parallelism splits a weight `[n][k]` over the ranks (the sharding plan).
 #[derive(Debug, Clone, Copy)]
@@ -369,20 +328,13 @@ impl<'d> Run<'d> {
                 };
                 let w: DeviceBuffer<bf16> = self.fill(w_len, 0.0, 0.05);
                 for m in ms {
-                    // A's row, its per-batch offset, and D's row and offset, as the backend's
-                    // buffers lay them out.
-                    let (a_row, a_batch, d_row, d_batch, b_offset) = match g {
-                        Bf16Gemm::Dense { .. } => (k, 0, n, 0, 0),
-                        Bf16Gemm::AbsorbQ => (
-                            heads * (nope + rope),
-                            nope + rope,
-                            heads * (kv_lora + rope),
-                            kv_lora + rope,
-                            0,
-                        ),
-                        Bf16Gemm::AbsorbO => {
-                            (heads * kv_lora, kv_lora, heads * v, v, nope * kv_lora)
-                        }
+                    // A and D as the backend's buffers lay them out: the absorption reads q's
+                    // nope columns (or o_lat) per head and writes the attention query's latent
+                    // columns (or the heads' v outputs).
+                    let (a_row, d_row) = match g {
+                        Bf16Gemm::Dense { .. } => (k, n),
+                        Bf16Gemm::AbsorbQ => (heads * (nope + rope), heads * (kv_lora + rope)),
+                        Bf16Gemm::AbsorbO => (heads * kv_lora, heads * v),
                     };
                     let a: DeviceBuffer<bf16> = self.fill(m * a_row, 0.0, 1.0);
                     let out_bytes = if out_f32 { 4 } else { 2 };
@@ -390,28 +342,41 @@ impl<'d> Run<'d> {
                         .dev
                         .alloc(m * d_row * out_bytes)
                         .unwrap_or_else(|e| fail("alloc D", e));
-                    let call = Bf16Call {
-                        m,
-                        n,
-                        k,
-                        batch,
-                        a: Region::from(&a),
-                        lda: a_row,
-                        a_batch,
-                        b: Region {
-                            addr: w.addr() + (2 * b_offset) as u64,
-                            len: w.len() - b_offset,
+                    // Elements of the output type.
+                    let d = Region {
+                        addr: d_buf.addr(),
+                        len: m * d_row,
+                    };
+                    let absorb = MlaAbsorbDesc {
+                        tokens: m,
+                        heads,
+                        nope,
+                        rope,
+                        v,
+                        kv_lora,
+                        src: Region::from(&a),
+                        kv_b: Region::from(&w),
+                        dst: d,
+                    };
+                    let desc = match g {
+                        Bf16Gemm::Dense { .. } => Bf16GemmDesc {
+                            m,
+                            n,
+                            k,
+                            batch: 1,
+                            a: Region::from(&a),
+                            lda: k,
+                            a_batch: 0,
+                            b: Region::from(&w),
+                            ldb: k,
+                            b_batch: 0,
+                            d,
+                            ldd: n,
+                            d_batch: 0,
+                            out: if out_f32 { Bf16Out::F32 } else { Bf16Out::Bf16 },
                         },
-                        ldb: k,
-                        b_batch: if batch > 1 { head_block } else { 0 },
-                        // Elements of the output type.
-                        d: Region {
-                            addr: d_buf.addr(),
-                            len: m * d_row,
-                        },
-                        ldd: d_row,
-                        d_batch,
-                        out_f32,
+                        Bf16Gemm::AbsorbQ => absorb.q_gemm(),
+                        Bf16Gemm::AbsorbO => absorb.o_gemm(),
                     };
                     let p = Point {
                         gemm: name,
@@ -427,7 +392,7 @@ impl<'d> Run<'d> {
                         ("no_split", false, None),
                         ("reference", true, None),
                     ] {
-                        let prep = bf16_launch(self.dev, &call, reference, split_k);
+                        let prep = bf16_launch(self.dev, desc, reference, split_k);
                         self.point(&p, variant, prep);
                     }
                 }

@@ -1462,6 +1462,33 @@ pub(crate) mod tests {
         assert_eq!(splits_within(8, 200, 400, 132), 1);
     }
 
+    /// The splits of R1's decode-path bf16 GEMMs at M = 1, 8, 32, 64, TP 1 and TP 8 (lm_head
+    /// vocab-parallel, the absorption over the rank's 16 heads, eh_proj whole): lm_head and
+    /// absorb_q fill the SMs or are too short to split, eh_proj (56 tiles) and absorb_o at TP 8
+    /// (16 tiles of 8 K-blocks) take 2.
+    #[test]
+    fn bf16_r1_decode_table() {
+        #[rustfmt::skip]
+        let want: [(&str, [usize; 3], [usize; 3], [usize; 2]); 4] = [
+            // name,      [batch, n, k] at TP 1,  at TP 8,          splits at TP 1, TP 8
+            ("lm_head",  [1, 129_280, 7168], [1, 16_160, 7168], [1, 1]),
+            ("eh_proj",  [1, 7168, 14_336],  [1, 7168, 14_336], [2, 2]),
+            ("absorb_q", [128, 512, 128],    [16, 512, 128],    [1, 1]),
+            ("absorb_o", [128, 128, 512],    [16, 128, 512],    [1, 2]),
+        ];
+        for (name, tp1, tp8, splits) in want {
+            for ([batch, n, k], want) in [(tp1, splits[0]), (tp8, splits[1])] {
+                for m in [1, 8, 32, 64] {
+                    assert_eq!(
+                        bf16_gemm_splits(batch, m, n, k, 132),
+                        want,
+                        "{name} batch {batch} [{n} x {k}] at M = {m}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_choice_lines_name_shape_kernel_ctas_and_splits() {
         let line = Choice::Bf16Gemm {

@@ -1195,6 +1195,55 @@ mod tests {
         Region { addr: 256, len }
     }
 
+    /// At R1's attention shape both absorption products take the tensor-core GEMM, over the
+    /// same buffers the CUDA-core kernels accept: W_UK^T at each head's block start, W_UV
+    /// after it, q's nope columns and the query's latent columns per head.
+    #[test]
+    fn absorption_gemms_take_the_tensor_cores_at_r1_shapes() {
+        use crate::cuda::ops::Bf16GemmKernel;
+        let (t, h, nope, rope, v, kv) = (5, 128, 128, 64, 128, 512);
+        let at = |addr, len| Region { addr, len };
+        let kv_b = at(0x1000_0000, h * (nope + v) * kv);
+        let q = MlaAbsorbDesc {
+            tokens: t,
+            heads: h,
+            nope,
+            rope,
+            v,
+            kv_lora: kv,
+            src: at(0x2000_0000, t * h * (nope + rope)),
+            kv_b,
+            dst: at(0x3000_0000, t * h * (kv + rope)),
+        };
+        let o = MlaAbsorbDesc {
+            src: at(0x4000_0000, t * h * kv),
+            dst: at(0x5000_0000, t * h * v),
+            ..q
+        };
+        q.check(true).unwrap();
+        o.check(false).unwrap();
+        let (qg, og) = (q.q_gemm(), o.o_gemm());
+        for g in [qg, og] {
+            assert_eq!(
+                g.resolve(Bf16GemmKernel::Auto).unwrap(),
+                Bf16GemmKernel::Wgmma
+            );
+        }
+        assert_eq!((qg.m, qg.n, qg.k, qg.batch), (t, kv, nope, h));
+        assert_eq!(
+            (qg.lda, qg.a_batch, qg.ldd, qg.d_batch),
+            (h * 192, 192, h * 576, 576)
+        );
+        assert_eq!((og.m, og.n, og.k, og.batch), (t, v, kv, h));
+        assert_eq!(og.b.addr, kv_b.addr + (2 * nope * kv) as u64);
+        assert_eq!(og.b_batch, (nope + v) * kv);
+        // The last head's W_UV ends where the absorbed kv_b ends.
+        assert_eq!(
+            (og.b_batch * (h - 1) + (og.n - 1) * og.ldb + og.k),
+            og.b.len
+        );
+    }
+
     /// Each launch's kernel has a row naming its parameter struct.
     #[test]
     fn every_launch_pairs_with_its_row() {
