@@ -1468,15 +1468,17 @@ pub(crate) mod tests {
     /// (16 tiles of 8 K-blocks) take 2.
     #[test]
     fn bf16_r1_decode_table() {
+        /// [batch, n, k] at TP 1 and at TP 8.
+        type Shapes = [[usize; 3]; 2];
         #[rustfmt::skip]
-        let want: [(&str, [usize; 3], [usize; 3], [usize; 2]); 4] = [
-            // name,      [batch, n, k] at TP 1,  at TP 8,          splits at TP 1, TP 8
-            ("lm_head",  [1, 129_280, 7168], [1, 16_160, 7168], [1, 1]),
-            ("eh_proj",  [1, 7168, 14_336],  [1, 7168, 14_336], [2, 2]),
-            ("absorb_q", [128, 512, 128],    [16, 512, 128],    [1, 1]),
-            ("absorb_o", [128, 128, 512],    [16, 128, 512],    [1, 2]),
+        let want: [(&str, Shapes, [usize; 2]); 4] = [
+            // name,       TP 1,                 TP 8,                 splits at TP 1, TP 8
+            ("lm_head",  [[1, 129_280, 7168], [1, 16_160, 7168]], [1, 1]),
+            ("eh_proj",  [[1, 7168, 14_336],  [1, 7168, 14_336]], [2, 2]),
+            ("absorb_q", [[128, 512, 128],    [16, 512, 128]],    [1, 1]),
+            ("absorb_o", [[128, 128, 512],    [16, 128, 512]],    [1, 2]),
         ];
-        for (name, tp1, tp8, splits) in want {
+        for (name, [tp1, tp8], splits) in want {
             for ([batch, n, k], want) in [(tp1, splits[0]), (tp8, splits[1])] {
                 for m in [1, 8, 32, 64] {
                     assert_eq!(
