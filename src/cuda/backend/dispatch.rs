@@ -309,6 +309,15 @@ impl Core {
         Ok(())
     }
 
+    /// A bf16 GEMM on tensor cores where the wgmma kernel takes it (split over K where its
+    /// tiles leave SMs idle), else on the reference kernel.
+    fn bf16_gemm(&self, desc: Bf16GemmDesc) -> Result<()> {
+        self.dev
+            .prepare_bf16_gemm(desc, Bf16GemmKernel::Auto, Some(&self.split_k))?
+            .launch()?;
+        Ok(())
+    }
+
     /// d (bf16 `[m][w.n]`) = x · W^T in w8a8.
     pub(super) fn fp8_linear(
         &self,
@@ -502,29 +511,23 @@ impl Core {
                             (_, Some(b)) => (Region::from(b), Bf16Out::Bf16),
                             _ => return Err(missing("Linear output")),
                         };
-                        // lm_head, eh_proj: the tensor-core GEMM, split over K where its
-                        // tiles leave SMs idle.
-                        dev.prepare_bf16_gemm(
-                            Bf16GemmDesc {
-                                m: out_rows,
-                                n,
-                                k,
-                                batch: 1,
-                                a: input(*x)?.into(),
-                                lda: k,
-                                a_batch: 0,
-                                b: data.into(),
-                                ldb: k,
-                                b_batch: 0,
-                                d: region,
-                                ldd: n,
-                                d_batch: 0,
-                                out,
-                            },
-                            Bf16GemmKernel::Auto,
-                            Some(&self.split_k),
-                        )?
-                        .launch()?;
+                        // lm_head, eh_proj: the tensor-core GEMM where it takes the shape.
+                        self.bf16_gemm(Bf16GemmDesc {
+                            m: out_rows,
+                            n,
+                            k,
+                            batch: 1,
+                            a: input(*x)?.into(),
+                            lda: k,
+                            a_batch: 0,
+                            b: data.into(),
+                            ldb: k,
+                            b_batch: 0,
+                            d: region,
+                            ldd: n,
+                            d_batch: 0,
+                            out,
+                        })?;
                     }
                 }
             }
@@ -623,18 +626,14 @@ impl Core {
                     kv_b: kvb.into(),
                     dst: Region::from(&*q_attn),
                 };
-                // The absorption on tensor cores (batched over heads, split over K where the
-                // tiles leave SMs idle) wherever the wgmma GEMM takes the shapes, then q RoPE;
-                // else the CUDA-core kernels, with q RoPE fused when the plan says so.
-                let absorb_q = dev.prepare_bf16_gemm(
-                    shape.q_gemm(),
-                    Bf16GemmKernel::Auto,
-                    Some(&self.split_k),
-                )?;
-                let tensor_cores = absorb_q.kernel() == Bf16GemmKernel::Wgmma;
-                if tensor_cores || !fusion.absorb_rope {
-                    if tensor_cores {
-                        absorb_q.launch()?;
+                // Each absorption product on tensor cores (batched over heads, split over K
+                // where the tiles leave SMs idle) wherever the wgmma GEMM takes its shapes, and
+                // q RoPE after it; else the CUDA-core kernels, q RoPE fused when the plan says so.
+                let q_gemm = shape.q_gemm();
+                let tensor_q = q_gemm.resolve(Bf16GemmKernel::Auto)? == Bf16GemmKernel::Wgmma;
+                if tensor_q || !fusion.absorb_rope {
+                    if tensor_q {
+                        self.bf16_gemm(q_gemm)?;
                     } else {
                         self.small.prepare_mla_absorb(shape, true)?.launch()?;
                     }
@@ -693,13 +692,9 @@ impl Core {
                     dst: Region::from(ob),
                     ..shape
                 };
-                if tensor_cores {
-                    dev.prepare_bf16_gemm(
-                        absorb_o.o_gemm(),
-                        Bf16GemmKernel::Auto,
-                        Some(&self.split_k),
-                    )?
-                    .launch()?;
+                let o_gemm = absorb_o.o_gemm();
+                if o_gemm.resolve(Bf16GemmKernel::Auto)? == Bf16GemmKernel::Wgmma {
+                    self.bf16_gemm(o_gemm)?;
                 } else {
                     self.small.prepare_mla_absorb(absorb_o, false)?.launch()?;
                 }
