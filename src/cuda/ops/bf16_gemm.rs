@@ -136,15 +136,12 @@ impl Bf16GemmDesc {
             ("ldb", self.ldb),
             ("ldd", self.ldd),
         ])?;
-        c.req(self.lda >= k, || {
-            format!("lda ({}) must be >= K ({k})", self.lda)
-        })?;
-        c.req(self.ldb >= k, || {
-            format!("ldb ({}) must be >= K ({k})", self.ldb)
-        })?;
-        c.req(self.ldd >= n, || {
-            format!("ldd ({}) must be >= N ({n})", self.ldd)
-        })?;
+        c.gemm_strides(
+            k,
+            n,
+            &[("lda", self.lda), ("ldb", self.ldb)],
+            ("ldd", self.ldd),
+        )?;
         c.aligned("A", self.a, 2)?;
         c.aligned("B", self.b, 2)?;
         c.aligned("D", self.d, self.out.bytes())?;

@@ -212,15 +212,12 @@ impl Fp8GemmDesc {
             ("ldd", self.ldd),
             ("m_pad", self.m_pad),
         ])?;
-        c.req(self.lda >= k, || {
-            format!("lda ({}) must be >= K ({k})", self.lda)
-        })?;
-        c.req(self.ldb >= k, || {
-            format!("ldb ({}) must be >= K ({k})", self.ldb)
-        })?;
-        c.req(self.ldd >= n, || {
-            format!("ldd ({}) must be >= N ({n})", self.ldd)
-        })?;
+        c.gemm_strides(
+            k,
+            n,
+            &[("lda", self.lda), ("ldb", self.ldb)],
+            ("ldd", self.ldd),
+        )?;
         c.sa_pad("m_pad", self.m_pad, m, "M")?;
         c.aligned("sa", self.sa, 4)?;
         c.aligned("sb", self.sb, 4)?;

@@ -147,6 +147,21 @@ impl Checker {
         Ok(())
     }
 
+    /// Leading dimensions of a GEMM D = A · B^T: each `(name, ld)` of A or B at least K, D's
+    /// at least N.
+    pub fn gemm_strides(
+        &self,
+        k: usize,
+        n: usize,
+        operands: &[(&str, usize)],
+        (d_name, ldd): (&str, usize),
+    ) -> Result<()> {
+        for &(name, ld) in operands {
+            self.req(ld >= k, || format!("{name} ({ld}) must be >= K ({k})"))?;
+        }
+        self.req(ldd >= n, || format!("{d_name} ({ldd}) must be >= N ({n})"))
+    }
+
     pub fn aligned(&self, name: &str, r: Region, align: u64) -> Result<()> {
         self.req(r.addr % align == 0, || {
             format!("{name} ({:#x}) must be {align}-byte aligned", r.addr)

@@ -132,12 +132,7 @@ impl GroupedGemmDesc {
             ("ldd", self.ldd),
             ("E * N", e.saturating_mul(n)),
         ])?;
-        c.req(self.lda >= k, || {
-            format!("lda ({}) must be >= K ({k})", self.lda)
-        })?;
-        c.req(self.ldd >= n, || {
-            format!("ldd ({}) must be >= N ({n})", self.ldd)
-        })?;
+        c.gemm_strides(k, n, &[("lda", self.lda)], ("ldd", self.ldd))?;
         c.aligned("sa", self.sa, 4)?;
         c.aligned("sb", self.sb, 4)?;
         c.aligned("D", self.d, 2)?;
