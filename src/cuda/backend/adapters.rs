@@ -88,9 +88,6 @@ pub fn upload_moe_block(
     moe: &MoeWeights,
 ) -> Result<MoeBlockWeights> {
     cfg.check()?;
-    if weights.is_synthetic() {
-        return synthetic_moe_block(dev, cfg, weights, moe);
-    }
     let (e, h, i) = (cfg.router.experts, cfg.hidden, cfg.inter);
     let c = Checker { kernel: BLOCK };
     c.req(moe.experts.len() == e, || {
@@ -99,6 +96,9 @@ pub fn upload_moe_block(
             moe.experts.len()
         )
     })?;
+    if weights.is_synthetic() {
+        return synthetic_moe_block(dev, cfg, weights, moe);
+    }
     let router: Vec<bf16> = dense(weights, moe.router)?
         .iter()
         .map(|&v| bf16::from_f32(v))
@@ -321,12 +321,6 @@ fn synthetic_moe_block(
 ) -> Result<MoeBlockWeights> {
     let (e, h, i) = (cfg.router.experts, cfg.hidden, cfg.inter);
     let c = Checker { kernel: BLOCK };
-    c.req(moe.experts.len() == e, || {
-        format!(
-            "the layer has {} experts; the config says {e}",
-            moe.experts.len()
-        )
-    })?;
     let syn = |id: WeightId| match weights.get(id) {
         Weight::Synthetic(w) => Ok(w),
         Weight::Fp8(_) | Weight::Dense { .. } => Err(CudaError::requirement(
