@@ -90,6 +90,25 @@ __device__ __forceinline__ void quantize_group(const float (&y)[4], const bool (
 // Columns of W_UK[h]^T (one 64-byte run of a kv_lora row) staged per pass of absorb_q.
 constexpr int ABSORB_TILE_I = 32;
 
+// One 128-channel group [c0, c0 + 128) of a row of `width` held by a warp (channel
+// c0 + 32 i + lane, values value(c)): stored to `out` when given, then quantized into the group's
+// codes `q` and its `scale` (quantize_group).
+template <class Value>
+__device__ __forceinline__ void store_quantize_group(Value value, int c0, int width, bf16* out, uint8_t* q,
+                                                     float* scale) {
+    const int lane = threadIdx.x % 32;
+    float y[4];
+    bool in[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int c = c0 + 32 * i + lane;
+        in[i] = c < width;
+        y[i] = in[i] ? value(c) : 0.0f;
+        if (in[i] && out) st(out, c, y[i]);
+    }
+    quantize_group(y, in, q, scale);
+}
+
 // q_lat[t][h][0..kv_lora) = q_nope[t][h] . W_UK[h] (small_mla_absorb_q's body), W_UK[h] held
 // transposed, [kv_lora][nope] (cuda/params/small_ops.h). Thread l sums i ascending with fmaf,
 // one bf16 rounding on store. The transposed rows are staged through shared memory, a
@@ -184,20 +203,12 @@ small_rms_norm_quant(const R1SmallNormQuantParams p) {
     // Pass 2: a warp per 128-channel group (small_rms_norm's values, then act_quant's).
     uint8_t* q = reinterpret_cast<uint8_t*>(p.q) + static_cast<int64_t>(r) * p.ldq;
     float* scales = reinterpret_cast<float*>(p.scales);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int groups = (p.width + R1_QUANT_BLOCK - 1) / R1_QUANT_BLOCK;
     for (int g = warp; g < groups; g += warps) {
         const int c0 = g * R1_QUANT_BLOCK;
-        float y[4];
-        bool in[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int c = c0 + 32 * i + lane;
-            in[i] = c < p.width;
-            y[i] = in[i] ? normed(ld(v, c), inv, ld(w, c)) : 0.0f;
-            if (in[i] && out) st(out, c, y[i]);
-        }
-        quantize_group(y, in, q + c0, scales + static_cast<int64_t>(g) * p.m_pad + r);
+        store_quantize_group([&](int c) { return normed(ld(v, c), inv, ld(w, c)); }, c0, p.width, out, q + c0,
+                             scales + static_cast<int64_t>(g) * p.m_pad + r);
     }
 }
 
@@ -230,18 +241,9 @@ small_silu_mul_quant(const R1SmallSiluQuantParams p) {
     const bf16* gate = reinterpret_cast<const bf16*>(p.gate) + row;
     const bf16* up = reinterpret_cast<const bf16*>(p.up) + row;
     bf16* out = p.out ? reinterpret_cast<bf16*>(p.out) + row : nullptr;
-    const int lane = threadIdx.x % 32;
-    float y[4];
-    bool in[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int c = c0 + 32 * i + lane;
-        in[i] = c < p.width;
-        y[i] = in[i] ? r1::silu_mul_bf16(ld(gate, c), ld(up, c)) : 0.0f;
-        if (in[i] && out) st(out, c, y[i]);
-    }
-    quantize_group(y, in, reinterpret_cast<uint8_t*>(p.q) + static_cast<int64_t>(r) * p.ldq + c0,
-                   reinterpret_cast<float*>(p.scales) + static_cast<int64_t>(g) * p.m_pad + r);
+    store_quantize_group([&](int c) { return r1::silu_mul_bf16(ld(gate, c), ld(up, c)); }, c0, p.width, out,
+                         reinterpret_cast<uint8_t*>(p.q) + static_cast<int64_t>(r) * p.ldq + c0,
+                         reinterpret_cast<float*>(p.scales) + static_cast<int64_t>(g) * p.m_pad + r);
 }
 
 extern "C" __global__ void __launch_bounds__(R1_SMALL_THREADS)
