@@ -627,10 +627,7 @@ mod tests {
     use super::*;
     use crate::cuda::heuristics::tests::fp8_gemm_desc as desc;
     use crate::cuda::launch::row_symbol;
-
-    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
-        r.unwrap_err().to_string()
-    }
+    use crate::cuda::ops::err_of;
 
     /// Every requirement the kernels document, named in the error, for every kernel that has
     /// it (Auto included); the choice among the kernels is heuristics' test.

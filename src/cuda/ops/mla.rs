@@ -623,14 +623,11 @@ impl Mla {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::ops::err_of;
 
     const KV_LORA: usize = 512;
     const ROPE: usize = 64;
     const WIDTH: usize = KV_LORA + ROPE;
-
-    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
-        r.unwrap_err().to_string()
-    }
 
     #[test]
     fn host_checks_cache_write_and_q_rope() {

@@ -730,10 +730,7 @@ mod tests {
     use super::*;
     use crate::cuda::heuristics::tests::{mla_attn_desc as attn_desc, ROPE};
     use crate::cuda::launch::row_symbol;
-
-    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
-        r.unwrap_err().to_string()
-    }
+    use crate::cuda::ops::err_of;
 
     /// Every requirement the kernels document, named in the error, for every kernel that has
     /// it (Auto included); which kernel Auto picks is heuristics' test.

@@ -205,6 +205,12 @@ impl Checker {
     }
 }
 
+/// A check's error message (the tests of the ops' requirements).
+#[cfg(test)]
+pub(crate) fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+    r.unwrap_err().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
